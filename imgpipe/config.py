@@ -1,0 +1,194 @@
+"""Strict, layered configs: defaults < YAML file < command-line overrides.
+
+Unknown keys and wrong types fail before any work starts, and the message names the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from imgpipe.constants import METRIC_MODES
+from imgpipe.data.transforms import Augment
+
+EMBEDDED_DATASETS = ("digits-lt", "shapes-lt")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending field(s)."""
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PrepareConfig(StrictModel):
+    """Where images come from and how they become Parquet shards."""
+
+    dataset: Literal["digits-lt", "shapes-lt"] | None = None
+    image_folder: str | None = Field(None, description="class-per-folder tree (local or URI)")
+    manifest: str | None = Field(None, description="CSV/Parquet with columns path,label[,split]")
+    out: str = "data/digits-lt"
+    imbalance_ratio: float | None = Field(
+        100.0, ge=1.0, description="rho of the long tail; embedded data only unless set for own data"
+    )
+    seed: int = 0
+    val_per_class: int = Field(20, ge=1)
+    test_per_class: int = Field(50, ge=1)
+    # shapes-lt only
+    num_classes: int = Field(10, ge=2, le=1000)
+    images_per_class: int = Field(500, ge=1, description="head class size (n_max)")
+    image_size: int = Field(32, ge=8, le=512)
+    # own data without split folders
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0, lt=0.5)
+    rows_per_shard: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PrepareConfig:
+        given = [k for k in ("dataset", "image_folder", "manifest") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "exactly one of dataset, image_folder, manifest must be set "
+                f"(got {given or 'none'})"
+            )
+        return self
+
+
+class LossConfig(StrictModel):
+    name: Literal["ce", "focal", "logit-adjusted"] = "ce"
+    class_weights: str = Field(
+        "none", description="none | power:BETA | effective:BETA | w1,w2,... (normalised to mean 1)"
+    )
+    focal_gamma: float = Field(2.0, ge=0, le=10)
+    tau: float = Field(1.0, ge=0, le=5, description="logit adjustment strength (1 = balanced softmax)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    drw_epoch: int | None = Field(
+        None, ge=0, description="deferred re-weighting: unweighted until this epoch"
+    )
+
+    @field_validator("class_weights")
+    @classmethod
+    def _scheme_parses(cls, v: str) -> str:
+        from imgpipe.data.rebalance import parse_class_weights
+
+        parse_class_weights(v)
+        return v
+
+
+class OptimConfig(StrictModel):
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
+    lr: float = Field(3e-3, gt=0, le=10)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = True
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    warmup_epochs: int = Field(1, ge=0)
+    min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor as a fraction of lr")
+    grad_clip: float | None = Field(5.0, gt=0)
+
+
+class SamplerConfig(StrictModel):
+    strategy: str = Field(
+        "none", description="none | oversample | undersample | sqrt | p1,p2,... (target distribution)"
+    )
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy_parses(cls, v: str) -> str:
+        from imgpipe.data.rebalance import parse_sampler
+
+        parse_sampler(v)
+        return v
+
+
+class ModelConfig(StrictModel):
+    name: Literal["cnn", "resnet18", "resnet34"] = "cnn"
+    cifar_stem: bool = True
+    init_checkpoint: str | None = Field(None, description="local .safetensors/.pt to start from")
+    image_size: int = Field(32, ge=8, le=1024)
+
+
+class TrainConfig(StrictModel):
+    """One training run (also the per-trial config of a tune run)."""
+
+    data: str = "data/digits-lt"
+    out: str = "runs/train"
+    epochs: int = Field(30, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, description="per worker")
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.45, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    use_gpu: bool = False
+    amp: bool = Field(False, description="mixed precision (GPU only)")
+    seed: int = 0
+    metric: Literal["macro_f1", "balanced_accuracy", "accuracy"] = "macro_f1"
+    patience: int | None = Field(None, ge=1, description="early stopping on the val metric")
+    resume: str | None = Field(None, description="checkpoint dir to resume from")
+    cache_decoded: bool = Field(True, description="decode once per run (object store)")
+    shuffle_buffer: int = Field(256, ge=0)
+    deterministic: bool = Field(False, description="preserve Ray Data order (slower)")
+    storage_path: str | None = Field(None, description="Ray Train storage (local or s3:// gs://)")
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    augment: Augment = Augment()
+
+    @model_validator(mode="after")
+    def _sane(self) -> TrainConfig:
+        if self.amp and not self.use_gpu:
+            raise ValueError("amp: mixed precision needs use_gpu=true")
+        if self.metric not in METRIC_MODES:
+            raise ValueError(f"metric: unknown {self.metric!r}")
+        return self
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    text = Path(path).read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = target
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {p} is not a section")
+    node[leaf] = value
+
+
+def resolve_config(model: type[M], yaml_path: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None) -> M:
+    """Defaults < YAML < overrides (dotted keys, ``None`` values ignored) → validated model.
+
+    Raises:
+        ConfigError: naming every invalid field, e.g. ``optim.lr: Input should be greater than 0``.
+    """
+    data: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, model.__name__)) from None
+
+
+def format_validation_error(e: ValidationError, what: str) -> str:
+    lines = [f"invalid {what}:"]
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""Names written once: shard columns, split names, metric names and their modes."""
+
+from __future__ import annotations
+
+# Shard columns (Parquet).
+IMAGE = "image"  # encoded image bytes (PNG/JPEG/...)
+LABEL = "label"  # int64 class index
+LABEL_NAME = "label_name"  # str
+ID = "id"  # str, unique within a dataset
+
+# Columns produced by the stream (decoded/tensorised).
+PIXELS = "pixels"  # uint8 HxWxC after decode (cached), float CxHxW after normalisation
+CORRUPT = "corrupt"  # int8 flag set by decode
+
+SPLITS = ("train", "val", "test")
+TRAIN, VAL, TEST = SPLITS
+
+MANIFEST_FILE = "manifest.json"
+SHARD_SCHEMA_VERSION = 1
+
+# Metric names: the same everywhere (train reports, tune, results.json, bundle.json, HTTP).
+ACCURACY = "accuracy"
+BALANCED_ACCURACY = "balanced_accuracy"
+MACRO_F1 = "macro_f1"
+MACRO_PRECISION = "macro_precision"
+MACRO_RECALL = "macro_recall"
+PER_CLASS_RECALL = "per_class_recall"
+PER_CLASS_PRECISION = "per_class_precision"
+PER_CLASS_F1 = "per_class_f1"
+TRAIN_LOSS = "train_loss"
+VAL_LOSS = "val_loss"
+EPOCH = "epoch"
+
+# Objectives a search or early stopping may optimise, and their direction.
+METRIC_MODES: dict[str, str] = {
+    MACRO_F1: "max",
+    BALANCED_ACCURACY: "max",
+    ACCURACY: "max",
+    VAL_LOSS: "min",
+}
+DEFAULT_OBJECTIVE = MACRO_F1
+
+
+def val_key(metric: str) -> str:
+    """Name under which a validation metric is reported to Train/Tune (``val_macro_f1``)."""
+    return f"val_{metric}"

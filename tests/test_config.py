@@ -1,0 +1,47 @@
+"""Layered configs fail loudly, naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from imgpipe.config import ConfigError, PrepareConfig, TrainConfig, resolve_config
+
+
+def test_defaults_yaml_and_overrides_layer(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 7\noptim:\n  lr: 0.5\n  name: sgd\nloss:\n  name: focal\n")
+    cfg = resolve_config(TrainConfig, f, {"optim.lr": 0.1, "seed": None})
+    assert cfg.epochs == 7 and cfg.optim.name == "sgd" and cfg.loss.name == "focal"
+    assert cfg.optim.lr == 0.1  # flag beats file
+    assert cfg.seed == 0  # None override leaves the default
+
+
+@pytest.mark.parametrize(("data", "field"), [
+    ({"epochz": 3}, "epochz"),
+    ({"optim": {"lr": -1}}, "optim.lr"),
+    ({"optim": {"name": "lion"}}, "optim.name"),
+    ({"loss": {"class_weights": "power:7"}}, "loss.class_weights"),
+    ({"sampler": {"strategy": "balanced"}}, "sampler.strategy"),
+    ({"amp": True}, "amp"),
+    ({"num_workers": 0}, "num_workers"),
+])
+def test_bad_values_name_the_field(tmp_path, data, field):
+    import yaml
+
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        resolve_config(TrainConfig, f)
+
+
+def test_prepare_needs_exactly_one_source():
+    with pytest.raises(ConfigError, match="exactly one of"):
+        resolve_config(PrepareConfig, None, {"dataset": "digits-lt", "image_folder": "x"})
+    assert resolve_config(PrepareConfig, None, {"dataset": "digits-lt"}).imbalance_ratio == 100
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    f = tmp_path / "list.yaml"
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        resolve_config(TrainConfig, f)
