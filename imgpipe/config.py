@@ -45,7 +45,7 @@ class PrepareConfig(StrictModel):
     # own data without split folders
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0, lt=0.5)
-    rows_per_shard: int = Field(256, ge=1)
+    rows_per_shard: int = Field(64, ge=1, description="small shards → several Ray Data blocks")
 
     @model_validator(mode="after")
     def _one_source(self) -> PrepareConfig:
@@ -133,6 +133,7 @@ class TrainConfig(StrictModel):
     shuffle_buffer: int = Field(256, ge=0)
     deterministic: bool = Field(False, description="preserve Ray Data order (slower)")
     storage_path: str | None = Field(None, description="Ray Train storage (local or s3:// gs://)")
+    verbose: bool = Field(True, description="one progress line per epoch")
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -145,6 +146,50 @@ class TrainConfig(StrictModel):
             raise ValueError("amp: mixed precision needs use_gpu=true")
         if self.metric not in METRIC_MODES:
             raise ValueError(f"metric: unknown {self.metric!r}")
+        return self
+
+
+class TuneJobConfig(StrictModel):
+    """A search: Tune + Optuna (TPE) + a scheduler over TrainConfig trials → a verified bundle."""
+
+    data: str = "data/digits-lt"
+    dataset: Literal["digits-lt", "shapes-lt"] | None = Field(
+        "digits-lt", description="embedded dataset prepared into `data` when it is missing")
+    out: str = "runs/tune"
+    name: str = Field("tune", pattern=r"^[A-Za-z0-9_.-]+$")
+    bundle_root: str = "bundles"
+    bundle_name: str | None = Field(None, description="default: the data folder's name")
+    num_samples: int = Field(12, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(0.45, gt=0)
+    gpus_per_worker: float = Field(1.0, ge=0)
+    use_gpu: bool = False
+    storage_path: str | None = Field(None, description="Tune/Train storage (local, s3://, gs://)")
+    seed: int = 0
+    metric: Literal["macro_f1", "balanced_accuracy"] = "macro_f1"
+    scheduler: Literal["asha", "median", "fifo"] = "asha"
+    epochs: int = Field(16, ge=1, description="max epochs per trial (ASHA's max_t)")
+    grace_period: int = Field(4, ge=1, description="epochs before ASHA may stop a trial")
+    reduction_factor: float = Field(3.0, gt=1)
+    resume: bool = False
+    report: bool = Field(True, description="write the evaluation report for the best bundle")
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="TrainConfig fields shared by all trials")
+    search: dict[str, Any] = Field(default_factory=dict, description="SearchSpace overrides")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TuneJobConfig:
+        from imgpipe.tuning.space import SearchSpace
+
+        if self.grace_period > self.epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) exceeds epochs ({self.epochs})")
+        for section, model in (("search", SearchSpace), ("train", TrainConfig)):
+            try:
+                model.model_validate(getattr(self, section))
+            except ValidationError as e:
+                raise ValueError(format_validation_error(e, section)) from None
         return self
 
 

@@ -31,3 +31,33 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_digits(tmp_path_factory) -> str:
+    """Real long-tailed digits shards, small enough for seconds-long Ray runs (rho=20)."""
+    from imgpipe.config import PrepareConfig
+    from imgpipe.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("data") / "digits-lt"
+    prepare(PrepareConfig(dataset="digits-lt", out=str(out), imbalance_ratio=20, seed=0,
+                          val_per_class=6, test_per_class=10, rows_per_shard=64))
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def corrupt_digits(tmp_path_factory) -> tuple[str, int]:
+    """Digits shards with two unusable images in train (garbage bytes and a truncated PNG)."""
+    from imgpipe.data.datasets import load_digits_lt
+    from imgpipe.data.shards import write_shards
+
+    data = load_digits_lt(imbalance_ratio=20, seed=0, val_per_class=6, test_per_class=10)
+    train = [dict(r) for r in data.splits["train"]]
+    train[0]["image"] = b"definitely not an image"
+    train[1]["image"] = train[1]["image"][: len(train[1]["image"]) // 2]
+    splits = {**data.splits, "train": train}
+    out = tmp_path_factory.mktemp("data") / "digits-corrupt"
+    write_shards(str(out), splits, data.class_names,
+                 {"source": "digits-lt+corrupt", "seed": 0, "imbalance_ratio": 20, "mode": "L"},
+                 rows_per_shard=64)
+    return str(out), 2

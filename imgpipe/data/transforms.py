@@ -134,7 +134,8 @@ def normalize(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 ``(N, H, W, C)`` (or ``(N, C, H, W)`` when already channels-first) → float NCHW."""
     x = pixels
     if x.ndim == 4 and x.shape[-1] == pre.channels and x.shape[1] != pre.channels:
-        x = x.permute(0, 3, 1, 2)
+        # contiguous NCHW: DDP's gradient buckets expect the standard layout
+        x = x.permute(0, 3, 1, 2).contiguous()
     x = x.float().div_(255.0)
     mean = torch.tensor(pre.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(pre.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)

@@ -1,0 +1,134 @@
+"""The Ray Data stream: read shards → decode (once) → resample per class → augment → workers.
+
+Fixed work (decode, resize) runs before ``materialize()``; random work (resampling, augmentation)
+runs after it, so every epoch re-executes only the random part with a fresh (seed, epoch) draw.
+The epoch reaches the map tasks through a tiny named actor (``EpochClock``) that every rank sets
+before iterating: ``streaming_split`` starts an epoch only when all ranks have arrived, and
+``ray.train.report`` is a barrier, so the clock is always set before the epoch's tasks run.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from imgpipe.constants import CORRUPT, ID, IMAGE, LABEL, PIXELS
+from imgpipe.data.rebalance import id_hashes, repeat_counts, row_uniforms
+from imgpipe.data.shards import split_files
+from imgpipe.data.transforms import (
+    Augment,
+    ImageDecodeError,
+    Preprocess,
+    augment_batch,
+    decode_image,
+)
+
+ID_HASH = "id_hash"
+
+
+@ray.remote(num_cpus=0)
+class EpochClock:
+    """Holds the current epoch of one training run for the resampling tasks to read."""
+
+    def __init__(self) -> None:
+        self._epoch = 0
+
+    def set(self, epoch: int) -> None:
+        self._epoch = epoch
+
+    def get(self) -> int:
+        return self._epoch
+
+
+def start_epoch_clock() -> tuple[str, ray.actor.ActorHandle]:
+    """Create a uniquely named clock owned by the calling process (it dies with the run)."""
+    name = f"imgpipe-epoch-clock-{uuid.uuid4().hex[:12]}"
+    return name, EpochClock.options(name=name).remote()
+
+
+def set_epoch(clock_name: str, epoch: int) -> None:
+    ray.get(ray.get_actor(clock_name).set.remote(epoch))
+
+
+def decode_batch(batch: dict[str, np.ndarray], pre: Preprocess) -> dict[str, np.ndarray]:
+    """Encoded bytes → uint8 pixels; an unusable image is flagged (``corrupt=1``), not raised."""
+    n = len(batch[LABEL])
+    shape = (pre.image_size, pre.image_size, pre.channels)
+    pixels = np.zeros((n, *shape), dtype=np.uint8)
+    corrupt = np.zeros(n, dtype=np.int8)
+    for i, data in enumerate(batch[IMAGE]):
+        try:
+            pixels[i] = decode_image(bytes(data), pre)
+        except ImageDecodeError:
+            corrupt[i] = 1
+    ids = [str(x) for x in batch[ID]]
+    return {
+        PIXELS: pixels,
+        LABEL: np.asarray(batch[LABEL], dtype=np.int64),
+        ID: np.asarray(ids, dtype=object),
+        ID_HASH: id_hashes(ids),
+        CORRUPT: corrupt,
+    }
+
+
+def drop_corrupt(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keep = batch[CORRUPT] == 0
+    return {k: v[keep] for k, v in batch.items() if k != CORRUPT}
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """What the train-split tasks need; small and picklable."""
+
+    rates: tuple[float, ...]  # expected copies per row, per class
+    seed: int
+    clock_name: str | None
+    augment: Augment | None
+    preprocess: Preprocess
+
+
+def resample_and_augment(batch: dict[str, np.ndarray], plan: StreamPlan) -> dict[str, np.ndarray]:
+    """Repeat each row ``floor(r) + Bernoulli(frac r)`` times, then augment every copy afresh."""
+    epoch = ray.get(ray.get_actor(plan.clock_name).get.remote()) if plan.clock_name else 0
+    copies = repeat_counts(batch[LABEL], batch[ID_HASH], np.asarray(plan.rates), plan.seed, epoch)
+    idx = np.repeat(np.arange(len(copies)), copies)
+    out = {PIXELS: batch[PIXELS][idx], LABEL: batch[LABEL][idx]}
+    if plan.augment is not None and len(idx):
+        # Seed from the rows in the batch (order-independent), the run seed and the epoch.
+        key = np.bitwise_xor.reduce(batch[ID_HASH]) if len(batch[ID_HASH]) else np.uint64(0)
+        u = row_uniforms(np.asarray([key], dtype=np.uint64), plan.seed, epoch + 7_919)[0]
+        gen = torch.Generator().manual_seed(int(u * 2**62))
+        out[PIXELS] = augment_batch(out[PIXELS], plan.augment, plan.preprocess, gen)
+    return out
+
+
+def build_decoded(data_root: str, split: str, pre: Preprocess, *, cache: bool,
+                  block_rows: int = 128) -> tuple[ray.data.Dataset, int | None]:
+    """Read and decode one split; with ``cache`` materialise it and count corrupt rows.
+
+    Returns the dataset without corrupt rows and the corrupt count (None when not cached:
+    the stream then drops them silently each epoch and the count is not known up front).
+    """
+    # Exactly the files the manifest lists: stray files in the folder are not data.
+    ds = ray.data.read_parquet(split_files(data_root, split)).select_columns([IMAGE, LABEL, ID])
+    decoded = ds.map_batches(
+        decode_batch, fn_kwargs={"pre": pre}, batch_format="numpy", batch_size=block_rows
+    )
+    corrupt: int | None = None
+    if cache:
+        decoded = decoded.materialize()
+        corrupt = int(decoded.sum(CORRUPT) or 0)
+    return decoded.map_batches(drop_corrupt, batch_format="numpy", batch_size=None), corrupt
+
+
+def build_train_stream(decoded: ray.data.Dataset, plan: StreamPlan,
+                       block_rows: int = 64) -> ray.data.Dataset:
+    """The per-epoch random part; re-executed by Ray Train for every epoch."""
+    return decoded.map_batches(
+        resample_and_augment, fn_kwargs={"plan": plan}, batch_format="numpy",
+        batch_size=block_rows,
+    )

@@ -1,0 +1,400 @@
+"""The shard format: ``<root>/<split>/part-NNNNN.parquet`` + ``<root>/manifest.json``.
+
+Columns: image (encoded bytes, as given), label (int64), label_name (string), id (string). Rows
+are shuffled before writing so that every file and row group mixes classes: Ray Data hands whole
+blocks to one worker, and a block holding a single class would starve the other ranks of it.
+Works on local paths and on ``s3://`` / ``gs://`` (any ``pyarrow.fs`` URI).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import re
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from imgpipe.constants import (
+    ID,
+    IMAGE,
+    LABEL,
+    LABEL_NAME,
+    MANIFEST_FILE,
+    SHARD_SCHEMA_VERSION,
+    TRAIN,
+)
+from imgpipe.data.transforms import Preprocess, to_mode
+
+SHARD_SCHEMA = pa.schema([
+    pa.field(IMAGE, pa.binary()),
+    pa.field(LABEL, pa.int64()),
+    pa.field(LABEL_NAME, pa.string()),
+    pa.field(ID, pa.string()),
+])
+MAX_SKIPPED_EXAMPLES = 20
+_PART_RE = re.compile(r"part-\d{5}\.parquet")
+
+
+class ManifestError(ValueError):
+    """A shard directory whose manifest is missing, unreadable, invalid or from another version."""
+
+
+class ImageInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    height: int | None = Field(description="native height if every image shares it, else null")
+    width: int | None
+    mode: Literal["L", "RGB"]
+
+
+class SkippedExample(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = None
+    id: str | None = None
+    reason: str
+
+
+class Skipped(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    count: int = Field(0, ge=0)
+    examples: list[SkippedExample] = Field(default_factory=list)
+
+
+class Manifest(BaseModel):
+    """What a shard directory holds; written beside the Parquet files as ``manifest.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int
+    source: str
+    class_names: list[str] = Field(min_length=1)
+    counts: dict[str, dict[str, int]]
+    num_rows: dict[str, int]
+    image: ImageInfo
+    pixel_mean: list[float] = Field(description="per channel, train split, pixels in [0, 1]")
+    pixel_std: list[float]
+    seed: int
+    imbalance_ratio: float | None
+    skipped: Skipped = Field(default_factory=Skipped)
+    warnings: list[str] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict, description="resolved PrepareConfig")
+    created_at: str
+    files: dict[str, list[str]] = Field(description="split → paths relative to the root")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names: duplicate names")
+        for split, per_class in self.counts.items():
+            if list(per_class) != self.class_names:
+                raise ValueError(f"counts.{split}: keys must be class_names, in class order")
+            if sum(per_class.values()) != self.num_rows.get(split):
+                raise ValueError(f"num_rows.{split}: does not equal the sum of counts.{split}")
+        if set(self.files) != set(self.counts) or set(self.num_rows) != set(self.counts):
+            raise ValueError("files, num_rows and counts must name the same splits")
+        channels = 1 if self.image.mode == "L" else 3
+        if len(self.pixel_mean) != channels or len(self.pixel_std) != channels:
+            raise ValueError(f"pixel_mean/pixel_std: need {channels} value(s) for mode "
+                             f"{self.image.mode!r}")
+        return self
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.counts)
+
+    def counts_vector(self, split: str) -> list[int]:
+        """Per-class row counts of ``split`` in class-index order (zeros included)."""
+        if split not in self.counts:
+            raise KeyError(f"split {split!r} not in manifest (have {self.splits})")
+        return [self.counts[split][name] for name in self.class_names]
+
+    def preprocess(self, image_size: int) -> Preprocess:
+        """The eval preprocessing for this data: its mode and train-split mean/std."""
+        # A constant channel (e.g. an all-black border) has std 0, which would divide by zero.
+        std = tuple(s if s > 1e-6 else 1.0 for s in self.pixel_std)
+        return Preprocess(image_size=image_size, mode=self.image.mode,
+                          mean=tuple(self.pixel_mean), std=std)
+
+
+# ---------------------------------------------------------------------------------------------
+# filesystems
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or a URI (``s3://``, ``gs://``, ``file://``, ...) → (filesystem, path in it).
+
+    Raises:
+        ValueError: an empty location or a URI scheme pyarrow does not know.
+    """
+    if not uri:
+        raise ValueError("empty path")
+    if "://" in uri:
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ValueError(f"{uri}: unsupported location ({e})") from e
+        return fs, path.rstrip("/") or "/"
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join_location(root: str, *parts: str) -> str:
+    """Join path parts onto a local path or a URI, keeping the scheme."""
+    return posixpath.join(root.rstrip("/"), *parts) if "://" in root else os.path.join(root, *parts)
+
+
+def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _image_stats(records_by_split: dict[str, list[dict]], mode: str) -> dict[str, Any]:
+    """Native size (if shared) of all images and per-channel mean/std of the train split."""
+    sizes: set[tuple[int, int]] = set()
+    channels = 1 if mode == "L" else 3
+    total = np.zeros(channels)
+    total_sq = np.zeros(channels)
+    n_pixels = 0
+    for split, records in records_by_split.items():
+        for rec in records:
+            try:
+                with Image.open(io.BytesIO(rec[IMAGE])) as img:
+                    sizes.add(img.size)
+                    if split != TRAIN:
+                        continue  # only the header is read for val/test
+                    arr = np.asarray(to_mode(img, mode), dtype=np.float64).reshape(-1, channels)
+            except (OSError, ValueError, SyntaxError):
+                # Shards may carry unusable images (the stream skips and counts them);
+                # statistics come from the usable ones.
+                continue
+            arr /= 255.0
+            total += arr.sum(axis=0)
+            total_sq += (arr * arr).sum(axis=0)
+            n_pixels += arr.shape[0]
+    mean = total / max(n_pixels, 1)
+    std = np.sqrt(np.maximum(total_sq / max(n_pixels, 1) - mean * mean, 0.0))
+    width, height = next(iter(sizes)) if len(sizes) == 1 else (None, None)
+    return {"image": ImageInfo(height=height, width=width, mode=mode),
+            "pixel_mean": [round(float(m), 6) for m in mean],
+            "pixel_std": [round(float(s), 6) for s in std]}
+
+
+def detect_mode(records: list[dict]) -> str:
+    """"L" when every image is greyscale (by its header), else "RGB"."""
+    grey = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
+    for rec in records:
+        try:
+            with Image.open(io.BytesIO(rec[IMAGE])) as img:
+                if img.mode not in grey:
+                    return "RGB"
+        except (OSError, ValueError, SyntaxError):
+            continue  # an unreadable image says nothing about the mode
+    return "L"
+
+
+def _to_table(records: list[dict]) -> pa.Table:
+    return pa.table({
+        IMAGE: pa.array([r[IMAGE] for r in records], pa.binary()),
+        LABEL: pa.array([r[LABEL] for r in records], pa.int64()),
+        LABEL_NAME: pa.array([r[LABEL_NAME] for r in records], pa.string()),
+        ID: pa.array([r[ID] for r in records], pa.string()),
+    }, schema=SHARD_SCHEMA)
+
+
+def _clear_split_dir(fs: pafs.FileSystem, split_dir: str) -> None:
+    """Remove part files a previous run left (only ours: ``part-NNNNN.parquet``)."""
+    fs.create_dir(split_dir, recursive=True)
+    for info in fs.get_file_info(pafs.FileSelector(split_dir, allow_not_found=True)):
+        if info.type == pafs.FileType.File and _PART_RE.fullmatch(info.base_name):
+            fs.delete_file(info.path)
+
+
+def _write_split(fs: pafs.FileSystem, root: str, split: str, records: list[dict],
+                 rows_per_shard: int, rng: np.random.Generator) -> list[str]:
+    """Shuffle, then write ``rows_per_shard`` rows per file (one row group each)."""
+    split_dir = posixpath.join(root, split)
+    _clear_split_dir(fs, split_dir)
+    order = rng.permutation(len(records))
+    # An empty split still gets one (empty) file so that readers see the schema.
+    chunks = [order[i:i + rows_per_shard] for i in range(0, len(order), rows_per_shard)] or [[]]
+    files = []
+    for k, chunk in enumerate(chunks):
+        rel = f"{split}/part-{k:05d}.parquet"
+        table = _to_table([records[i] for i in chunk])
+        # Image bytes are already compressed (PNG/JPEG): compressing them again only costs CPU.
+        pq.write_table(table, posixpath.join(root, rel), filesystem=fs,
+                       row_group_size=max(rows_per_shard, 1),
+                       compression={IMAGE: "NONE", LABEL: "SNAPPY", LABEL_NAME: "SNAPPY",
+                                    ID: "SNAPPY"})
+        files.append(rel)
+    return files
+
+
+def _check_records(records_by_split: dict[str, list[dict]], class_names: list[str]) -> None:
+    seen: set[str] = set()
+    for split, records in records_by_split.items():
+        for rec in records:
+            label = rec[LABEL]
+            if not 0 <= label < len(class_names) or rec[LABEL_NAME] != class_names[label]:
+                raise ValueError(f"{split} record {rec[ID]!r}: label {label} / "
+                                 f"{rec[LABEL_NAME]!r} does not match class_names")
+            if rec[ID] in seen:
+                raise ValueError(f"duplicate id {rec[ID]!r} (ids must be unique across splits)")
+            seen.add(rec[ID])
+
+
+def write_shards(out: str, records_by_split: dict[str, list[dict]], class_names: list[str],
+                 meta: dict[str, Any], *, rows_per_shard: int = 256) -> Manifest:
+    """Write shuffled Parquet shards and ``manifest.json`` under ``out`` (local path or URI).
+
+    ``meta`` keys: ``source`` (required), ``seed``, ``imbalance_ratio``, ``mode`` (detected from
+    the image headers when absent), ``skipped`` (list of ``{"path"|"id", "reason"}``),
+    ``skipped_count``, ``warnings``, ``config``. The manifest is written last (and an old one is
+    removed first), so a manifest always describes complete shards.
+
+    Raises:
+        ValueError: a label/label_name that does not match ``class_names``, or a duplicate id.
+    """
+    _check_records(records_by_split, class_names)
+    fs, root = resolve_filesystem(out)
+    fs.create_dir(root, recursive=True)
+    manifest_path = posixpath.join(root, MANIFEST_FILE)
+    if fs.get_file_info(manifest_path).type == pafs.FileType.File:
+        fs.delete_file(manifest_path)
+    seed = int(meta.get("seed", 0))
+    mode = meta.get("mode") or detect_mode([r for rs in records_by_split.values() for r in rs])
+    files = {}
+    for i, (split, records) in enumerate(records_by_split.items()):
+        rng = np.random.default_rng([seed, i, 0x5A4D])  # one stream per split, fixed by seed
+        files[split] = _write_split(fs, root, split, records, rows_per_shard, rng)
+    manifest = build_manifest(records_by_split, class_names, meta, files, mode)
+    save_manifest(manifest, out)
+    return manifest
+
+
+def build_manifest(records_by_split: dict[str, list[dict]], class_names: list[str],
+                   meta: dict[str, Any], files: dict[str, list[str]], mode: str) -> Manifest:
+    """The manifest describing ``records_by_split`` (counts, image stats, provenance)."""
+    counts = {}
+    for split, records in records_by_split.items():
+        per_class = np.bincount([r[LABEL] for r in records], minlength=len(class_names))
+        counts[split] = {name: int(n) for name, n in zip(class_names, per_class, strict=True)}
+    skipped = meta.get("skipped") or []
+    return Manifest(
+        schema_version=SHARD_SCHEMA_VERSION,
+        source=meta["source"],
+        class_names=list(class_names),
+        counts=counts,
+        num_rows={split: len(records) for split, records in records_by_split.items()},
+        seed=int(meta.get("seed", 0)),
+        imbalance_ratio=meta.get("imbalance_ratio"),
+        skipped=Skipped(count=int(meta.get("skipped_count", len(skipped))),
+                        examples=skipped[:MAX_SKIPPED_EXAMPLES]),
+        warnings=list(meta.get("warnings") or []),
+        config=dict(meta.get("config") or {}),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        files=files,
+        **_image_stats(records_by_split, mode),
+    )
+
+
+def save_manifest(manifest: Manifest, root: str) -> str:
+    """Write ``<root>/manifest.json`` (via a temporary file where the filesystem can rename)."""
+    fs, path = resolve_filesystem(root)
+    target = posixpath.join(path, MANIFEST_FILE)
+    data = (manifest.model_dump_json(indent=2) + "\n").encode()
+    if isinstance(fs, pafs.LocalFileSystem):
+        tmp = target + ".tmp"
+        with fs.open_output_stream(tmp) as f:
+            f.write(data)
+        fs.move(tmp, target)  # atomic on one local filesystem
+    else:
+        with fs.open_output_stream(target) as f:  # object stores publish a whole object at once
+            f.write(data)
+    return join_location(root, MANIFEST_FILE)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+
+
+def load_manifest(root: str) -> Manifest:
+    """Read and validate ``<root>/manifest.json`` (local path or URI).
+
+    Raises:
+        ManifestError: missing, not JSON, an unknown ``schema_version``, or invalid fields —
+            the message names the path and what is wrong.
+    """
+    where = join_location(root, MANIFEST_FILE)
+    fs, path = resolve_filesystem(root)
+    try:
+        raw = read_bytes(fs, posixpath.join(path, MANIFEST_FILE))
+    except FileNotFoundError:
+        raise ManifestError(f"{where}: not found; is {root!r} a prepared shard directory? "
+                            "(create one with jobs/prepare_data.py)") from None
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}: top level must be a JSON object")
+    version = data.get("schema_version")
+    if version != SHARD_SCHEMA_VERSION:
+        raise ManifestError(f"{where}: schema_version {version!r} is not supported (this imgpipe "
+                            f"reads {SHARD_SCHEMA_VERSION}); re-run jobs/prepare_data.py")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or '(top level)'}: {err['msg']}"
+                             for err in e.errors())
+        raise ManifestError(f"{where}: invalid manifest: {problems}") from None
+
+
+def split_files(root: str, split: str, manifest: Manifest | None = None) -> list[str]:
+    """Locations (local paths or URIs) of the Parquet files of ``split``, for Ray's read_parquet."""
+    manifest = manifest or load_manifest(root)
+    if split not in manifest.files:
+        raise ManifestError(f"{root}: no split {split!r} (have {manifest.splits})")
+    return [join_location(root, *rel.split("/")) for rel in manifest.files[split]]
+
+
+def read_split_table(root: str, split: str) -> pa.Table:
+    """All rows of one split as a pyarrow Table with the shard schema.
+
+    Raises:
+        ManifestError: unknown split, or missing files / a row count that differs from the
+            manifest (a partial or stale directory).
+    """
+    manifest = load_manifest(root)
+    fs, path = resolve_filesystem(root)
+    if split not in manifest.files:
+        raise ManifestError(f"{root}: no split {split!r} (have {manifest.splits})")
+    try:
+        tables = [pq.read_table(posixpath.join(path, rel), filesystem=fs, schema=SHARD_SCHEMA)
+                  for rel in manifest.files[split]]
+    except FileNotFoundError as e:
+        raise ManifestError(f"{root}: a file the manifest lists is missing ({e}); "
+                            "re-run prepare") from None
+    table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
+    if table.num_rows != manifest.num_rows[split]:
+        raise ManifestError(f"{root}: split {split!r} has {table.num_rows} rows on disk but the "
+                            f"manifest says {manifest.num_rows[split]}; re-run prepare")
+    return table
+

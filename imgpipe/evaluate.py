@@ -1,0 +1,403 @@
+"""Offline evaluation on exactly one split of the shards (driver side, no Ray needed).
+
+Training checkpoints are scored on raw logits (``evaluate_checkpoint``, used by the train job).
+Bundles are scored through the serving ``Predictor`` (temperature, prior correction, binary
+threshold), so an evaluation reports what serving will do (``evaluate_bundle``), and
+``calibrate_bundle`` fits the temperature/threshold that the Predictor then applies.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import Field, model_validator
+
+from imgpipe.bundle import PRIOR_CHOICES, BundleMeta, DeploymentPrior, update_bundle_meta
+from imgpipe.calibrate import (
+    ThresholdMode,
+    choose_threshold,
+    fit_temperature,
+    nll_at_temperature,
+)
+from imgpipe.config import StrictModel
+from imgpipe.console import write_json
+from imgpipe.constants import ID, IMAGE, LABEL, LABEL_NAME, TEST, VAL
+from imgpipe.data.shards import load_manifest, read_split_table
+from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image, normalize
+from imgpipe.inference import Predictor, adjusted_probabilities, prior_shift
+from imgpipe.metrics import (
+    BRIER,
+    NLL,
+    RELIABILITY,
+    SHOT_CLASSES,
+    brier_score,
+    calibration,
+    classification_metrics,
+    confusion_extras,
+    confusion_matrix,
+    negative_log_likelihood,
+    probabilistic_metrics,
+    shot_accuracy,
+)
+from imgpipe.models import create_model
+from imgpipe.training.checkpoint import load_meta, load_weights
+
+
+@dataclass
+class SplitPredictions:
+    ids: list[str]
+    labels: np.ndarray  # (N,) int64
+    logits: np.ndarray  # (N, C) float32, before any temperature/prior adjustment
+    skipped: int  # corrupt images left out (counted, never fatal)
+
+
+@torch.no_grad()
+def predict_split(model: torch.nn.Module, pre: Preprocess, data_root: str, split: str,
+                  batch_size: int = 256) -> SplitPredictions:
+    """Logits for every decodable image of ``split``, in shard order."""
+    model.eval()
+    table = read_split_table(data_root, split)
+    images, labels, ids = table[IMAGE].to_pylist(), table[LABEL].to_numpy(), table[ID].to_pylist()
+    keep_ids, keep_labels, chunks, skipped = [], [], [], 0
+    pixels: list[np.ndarray] = []
+
+    def flush() -> None:
+        if pixels:
+            x = normalize(torch.from_numpy(np.stack(pixels)), pre)
+            chunks.append(model(x).float().numpy())
+            pixels.clear()
+
+    for data, label, ident in zip(images, labels, ids, strict=True):
+        try:
+            pixels.append(decode_image(data, pre))
+        except ImageDecodeError:
+            skipped += 1
+            continue
+        keep_ids.append(ident)
+        keep_labels.append(int(label))
+        if len(pixels) == batch_size:
+            flush()
+    flush()
+    logits = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    return SplitPredictions(keep_ids, np.asarray(keep_labels, dtype=np.int64), logits, skipped)
+
+
+def load_checkpoint_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, Preprocess, dict]:
+    """Rebuild the model of a training checkpoint (weights-only) with its preprocessing."""
+    meta = load_meta(ckpt_dir)
+    pre = Preprocess.model_validate(meta["preprocess"])
+    mcfg = meta["train"]["model"]
+    model = create_model(mcfg["name"], len(meta["class_names"]), in_channels=pre.channels,
+                         cifar_stem=mcfg["cifar_stem"])
+    model.load_state_dict(load_weights(ckpt_dir))
+    return model.eval(), pre, meta
+
+
+def evaluate_checkpoint(ckpt_dir: str | Path, data_root: str, split: str) -> dict[str, Any]:
+    """Metrics of a training checkpoint on one split (argmax of the raw logits)."""
+    model, pre, meta = load_checkpoint_model(ckpt_dir)
+    preds = predict_split(model, pre, data_root, split)
+    cm = confusion_matrix(preds.labels, preds.logits.argmax(1), len(meta["class_names"]))
+    out = classification_metrics(cm)
+    out["num_rows"] = len(preds.labels)
+    out["skipped_corrupt"] = preds.skipped
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# bundles: evaluation through the Predictor (the serving path), calibration on val
+# ---------------------------------------------------------------------------------------------
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.parquet"
+# Result keys local to evaluation (metric names proper live in constants.py / metrics.py).
+CONFUSION_MATRIX = "confusion_matrix"
+CONFUSION_MATRIX_NORMALIZED = "confusion_matrix_normalized"
+BEFORE_TEMPERATURE = "before_temperature"
+PREDICTION = "prediction"
+PROBABILITIES = "probabilities"
+LOGITS = "logits"
+TOP_K = (1, 3, 5)
+# Too big for bundle.json; they stay in metrics.json.
+_NOT_IN_BUNDLE = (CONFUSION_MATRIX, CONFUSION_MATRIX_NORMALIZED, RELIABILITY, SHOT_CLASSES)
+
+
+class ShotThresholds(NamedTuple):
+    """Many-shot: training count > many; few-shot: < few; medium: the rest (Liu et al. 2019)."""
+
+    many: int = 100
+    few: int = 20
+
+
+@dataclass
+class BundleEvaluation:
+    """One split scored exactly as serving would score it."""
+
+    meta: BundleMeta  # as evaluated: the deployment prior actually applied
+    split: str
+    preds: SplitPredictions
+    probs: np.ndarray  # (N, C) float64: temperature, prior correction, softmax (the Predictor)
+    probs_t1: np.ndarray  # (N, C) the same with temperature 1: "before temperature scaling"
+    y_pred: np.ndarray  # (N,) the Predictor's labels (argmax, or the binary threshold)
+    metrics: dict[str, Any]
+
+
+def parse_prior(value: str | list[float] | None) -> DeploymentPrior | None:
+    """``model`` | ``balanced`` | ``train`` | ``"p1,p2,..."`` (or a list) → a deployment prior.
+
+    None stays None (= the bundle's own choice). Raises ValueError naming the bad text.
+    """
+    if value is None or isinstance(value, list):
+        return value
+    text = value.strip()
+    if text in PRIOR_CHOICES:
+        return text  # type: ignore[return-value]
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"prior {value!r}: expected one of {', '.join(PRIOR_CHOICES)} or a "
+                         "comma-separated vector of class probabilities") from None
+
+
+def load_predictor(bundle_dir: str | Path, prior: DeploymentPrior | None = None) -> Predictor:
+    """The serving Predictor of a bundle, with its deployment prior optionally overridden."""
+    predictor = Predictor.load(bundle_dir)
+    if prior is not None:
+        predictor.set_adjustment(deployment_prior=prior)
+    return predictor
+
+
+def _with_temperature(meta: BundleMeta, temperature: float) -> BundleMeta:
+    return meta.model_copy(update={"temperature": float(temperature)})
+
+
+def _confusion_blocks(labels: np.ndarray, y_pred: np.ndarray, num_classes: int) -> dict[str, Any]:
+    cm = confusion_matrix(labels, y_pred, num_classes)
+    rows = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros(cm.shape), where=rows > 0)
+    return {CONFUSION_MATRIX: cm.tolist(), CONFUSION_MATRIX_NORMALIZED: norm.tolist()}
+
+
+def compute_metrics(labels: np.ndarray, probs: np.ndarray, y_pred: np.ndarray,
+                    train_counts: list[int], shots: ShotThresholds = ShotThresholds()
+                    ) -> dict[str, Any]:
+    """Every report metric of one split, plus the confusion matrix (counts and row-normalised).
+
+    Count-based metrics use ``y_pred`` (which differs from the argmax when a binary decision
+    threshold is set); ranking, top-k, NLL, Brier and ECE use ``probs``.
+    """
+    c = probs.shape[1]
+    top_k = tuple(k for k in TOP_K if k == 1 or k < c)
+    out = probabilistic_metrics(labels, probs, train_counts, top_k=top_k,
+                                many_shot=shots.many, few_shot=shots.few)
+    if not np.array_equal(y_pred, probs.argmax(axis=1)):
+        cm = confusion_matrix(labels, y_pred, c)
+        out.update(classification_metrics(cm))
+        out.update(confusion_extras(cm))
+        out.update(shot_accuracy(cm, train_counts, shots.many, shots.few))
+    out.update(_confusion_blocks(labels, y_pred, c))
+    return out
+
+
+def _calibration_summary(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    return {NLL: negative_log_likelihood(labels, probs), BRIER: brier_score(labels, probs),
+            **calibration(labels, probs)}
+
+
+def run_evaluation(bundle_dir: str | Path, data_root: str, split: str,
+                   prior: DeploymentPrior | None = None,
+                   shots: ShotThresholds = ShotThresholds()) -> BundleEvaluation:
+    """Score ``split`` with the bundle's Predictor (temperature, prior, threshold as served).
+
+    Raises:
+        BundleError: unreadable bundle or an invalid prior; ManifestError: unknown split;
+        ValueError: the split holds no decodable image or does not match the bundle's classes.
+    """
+    predictor = load_predictor(bundle_dir, prior)
+    meta = predictor.meta
+    manifest_names = load_manifest(data_root).class_names
+    if manifest_names != meta.class_names:
+        raise ValueError(f"{data_root}: class names {manifest_names} differ from the bundle's "
+                         f"{meta.class_names}")
+    preds = predict_split(predictor.model, meta.preprocess, data_root, split)
+    if preds.labels.size == 0:
+        raise ValueError(f"{data_root}: split {split!r} has no decodable image to evaluate")
+    probs = predictor.probabilities(preds.logits)
+    probs_t1 = adjusted_probabilities(preds.logits, _with_temperature(meta, 1.0))
+    y_pred = predictor.predict_labels(probs)
+    metrics = compute_metrics(preds.labels, probs, y_pred, meta.train_class_counts, shots)
+    metrics[BEFORE_TEMPERATURE] = _calibration_summary(preds.labels, probs_t1)
+    return BundleEvaluation(meta, split, preds, probs, probs_t1, y_pred, metrics)
+
+
+def _predictions_table(ev: BundleEvaluation) -> pa.Table:
+    """One row per image: id, label, prediction, probabilities (as scored) and raw logits."""
+    n, c = ev.probs.shape
+    names = ev.meta.class_names
+    schema_meta = {"imgpipe": json.dumps({
+        "class_names": names, "split": ev.split, "temperature": ev.meta.temperature,
+        "deployment_prior": ev.meta.deployment_prior,
+        "decision_threshold": ev.meta.decision_threshold,
+    })}
+    table = pa.table({
+        ID: pa.array(ev.preds.ids, pa.string()),
+        LABEL: pa.array(ev.preds.labels, pa.int64()),
+        LABEL_NAME: pa.array([names[i] for i in ev.preds.labels], pa.string()),
+        PREDICTION: pa.array(ev.y_pred, pa.int64()),
+        PROBABILITIES: pa.FixedSizeListArray.from_arrays(pa.array(ev.probs.ravel()), c),
+        LOGITS: pa.FixedSizeListArray.from_arrays(
+            pa.array(ev.preds.logits.astype(np.float32).ravel()), c),
+    })
+    assert table.num_rows == n
+    return table.replace_schema_metadata(schema_meta)
+
+
+def evaluation_payload(ev: BundleEvaluation, bundle_dir: str | Path, data_root: str,
+                       shots: ShotThresholds) -> dict[str, Any]:
+    """The ``metrics.json`` document: what was evaluated, how, and every metric."""
+    meta = ev.meta
+    return {
+        "bundle": str(bundle_dir), "name": meta.name, "version": meta.version,
+        "data": str(data_root), "split": ev.split,
+        "num_rows": int(ev.preds.labels.size), "skipped_corrupt": ev.preds.skipped,
+        "class_names": meta.class_names, "train_class_counts": meta.train_class_counts,
+        "temperature": meta.temperature, "deployment_prior": meta.deployment_prior,
+        "model_prior": meta.model_prior, "decision_threshold": meta.decision_threshold,
+        "shot_thresholds": shots._asdict(),
+        "metrics": ev.metrics,
+    }
+
+
+def write_evaluation(ev: BundleEvaluation, payload: dict[str, Any], out_dir: str | Path
+                     ) -> tuple[Path, Path]:
+    """Write ``metrics.json`` and ``predictions.parquet`` into ``out_dir``; return both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(_predictions_table(ev), out / PREDICTIONS_FILE)
+    return write_json(out / METRICS_FILE, payload), out / PREDICTIONS_FILE
+
+
+def bundle_block(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The part of a split's metrics stored in ``bundle.json`` (no matrices or bin tables)."""
+    block = {k: v for k, v in metrics.items() if k not in _NOT_IN_BUNDLE}
+    if BEFORE_TEMPERATURE in block:
+        block[BEFORE_TEMPERATURE] = {k: v for k, v in block[BEFORE_TEMPERATURE].items()
+                                     if k not in _NOT_IN_BUNDLE}
+    return block
+
+
+def evaluate_bundle(bundle_dir: str | Path, data_root: str, split: str, out_dir: str | Path,
+                    prior: DeploymentPrior | str | None = None,
+                    shot_thresholds: ShotThresholds | tuple[int, int] = ShotThresholds(),
+                    record: bool = False) -> dict[str, Any]:
+    """Evaluate a bundle on one split; write ``metrics.json`` and ``predictions.parquet``.
+
+    Args:
+        prior: deployment prior for this evaluation (``model`` | ``balanced`` | ``train`` |
+            vector | ``"p1,p2,..."``); None = the bundle's own, i.e. what serving applies.
+        shot_thresholds: ``(many, few)`` training-count cut-offs for many/medium/few-shot.
+        record: also store the metrics as the bundle's ``val``/``test`` block (only allowed
+            with the bundle's own prior, so the bundle never records someone else's numbers).
+    Returns:
+        The ``metrics.json`` document (see ``evaluation_payload``).
+    Raises:
+        ValueError: ``record`` with a prior override or on a split other than val/test, and
+            everything ``run_evaluation`` raises.
+    """
+    shots = ShotThresholds(*shot_thresholds)
+    prior = parse_prior(prior)
+    if record and (prior is not None or split not in (VAL, TEST)):
+        raise ValueError("record=True needs the bundle's own prior (prior=None) and split "
+                         f"val or test; got prior={prior!r}, split={split!r}")
+    ev = run_evaluation(bundle_dir, data_root, split, prior, shots)
+    payload = evaluation_payload(ev, bundle_dir, data_root, shots)
+    write_evaluation(ev, payload, out_dir)
+    if record:
+        update_bundle_meta(bundle_dir, metrics={split: bundle_block(ev.metrics)})
+    return payload
+
+
+def _fit_prior(labels: np.ndarray, num_classes: int) -> list[float]:
+    """The validation split's class frequencies; an absent class counts as half an example so
+    that it stays possible (its log prior is finite)."""
+    counts = np.maximum(np.bincount(labels, minlength=num_classes), 0.5)
+    return (counts / counts.sum()).tolist()
+
+
+def calibrate_bundle(bundle_dir: str | Path, data_root: str, *,
+                     deployment_prior: DeploymentPrior | str | None = None,
+                     threshold_mode: ThresholdMode | None = "max_f1",
+                     target_recall: float = 0.9) -> dict[str, Any]:
+    """Fit the temperature (and, for 2 classes, the decision threshold) on the val split and
+    store them in ``bundle.json`` via ``update_bundle_meta``; serving then applies them.
+
+    T is fitted on raw logits (re-running gives the same T) with the prior corrected to the
+    validation frequencies. The threshold is chosen on the probabilities the Predictor gives
+    with the new T and the deployment prior, which is stored too when given (the threshold is
+    only meaningful for that prior). ``threshold_mode=None`` clears any threshold.
+
+    Returns:
+        ``{"temperature", "val_nll_before", "val_nll_after", "decision_threshold",
+        "threshold_mode", "target_recall", "deployment_prior", "num_rows"}``.
+    Raises:
+        BundleError / ManifestError as for ``run_evaluation``; ValueError: an empty val split,
+        or a binary val split without positives.
+    """
+    predictor = load_predictor(bundle_dir, parse_prior(deployment_prior))
+    meta = predictor.meta
+    preds = predict_split(predictor.model, meta.preprocess, data_root, VAL)
+    if preds.labels.size == 0:
+        raise ValueError(f"{data_root}: the val split has no decodable image to calibrate on")
+    c = meta.architecture.num_classes
+    fit_meta = meta.model_copy(update={"deployment_prior": _fit_prior(preds.labels, c)})
+    shift = prior_shift(fit_meta)
+    t = fit_temperature(preds.logits, preds.labels, shift)
+    predictor.set_adjustment(temperature=t)
+    threshold = None
+    if c == 2 and threshold_mode is not None:
+        probs = predictor.probabilities(preds.logits)
+        threshold = choose_threshold(probs[:, 1], preds.labels, threshold_mode, target_recall)
+    update_bundle_meta(bundle_dir, temperature=t, deployment_prior=meta.deployment_prior,
+                       decision_threshold=threshold)
+    return {
+        "temperature": t,
+        "val_nll_before": nll_at_temperature(preds.logits, preds.labels, 1.0, shift),
+        "val_nll_after": nll_at_temperature(preds.logits, preds.labels, t, shift),
+        "decision_threshold": threshold,
+        "threshold_mode": threshold_mode if threshold is not None else None,
+        "target_recall": target_recall if threshold_mode == "recall" else None,
+        "deployment_prior": meta.deployment_prior,
+        "num_rows": int(preds.labels.size),
+    }
+
+
+class EvaluateConfig(StrictModel):
+    """``jobs/evaluate.py`` settings (YAML keys = these field names)."""
+
+    bundle: str
+    data: str
+    split: str = TEST
+    out: str = "reports/evaluate"
+    prior: str | list[float] | None = Field(
+        None, description="model | balanced | train | p1,p2,...; default: the bundle's own")
+    calibrate: bool = Field(False, description="fit temperature/threshold on val first")
+    threshold_mode: ThresholdMode = "max_f1"
+    target_recall: float = Field(0.9, gt=0, le=1)
+    many_threshold: int = Field(100, ge=0, description="many-shot: training count above this")
+    few_threshold: int = Field(20, ge=0, description="few-shot: training count below this")
+    report: bool = Field(True, description="write report.html, PNGs and model_card.md")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EvaluateConfig:
+        if self.few_threshold > self.many_threshold:
+            raise ValueError(f"few_threshold ({self.few_threshold}) must be <= many_threshold "
+                             f"({self.many_threshold})")
+        parse_prior(self.prior)
+        return self

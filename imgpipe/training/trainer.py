@@ -1,0 +1,210 @@
+"""TorchTrainer set-up: data plan, resource plan, run config; ``run_training`` for the train job."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+from ray.train import (
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from imgpipe.config import TrainConfig
+from imgpipe.constants import (
+    ACCURACY,
+    BALANCED_ACCURACY,
+    EPOCH,
+    LABEL,
+    MACRO_F1,
+    METRIC_MODES,
+    PIXELS,
+    TEST,
+    TRAIN,
+    TRAIN_LOSS,
+    VAL,
+    VAL_LOSS,
+    val_key,
+)
+from imgpipe.data.pipeline import StreamPlan, build_decoded, build_train_stream, start_epoch_clock
+from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
+from imgpipe.data.shards import Manifest, load_manifest
+from imgpipe.data.transforms import Preprocess
+from imgpipe.runtime import plan_resources
+from imgpipe.training.loop import train_loop_per_worker
+
+
+def quiet_data_progress() -> None:
+    """Ray Data's per-dataset progress bars flood the log from inside train workers."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+@dataclass
+class RunInputs:
+    """Everything a TorchTrainer needs, built once on the driver."""
+
+    config: TrainConfig
+    manifest: Manifest
+    preprocess: Preprocess
+    datasets: dict[str, ray.data.Dataset]
+    loop_config: dict[str, Any]
+    corrupt: dict[str, int | None] = field(default_factory=dict)
+    clock: Any = None
+
+    def close(self) -> None:
+        if self.clock is not None:
+            ray.kill(self.clock)
+            self.clock = None
+
+
+def prepare_inputs(cfg: TrainConfig) -> RunInputs:
+    """Read the manifest, decode (and cache) train/val, and plan the per-epoch resampling."""
+    quiet_data_progress()
+    manifest = load_manifest(cfg.data)
+    pre = manifest.preprocess(cfg.model.image_size)
+    counts = manifest.counts_vector(TRAIN)
+    rates = sampling_rates(counts, cfg.sampler.strategy)
+    train_decoded, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded)
+    val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded)
+    clock_name, clock = start_epoch_clock()
+    plan = StreamPlan(rates=tuple(float(r) for r in rates), seed=cfg.seed, clock_name=clock_name,
+                      augment=cfg.augment, preprocess=pre)
+    loop_config = {
+        "train": cfg.model_dump(mode="json"),
+        "preprocess": pre.model_dump(mode="json"),
+        "class_names": list(manifest.class_names),
+        "train_counts": [int(c) for c in counts],
+        "sampling_rates": list(plan.rates),
+        "epoch_rows": float(expected_epoch_counts(counts, rates).sum()),
+        "clock_name": clock_name,
+    }
+    return RunInputs(cfg, manifest, pre,
+                     {TRAIN: build_train_stream(train_decoded, plan),
+                      VAL: val.select_columns([PIXELS, LABEL])},
+                     loop_config, {TRAIN: train_bad, VAL: val_bad}, clock)
+
+
+def build_trainer(inputs: RunInputs, name: str, storage_path: str,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """A TorchTrainer for one run (the train job, or one Tune trial)."""
+    cfg = inputs.config
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=inputs.loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker=resources),
+        datasets=inputs.datasets,
+        dataset_config=DataConfig(datasets_to_split=[TRAIN]),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=val_key(cfg.metric),
+                checkpoint_score_order=METRIC_MODES[cfg.metric]),
+            failure_config=FailureConfig(max_failures=0),
+            # Train logs every report at INFO (the whole metrics dict, per rank).
+            logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks,
+        ),
+    )
+
+
+class EpochProgress(UserCallback):
+    """One line per epoch, printed once by the Train controller (not by every rank)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        m = metrics[0]
+        print(f"epoch {m[EPOCH] + 1:>3}/{self.epochs}  train_loss {m[TRAIN_LOSS]:.4f}  "
+              f"val_loss {m[VAL_LOSS]:.4f}  val_acc {m[val_key(ACCURACY)]:.4f}  "
+              f"val_bal_acc {m[val_key(BALANCED_ACCURACY)]:.4f}  "
+              f"val_macro_f1 {m[val_key(MACRO_F1)]:.4f}  rows {m['train_rows']}"
+              f"{'  *best' if m['is_best'] else ''}", flush=True)
+
+
+def storage_for(cfg: TrainConfig) -> str:
+    if cfg.storage_path:
+        return cfg.storage_path
+    return str((Path(cfg.out) / "ray_results").resolve())
+
+
+def run_training(cfg: TrainConfig) -> dict[str, Any]:
+    """Plan, train, keep the best checkpoint in ``<out>/best``, evaluate it on test.
+
+    Returns the results dict (also written to ``<out>/results.json`` by the caller).
+    """
+    from imgpipe.evaluate import evaluate_checkpoint
+
+    plan = plan_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.gpus_per_worker)
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = prepare_inputs(cfg)
+    try:
+        trainer = build_trainer(inputs, name=f"train-{int(time.time())}",
+                                storage_path=storage_for(cfg),
+                                callbacks=[EpochProgress(cfg.epochs)] if cfg.verbose else None)
+        result = trainer.fit()
+    finally:
+        inputs.close()
+    best = result.get_best_checkpoint(val_key(cfg.metric), METRIC_MODES[cfg.metric])
+    if best is None:
+        raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
+    best_dir = out / "best"
+    shutil.rmtree(best_dir, ignore_errors=True)
+    best.to_directory(str(best_dir))
+    history = _history(result)
+    test = evaluate_checkpoint(best_dir, cfg.data, TEST)
+    val = evaluate_checkpoint(best_dir, cfg.data, VAL)
+    return {
+        "config": cfg.model_dump(mode="json"),
+        "resource_plan": plan.summary(),
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "class_names": list(inputs.manifest.class_names),
+        "train_counts": inputs.loop_config["train_counts"],
+        "sampling_rates": inputs.loop_config["sampling_rates"],
+        "corrupt_skipped": inputs.corrupt,
+        "best_epoch": _best_epoch(history, cfg.metric),
+        "best_checkpoint": str(best_dir),
+        "val": val,
+        "test": test,
+        "history": history,
+    }
+
+
+def _best_epoch(history: list[dict[str, Any]], metric: str) -> int | None:
+    scores = [h[val_key(metric)] for h in history]
+    if not scores:
+        return None
+    pick = np.argmax if METRIC_MODES[metric] == "max" else np.argmin
+    return int(history[int(pick(scores))]["epoch"])
+
+
+def _history(result) -> list[dict[str, Any]]:
+    """Per-epoch scalar metrics, read from the latest checkpoint's metadata."""
+    from imgpipe.training.checkpoint import load_meta
+
+    if result.checkpoint is None:
+        return []
+    with result.checkpoint.as_directory() as d:
+        return load_meta(d).get("history", [])

@@ -1,0 +1,75 @@
+"""Train one model on prepared shards with Ray Train (DDP).
+
+    python jobs/train.py --data data/digits-lt --num-workers 2 --epochs 30 --out runs/train-1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from imgpipe.config import ConfigError, TrainConfig, resolve_config
+from imgpipe.console import per_class_table, write_json
+from imgpipe.runtime import ResourcePlanError, init_ray
+from imgpipe.training.trainer import run_training
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="YAML file (TrainConfig fields); flags override it")
+    p.add_argument("--data", help="prepared shard folder (local, s3://, gs://)")
+    p.add_argument("--out", help="output folder for results.json and the best checkpoint")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per worker")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--use-gpu", action="store_true", default=None, help="NCCL + CUDA workers")
+    p.add_argument("--amp", action="store_true", default=None, help="mixed precision (GPU)")
+    p.add_argument("--storage-path", help="Ray Train storage (local path, s3://, gs://)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--metric", choices=["macro_f1", "balanced_accuracy", "accuracy"])
+    p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
+    p.add_argument("--resume", help="checkpoint folder to resume from")
+    p.add_argument("--model", dest="model.name", choices=["cnn", "resnet18", "resnet34"])
+    p.add_argument("--image-size", dest="model.image_size", type=int)
+    p.add_argument("--init-checkpoint", dest="model.init_checkpoint")
+    p.add_argument("--loss", dest="loss.name", choices=["ce", "focal", "logit-adjusted"])
+    p.add_argument("--class-weights", dest="loss.class_weights",
+                   help="none | power:BETA | effective:BETA | w1,w2,...")
+    p.add_argument("--focal-gamma", dest="loss.focal_gamma", type=float)
+    p.add_argument("--tau", dest="loss.tau", type=float, help="logit adjustment strength")
+    p.add_argument("--label-smoothing", dest="loss.label_smoothing", type=float)
+    p.add_argument("--drw-epoch", dest="loss.drw_epoch", type=int,
+                   help="deferred re-weighting: class weights from this epoch on")
+    p.add_argument("--sampler", dest="sampler.strategy",
+                   help="none | oversample | undersample | sqrt | p1,p2,...")
+    p.add_argument("--optimizer", dest="optim.name", choices=["sgd", "adam", "adamw", "rmsprop"])
+    p.add_argument("--lr", dest="optim.lr", type=float)
+    p.add_argument("--weight-decay", dest="optim.weight_decay", type=float)
+    p.add_argument("--no-cache", dest="cache_decoded", action="store_false", default=None,
+                   help="decode every epoch instead of caching decoded images")
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(get_args_parser().parse_args(argv))
+    config_file, address = args.pop("config"), args.pop("address")
+    overrides = {k.replace("-", "_"): v for k, v in args.items()}
+    try:
+        cfg = resolve_config(TrainConfig, config_file, overrides)
+        init_ray(address)
+        results = run_training(cfg)
+    except (ConfigError, ResourcePlanError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print("\nTest split, best checkpoint (by val " + cfg.metric + "):")
+    print(per_class_table(results["class_names"], results["train_counts"], results["test"]))
+    path = write_json(f"{cfg.out}/results.json", results)
+    print(f"\nwall time {results['wall_time_s']:.1f} s; results in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

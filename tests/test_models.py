@@ -1,0 +1,142 @@
+"""Model registry, shapes, stems, local init and unwrapping."""
+
+from __future__ import annotations
+
+import logging
+import typing
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from imgpipe.config import ModelConfig
+from imgpipe.models import create_model, list_models, load_init_checkpoint, unwrap_model
+
+
+def _images(channels: int = 3, size: int = 32, n: int = 2) -> torch.Tensor:
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def _save_safetensors(model: nn.Module, path) -> None:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_gives_logits(name, in_channels):
+    model = create_model(name, num_classes=10, in_channels=in_channels).eval()
+    with torch.no_grad():
+        out = model(_images(in_channels))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    assert model.fc.out_features == 10
+
+
+def test_registry_matches_config_choices():
+    choices = typing.get_args(ModelConfig.model_fields["name"].annotation)
+    assert set(list_models()) == set(choices)
+
+
+def _final_feature_size(model: nn.Module, block: nn.Module) -> tuple[int, int]:
+    seen = {}
+
+    def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        seen["shape"] = output.shape  # returns None: the hook must not replace the output
+
+    handle = block.register_forward_hook(record)
+    with torch.no_grad():
+        model.eval()(_images())
+    handle.remove()
+    return tuple(seen["shape"][-2:])
+
+
+def test_cifar_stem_keeps_resolution():
+    cifar = create_model("resnet18", 10, cifar_stem=True)
+    imagenet = create_model("resnet18", 10, cifar_stem=False)
+    assert cifar.conv1.kernel_size == (3, 3) and isinstance(cifar.maxpool, nn.Identity)
+    assert _final_feature_size(cifar, cifar.layer4) == (4, 4)
+    assert _final_feature_size(imagenet, imagenet.layer4) == (1, 1)
+    cnn, cnn_strided = create_model("cnn", 10), create_model("cnn", 10, cifar_stem=False)
+    assert _final_feature_size(cnn, cnn.features) == (4, 4)
+    assert _final_feature_size(cnn_strided, cnn_strided.features) == (2, 2)
+
+
+def test_cnn_is_small_and_takes_other_sizes():
+    model = create_model("cnn", 10, in_channels=1).eval()
+    assert sum(p.numel() for p in model.parameters()) < 500_000
+    with torch.no_grad():
+        assert model(_images(1, size=8)).shape == (2, 10)
+        assert model(_images(1, size=48)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["cnn", "resnet18"])
+def test_init_from_safetensors_reproduces_outputs(tmp_path, name):
+    torch.manual_seed(1)
+    source = create_model(name, 10).eval()
+    with torch.no_grad():  # non-default BN statistics, so they must travel too
+        for m in source.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+    path = tmp_path / "init.safetensors"
+    _save_safetensors(source, path)
+    torch.manual_seed(2)
+    copy = create_model(name, 10, init_checkpoint=str(path)).eval()
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(copy(x), source(x))
+
+
+def test_head_mismatch_skips_head(tmp_path, caplog):
+    source = create_model("cnn", 5)
+    path = tmp_path / "five.safetensors"
+    _save_safetensors(source, path)
+    target = create_model("cnn", 10)
+    fc_before = target.fc.weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="imgpipe.models"):
+        report = load_init_checkpoint(target, path)
+    assert report["skipped_shape"] == ["fc.bias", "fc.weight"]
+    assert "fc.weight" in caplog.text
+    torch.testing.assert_close(target.features[0].weight, source.features[0].weight)
+    torch.testing.assert_close(target.fc.weight, fc_before)
+
+
+def test_init_from_wrapped_pt_checkpoint(tmp_path):
+    source = create_model("cnn", 4)
+    state = {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": state, "epoch": 7}, path)
+    target = create_model("cnn", 4, in_channels=3, init_checkpoint=str(path))
+    torch.testing.assert_close(target.fc.weight, source.fc.weight)
+
+
+def test_missing_checkpoint_names_path(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        create_model("cnn", 10, init_checkpoint=str(missing))
+
+
+def test_unrelated_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(3)}, str(path))
+    with pytest.raises(ValueError, match="no tensor matches"):
+        create_model("cnn", 10, init_checkpoint=str(path))
+
+
+class _DDPLike(nn.Module):
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def test_unwrap_model():
+    model = create_model("cnn", 3)
+    assert unwrap_model(model) is model
+    assert unwrap_model(_DDPLike(model)) is model
+    compiled = torch.compile(model)  # lazy: nothing compiles until it is called
+    assert unwrap_model(compiled) is model
+    assert unwrap_model(_DDPLike(torch.compile(model))) is model
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="nope.*cnn, resnet18, resnet34"):
+        create_model("nope", 10)
