@@ -74,6 +74,9 @@ class RunInputs:
 def prepare_inputs(cfg: TrainConfig) -> RunInputs:
     """Read the manifest, decode (and cache) train/val, and plan the per-epoch resampling."""
     quiet_data_progress()
+    if cfg.deterministic:
+        # Block order otherwise depends on task timing; reproducible batches need it fixed.
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
     manifest = load_manifest(cfg.data)
     pre = manifest.preprocess(cfg.model.image_size)
     counts = manifest.counts_vector(TRAIN)
