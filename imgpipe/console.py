@@ -26,7 +26,9 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def _fmt(v: Any) -> str:
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    if isinstance(v, float):
+        return f"{v:.3g}" if v != 0 and (abs(v) < 1e-2 or abs(v) >= 1e4) else f"{v:.4f}"
+    return str(v)
 
 
 def per_class_table(class_names: list[str], train_counts: list[int],

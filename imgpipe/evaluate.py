@@ -34,6 +34,7 @@ from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image, 
 from imgpipe.inference import Predictor, adjusted_probabilities, prior_shift
 from imgpipe.metrics import (
     BRIER,
+    ECE,
     NLL,
     RELIABILITY,
     SHOT_CLASSES,
@@ -121,6 +122,8 @@ PREDICTIONS_FILE = "predictions.parquet"
 CONFUSION_MATRIX = "confusion_matrix"
 CONFUSION_MATRIX_NORMALIZED = "confusion_matrix_normalized"
 BEFORE_TEMPERATURE = "before_temperature"
+# Calibration with the prior corrected to the split's own class mix (on val: T's objective).
+SPLIT_PRIOR_CALIBRATION = "calibration_at_split_prior"
 PREDICTION = "prediction"
 PROBABILITIES = "probabilities"
 LOGITS = "logits"
@@ -234,6 +237,7 @@ def run_evaluation(bundle_dir: str | Path, data_root: str, split: str,
     y_pred = predictor.predict_labels(probs)
     metrics = compute_metrics(preds.labels, probs, y_pred, meta.train_class_counts, shots)
     metrics[BEFORE_TEMPERATURE] = _calibration_summary(preds.labels, probs_t1)
+    metrics[SPLIT_PRIOR_CALIBRATION] = calibration_at_split_prior(preds.logits, preds.labels, meta)
     return BundleEvaluation(meta, split, preds, probs, probs_t1, y_pred, metrics)
 
 
@@ -286,11 +290,8 @@ def write_evaluation(ev: BundleEvaluation, payload: dict[str, Any], out_dir: str
 
 def bundle_block(metrics: dict[str, Any]) -> dict[str, Any]:
     """The part of a split's metrics stored in ``bundle.json`` (no matrices or bin tables)."""
-    block = {k: v for k, v in metrics.items() if k not in _NOT_IN_BUNDLE}
-    if BEFORE_TEMPERATURE in block:
-        block[BEFORE_TEMPERATURE] = {k: v for k, v in block[BEFORE_TEMPERATURE].items()
-                                     if k not in _NOT_IN_BUNDLE}
-    return block
+    return {k: bundle_block(v) if isinstance(v, dict) else v for k, v in metrics.items()
+            if k not in _NOT_IN_BUNDLE and not k.startswith(RELIABILITY)}
 
 
 def evaluate_bundle(bundle_dir: str | Path, data_root: str, split: str, out_dir: str | Path,
@@ -331,6 +332,30 @@ def _fit_prior(labels: np.ndarray, num_classes: int) -> list[float]:
     return (counts / counts.sum()).tolist()
 
 
+def calibration_at_split_prior(logits: np.ndarray, labels: np.ndarray, meta: BundleMeta
+                               ) -> dict[str, Any]:
+    """NLL, ECE and reliability bins at T = 1 and at ``meta.temperature`` with the prior
+    corrected to the split's own class mix: calibration alone, without prior mismatch.
+
+    On val this is exactly the objective ``calibrate_bundle`` minimises. (As-served numbers
+    use the deployment prior instead; on a split whose class mix differs from it they also
+    measure that mismatch.)
+    """
+    c = meta.architecture.num_classes
+    fit_prior = _fit_prior(labels, c)
+    fit_meta = meta.model_copy(update={"deployment_prior": fit_prior})
+    shift = prior_shift(fit_meta)
+    before = calibration(labels, adjusted_probabilities(logits, _with_temperature(fit_meta, 1.0)))
+    after = calibration(labels, adjusted_probabilities(logits, fit_meta))
+    return {
+        "temperature": meta.temperature, "num_rows": int(labels.size), "class_prior": fit_prior,
+        "nll_before": nll_at_temperature(logits, labels, 1.0, shift),
+        "nll_after": nll_at_temperature(logits, labels, meta.temperature, shift),
+        "ece_before": before[ECE], "ece_after": after[ECE],
+        "reliability_before": before[RELIABILITY], "reliability_after": after[RELIABILITY],
+    }
+
+
 def calibrate_bundle(bundle_dir: str | Path, data_root: str, *,
                      deployment_prior: DeploymentPrior | str | None = None,
                      threshold_mode: ThresholdMode | None = "max_f1",
@@ -339,13 +364,14 @@ def calibrate_bundle(bundle_dir: str | Path, data_root: str, *,
     store them in ``bundle.json`` via ``update_bundle_meta``; serving then applies them.
 
     T is fitted on raw logits (re-running gives the same T) with the prior corrected to the
-    validation frequencies. The threshold is chosen on the probabilities the Predictor gives
-    with the new T and the deployment prior, which is stored too when given (the threshold is
-    only meaningful for that prior). ``threshold_mode=None`` clears any threshold.
+    validation class mix, so T measures over/under-confidence only and stays valid whichever
+    deployment prior is chosen later. The threshold is chosen on the probabilities the
+    Predictor gives with the new T and the deployment prior, which is stored too when given
+    (a threshold is only meaningful for its prior). ``threshold_mode=None`` clears it.
 
     Returns:
-        ``{"temperature", "val_nll_before", "val_nll_after", "decision_threshold",
-        "threshold_mode", "target_recall", "deployment_prior", "num_rows"}``.
+        ``calibration_at_split_prior`` on val (without the bins) plus ``"decision_threshold",
+        "threshold_mode", "target_recall", "deployment_prior"``.
     Raises:
         BundleError / ManifestError as for ``run_evaluation``; ValueError: an empty val split,
         or a binary val split without positives.
@@ -357,8 +383,7 @@ def calibrate_bundle(bundle_dir: str | Path, data_root: str, *,
         raise ValueError(f"{data_root}: the val split has no decodable image to calibrate on")
     c = meta.architecture.num_classes
     fit_meta = meta.model_copy(update={"deployment_prior": _fit_prior(preds.labels, c)})
-    shift = prior_shift(fit_meta)
-    t = fit_temperature(preds.logits, preds.labels, shift)
+    t = fit_temperature(preds.logits, preds.labels, prior_shift(fit_meta))
     predictor.set_adjustment(temperature=t)
     threshold = None
     if c == 2 and threshold_mode is not None:
@@ -367,14 +392,12 @@ def calibrate_bundle(bundle_dir: str | Path, data_root: str, *,
     update_bundle_meta(bundle_dir, temperature=t, deployment_prior=meta.deployment_prior,
                        decision_threshold=threshold)
     return {
-        "temperature": t,
-        "val_nll_before": nll_at_temperature(preds.logits, preds.labels, 1.0, shift),
-        "val_nll_after": nll_at_temperature(preds.logits, preds.labels, t, shift),
+        **bundle_block(calibration_at_split_prior(preds.logits, preds.labels, predictor.meta)),
         "decision_threshold": threshold,
         "threshold_mode": threshold_mode if threshold is not None else None,
-        "target_recall": target_recall if threshold_mode == "recall" else None,
+        "target_recall": target_recall if threshold is not None and threshold_mode == "recall"
+        else None,
         "deployment_prior": meta.deployment_prior,
-        "num_rows": int(preds.labels.size),
     }
 
 

@@ -121,7 +121,10 @@ def build_decoded(data_root: str, split: str, pre: Preprocess, *, cache: bool,
     corrupt: int | None = None
     if cache:
         decoded = decoded.materialize()
-        corrupt = int(decoded.sum(CORRUPT) or 0)
+        # Read the flags from the cached blocks: an aggregation would launch shuffle tasks,
+        # which a Tune trial's placement group (0.01 CPU) cannot host.
+        corrupt = sum(int(b[CORRUPT].sum()) for b in decoded.select_columns([CORRUPT]).iter_batches(
+            batch_size=None, batch_format="numpy"))
     return decoded.map_batches(drop_corrupt, batch_format="numpy", batch_size=None), corrupt
 
 

@@ -124,7 +124,9 @@ def decode_image(data: bytes, pre: Preprocess) -> np.ndarray:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageDecodeError(f"image dimensions refused (decompression bomb): {e}") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+    except UnidentifiedImageError as e:
+        raise ImageDecodeError("not a recognised image format") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageDecodeError(f"cannot decode image: {e}") from e
     arr = np.asarray(img, dtype=np.uint8)
     return arr[:, :, None] if arr.ndim == 2 else arr

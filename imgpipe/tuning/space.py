@@ -1,0 +1,135 @@
+"""The define-by-run search space: it only declares parameters (no computation here).
+
+Each parameter is either a range/list of choices (searched) or a single value (pinned), all
+overridable from the ``search:`` section of a tune YAML. Sampled parameters map onto dotted
+TrainConfig fields by ``params_to_overrides``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+FloatRange = float | tuple[float, float]
+Choices = str | list[str]
+FREE_VECTOR_MAX_CLASSES = 20
+
+
+class SearchSpace(BaseModel):
+    """Ranges (``[lo, hi]``) and choices (lists); a scalar pins the parameter."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: FloatRange = (3e-4, 3e-2)
+    optimizer: Choices = Field(default_factory=lambda: ["sgd", "adam", "adamw", "rmsprop"])
+    momentum: FloatRange = (0.8, 0.99)
+    beta1: FloatRange = (0.8, 0.95)
+    weight_decay: FloatRange = (1e-6, 1e-2)
+    weight_family: Choices = Field(
+        default_factory=lambda: ["none", "power", "effective", "free"])
+    power_beta: FloatRange = (0.0, 1.0)
+    effective_beta: FloatRange = (0.9, 0.9999)
+    free_log_weight: FloatRange = (-2.0, 2.0)
+    loss: Choices = Field(default_factory=lambda: ["ce", "focal", "logit-adjusted"])
+    focal_gamma: FloatRange = (0.5, 4.0)
+    tau: FloatRange = (0.25, 2.0)
+    sampler: Choices = Field(default_factory=lambda: ["none", "oversample", "sqrt"])
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> SearchSpace:
+        for name, value in self:
+            if isinstance(value, tuple) and not value[0] <= value[1]:
+                raise ValueError(f"search.{name}: range [{value[0]}, {value[1]}] is reversed")
+            if isinstance(value, list) and not value:
+                raise ValueError(f"search.{name}: needs at least one choice")
+        return self
+
+
+def _float(trial, name: str, value: FloatRange, log: bool = False) -> float:
+    if isinstance(value, (int, float)):
+        return float(value)
+    lo, hi = value
+    if lo == hi:
+        return float(lo)
+    return trial.suggest_float(name, lo, hi, log=log and lo > 0)
+
+
+def _choice(trial, name: str, value: Choices, allowed: list[str] | None = None) -> str:
+    full = [value] if isinstance(value, str) else list(value)
+    options = full if allowed is None else ([o for o in full if o in allowed] or full[:1])
+    if len(options) == 1:
+        return options[0]
+    # Optuna refuses a categorical whose choices change between trials: a restricted
+    # set gets its own parameter name.
+    key = name if options == full else f"{name}[{'|'.join(options)}]"
+    return trial.suggest_categorical(key, options)
+
+
+def define_space(trial, space: SearchSpace, num_classes: int) -> dict[str, Any]:
+    """Optuna define-by-run: conditional parameters only appear when they matter.
+
+    Returns every resolved value (searched or pinned) so a trial's config is complete;
+    Ray merges the returned dict with what Optuna sampled.
+    """
+    r: dict[str, Any] = {}
+    r["lr"] = _float(trial, "lr", space.lr, log=True)
+    r["optimizer"] = _choice(trial, "optimizer", space.optimizer)
+    r["weight_decay"] = _float(trial, "weight_decay", space.weight_decay, log=True)
+    if r["optimizer"] in ("sgd", "rmsprop"):
+        r["momentum"] = _float(trial, "momentum", space.momentum)
+    else:
+        r["beta1"] = _float(trial, "beta1", space.beta1)
+    r["sampler"] = _choice(trial, "sampler", space.sampler)
+    # Full resampling already balances the classes: stacking inverse weights or logit
+    # adjustment on top would correct the imbalance twice over (see config validation).
+    balanced = r["sampler"] in ("oversample", "undersample")
+    families = ["none"] if balanced else ["none", "power", "effective", "free"]
+    if num_classes > FREE_VECTOR_MAX_CLASSES:
+        families = [f for f in families if f != "free"]
+    family = r["weight_family"] = _choice(trial, "weight_family", space.weight_family, families)
+    if family == "power":
+        r["power_beta"] = _float(trial, "power_beta", space.power_beta)
+    elif family == "effective":
+        r["effective_beta"] = _float(trial, "effective_beta", space.effective_beta)
+    elif family == "free":
+        for i in range(num_classes):
+            r[f"log_w{i}"] = _float(trial, f"log_w{i}", space.free_log_weight)
+    loss = r["loss"] = _choice(trial, "loss", space.loss, ["ce", "focal"] if balanced else None)
+    if loss == "focal":
+        r["focal_gamma"] = _float(trial, "focal_gamma", space.focal_gamma)
+    elif loss == "logit-adjusted":
+        r["tau"] = _float(trial, "tau", space.tau)
+    return r
+
+
+def free_weight_vector(params: dict[str, Any], num_classes: int) -> list[float]:
+    w = np.exp([float(params[f"log_w{i}"]) for i in range(num_classes)])
+    return list(w * num_classes / w.sum())
+
+
+def params_to_overrides(params: dict[str, Any], num_classes: int) -> dict[str, Any]:
+    """A trial's resolved parameters (``define_space``'s output) → dotted TrainConfig overrides."""
+    p = params
+    out: dict[str, Any] = {"optim.lr": p["lr"], "optim.name": p["optimizer"],
+                           "optim.weight_decay": p["weight_decay"],
+                           "sampler.strategy": p["sampler"], "loss.name": p["loss"]}
+    if p["optimizer"] in ("sgd", "rmsprop"):
+        out["optim.momentum"] = p["momentum"]
+    else:
+        out["optim.beta1"] = p["beta1"]
+    family = p["weight_family"]
+    if family == "power":
+        out["loss.class_weights"] = f"power:{p['power_beta']}"
+    elif family == "effective":
+        out["loss.class_weights"] = f"effective:{p['effective_beta']}"
+    elif family == "free":
+        out["loss.class_weights"] = ",".join(f"{w:.6g}" for w in free_weight_vector(p, num_classes))
+    else:
+        out["loss.class_weights"] = "none"
+    if p["loss"] == "focal":
+        out["loss.focal_gamma"] = p["focal_gamma"]
+    elif p["loss"] == "logit-adjusted":
+        out["loss.tau"] = p["tau"]
+    return out

@@ -1,0 +1,211 @@
+"""Ray Tune + OptunaSearch over TorchTrainer trials (Train V2's Tune integration).
+
+Each trial is a Tune *function* that builds and fits a TorchTrainer; metrics flow back through
+``TuneReportCallback`` (the V2 trainer itself is not a Tune trainable).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
+from ray.tune.search.optuna import OptunaSearch
+
+from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig, resolve_config
+from imgpipe.constants import METRIC_MODES, val_key
+from imgpipe.data.shards import Manifest, load_manifest
+from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources
+from imgpipe.training.trainer import build_trainer, prepare_inputs
+from imgpipe.tuning.space import SearchSpace, define_space, params_to_overrides
+
+
+def base_train_config(tcfg: TuneJobConfig) -> TrainConfig:
+    """The TrainConfig every trial starts from (validated before anything runs)."""
+    overrides = {
+        # Tune runs each trial in its own working directory: relative paths must not leak in.
+        "data": absolute(tcfg.data), "epochs": tcfg.epochs, "num_workers": tcfg.workers_per_trial,
+        "cpus_per_worker": tcfg.cpus_per_worker, "gpus_per_worker": tcfg.gpus_per_worker,
+        "use_gpu": tcfg.use_gpu, "seed": tcfg.seed, "metric": tcfg.metric,
+        "out": absolute(tcfg.out), "verbose": False,
+    }
+    try:
+        return TrainConfig.model_validate({**tcfg.train, **overrides})
+    except Exception as e:
+        raise ConfigError(f"train: {e}") from None
+
+
+def absolute(location: str) -> str:
+    return location if "://" in location else str(Path(location).resolve())
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any], num_classes: int) -> TrainConfig:
+    return resolve_config(TrainConfig, None, {**_flatten(base), **params_to_overrides(
+        params, num_classes)})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], num_classes: int,
+              train_storage: str) -> None:
+    """One Tune trial: build and fit a TorchTrainer; metrics reach Tune via the callback."""
+    cfg = trial_config(base, params, num_classes)
+    trial_id = tune.get_context().get_trial_id()
+    inputs = prepare_inputs(cfg)
+    try:
+        trainer = build_trainer(inputs, name=f"train-{trial_id}", storage_path=train_storage,
+                                callbacks=[TuneReportCallback()])
+        trainer.fit()
+    finally:
+        inputs.close()
+
+
+class TrialLine(tune.Callback):
+    """One concise line per finished trial instead of Tune's periodic tables."""
+
+    def __init__(self, metric: str, total: int) -> None:
+        self.metric, self.total, self.done = metric, total, 0
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.done += 1
+        r = trial.last_result or {}
+        print(f"[{self.done}/{self.total}] trial {trial.trial_id} finished: "
+              f"epochs {r.get('training_iteration', '?')}  {self.metric} "
+              f"{r.get(self.metric, float('nan')):.4f}  best {r.get('best', float('nan')):.4f}",
+              flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] trial {trial.trial_id} FAILED: {trial.error_file}",
+              flush=True)
+
+
+def build_scheduler(tcfg: TuneJobConfig):
+    if tcfg.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", max_t=tcfg.epochs,
+                             grace_period=tcfg.grace_period,
+                             reduction_factor=tcfg.reduction_factor)
+    if tcfg.scheduler == "median":
+        return MedianStoppingRule(time_attr="training_iteration",
+                                  grace_period=tcfg.grace_period)
+    return FIFOScheduler()
+
+
+def build_searcher(tcfg: TuneJobConfig, num_classes: int) -> OptunaSearch:
+    space = SearchSpace.model_validate(tcfg.search)
+    # metric/mode must sit on OptunaSearch itself with a define-by-run space.
+    return OptunaSearch(
+        space=partial(define_space, space=space, num_classes=num_classes),
+        metric=val_key(tcfg.metric), mode=METRIC_MODES[tcfg.metric],
+        sampler=optuna.samplers.TPESampler(seed=tcfg.seed, multivariate=True),
+    )
+
+
+@dataclass
+class TuneOutcome:
+    experiment_path: str
+    train_storage: str
+    ranking: pd.DataFrame
+    best_trial_id: str
+    best_params: dict[str, Any]
+    plan: ResourcePlan
+    wall_time_s: float
+
+
+def storage_root(tcfg: TuneJobConfig) -> str:
+    return tcfg.storage_path or str((Path(tcfg.out) / "ray_results").resolve())
+
+
+def plan_search(tcfg: TuneJobConfig) -> ResourcePlan:
+    return plan_resources(tcfg.workers_per_trial, tcfg.cpus_per_worker, tcfg.use_gpu,
+                          tcfg.gpus_per_worker, concurrent_runs=tcfg.max_concurrent)
+
+
+def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOutcome:
+    """Plan, search (or resume), and rank the trials. Raises ResourcePlanError up front."""
+    started = time.perf_counter()
+    plan = plan_search(tcfg)
+    manifest = manifest or load_manifest(tcfg.data)
+    num_classes = len(manifest.class_names)
+    base = base_train_config(tcfg).model_dump(mode="json")
+    root = storage_root(tcfg)
+    exp_path = f"{root.rstrip('/')}/{tcfg.name}"
+    train_storage = f"{root.rstrip('/')}/{tcfg.name}-trials"
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, num_classes=num_classes,
+                             train_storage=train_storage),
+        {"CPU": DRIVER_CPU})
+    if tcfg.resume and tune.Tuner.can_restore(exp_path):
+        print(f"resuming {exp_path}", flush=True)
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        if tcfg.resume:
+            print(f"nothing to resume at {exp_path}; starting a new search", flush=True)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=val_key(tcfg.metric), mode=METRIC_MODES[tcfg.metric],
+                search_alg=build_searcher(tcfg, num_classes), scheduler=build_scheduler(tcfg),
+                num_samples=tcfg.num_samples, max_concurrent_trials=tcfg.max_concurrent,
+                time_budget_s=tcfg.time_budget_s),
+            run_config=tune.RunConfig(name=tcfg.name, storage_path=root, verbose=0,
+                                      callbacks=[TrialLine(val_key(tcfg.metric),
+                                                           tcfg.num_samples)]),
+        )
+    results = tuner.fit()
+    _check_not_interrupted(results, tcfg, started)
+    ranking = rank_trials(results, tcfg)
+    if ranking.empty:
+        errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error][:3]
+        raise RuntimeError(f"no trial reported a result; first errors: {errors}")
+    best = ranking.iloc[0]
+    params = {k[len("config/"):]: v for k, v in best.items()
+              if k.startswith("config/") and pd.notna(v)}
+    return TuneOutcome(exp_path, train_storage, ranking, str(best["trial_id"]), params, plan,
+                       time.perf_counter() - started)
+
+
+class SearchInterrupted(RuntimeError):
+    """The search stopped before all trials ended (Ctrl-C); ``--resume`` continues it."""
+
+
+def _check_not_interrupted(results: tune.ResultGrid, tcfg: TuneJobConfig, started: float) -> None:
+    ended = results.num_terminated + results.num_errors
+    out_of_time = tcfg.time_budget_s is not None and (
+        time.perf_counter() - started >= tcfg.time_budget_s)
+    if ended < tcfg.num_samples and not out_of_time:
+        raise SearchInterrupted(
+            f"search interrupted after {ended} of {tcfg.num_samples} trials ended; "
+            f"continue it with --resume --name {tcfg.name} (same --out/--storage-path)")
+
+
+def rank_trials(results: tune.ResultGrid, tcfg: TuneJobConfig) -> pd.DataFrame:
+    """One row per trial, best epoch's objective first; parameters as ``config/...`` columns."""
+    key, mode = val_key(tcfg.metric), METRIC_MODES[tcfg.metric]
+    df = results.get_dataframe(filter_metric=key, filter_mode=mode)
+    if df.empty or key not in df:
+        return pd.DataFrame()
+    keep = ["trial_id", key, val_key("balanced_accuracy"), val_key("macro_f1"),
+            val_key("accuracy"), "epoch", "training_iteration", "time_total_s"]
+    keep = list(dict.fromkeys(c for c in keep if c in df))
+    cfg_cols = [c for c in df.columns if c.startswith("config/")]
+    df = df[keep + cfg_cols].sort_values(key, ascending=(mode == "min"), kind="stable")
+    return df.reset_index(drop=True)
+

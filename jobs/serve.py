@@ -1,0 +1,64 @@
+"""Serve a model bundle over HTTP on Ray Serve (foreground; Ctrl-C shuts down cleanly).
+
+    python jobs/serve.py --bundle bundles/digits-lt/v1 --host 127.0.0.1 --port 8000
+    python jobs/serve.py --config serving/config.yaml --bundle bundles/digits-lt
+    IMGPIPE_SERVE_TOKEN=... python jobs/serve.py --bundle ... --host 0.0.0.0
+
+Endpoints: /v1/predict, /v1/models, /v2/... (KServe Open Inference Protocol), /metrics, /docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from imgpipe.bundle import BundleError
+from imgpipe.config import ConfigError
+from serving.runner import DEFAULT_APP_NAME, resolve_serve_args, run_foreground
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", help="Serve config YAML (serving/config.yaml); flags override it")
+    p.add_argument("--bundle", help="bundle version folder, or bundles/<name> for the latest")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default 8000)")
+    p.add_argument("--app-name", default=DEFAULT_APP_NAME)
+    p.add_argument("--max-batch-size", type=int, help="1 turns dynamic batching off")
+    p.add_argument("--batch-wait-timeout-s", type=float)
+    p.add_argument("--min-replicas", type=int)
+    p.add_argument("--max-replicas", type=int)
+    p.add_argument("--target-ongoing-requests", type=float)
+    p.add_argument("--num-cpus", type=float, help="logical CPUs per replica")
+    p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--smoke", action="store_true", help="start, check the endpoints, stop")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    ns = get_args_parser().parse_args(argv)
+    overrides = {k: getattr(ns, k) for k in (
+        "bundle", "max_batch_size", "batch_wait_timeout_s", "min_replicas", "max_replicas",
+        "target_ongoing_requests", "num_cpus", "max_body_bytes")}
+    try:
+        args, http = resolve_serve_args(ns.config, overrides)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    host = ns.host or http.get("host", "127.0.0.1")
+    port = ns.port or int(http.get("port", 8000))
+    try:
+        card = run_foreground(args, host, port, ns.app_name, smoke=ns.smoke)
+    except BundleError as e:
+        print(f"cannot serve {args.bundle}: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"served": {"name": card["name"], "version": card["version"]},
+                      "url": f"http://{host}:{port}"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

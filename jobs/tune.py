@@ -1,0 +1,66 @@
+"""Search hyperparameters and class-imbalance handling with Ray Tune + Optuna; export the best.
+
+    python jobs/tune.py                      # embedded digits-lt, prepared if missing
+    python jobs/tune.py --data data/digits-lt --num-samples 16 --out runs/tune-1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from imgpipe.config import ConfigError, TuneJobConfig, resolve_config
+from imgpipe.runtime import ResourcePlanError, init_ray
+from imgpipe.tuning.job import run_tune_job
+from imgpipe.tuning.tuner import SearchInterrupted
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--config", help="YAML file (TuneJobConfig fields, `train:` and `search:`)")
+    p.add_argument("--data", help="prepared shards; the embedded dataset is prepared if missing")
+    p.add_argument("--dataset", choices=["digits-lt", "shapes-lt"],
+                   help="embedded dataset to prepare when --data has no shards")
+    p.add_argument("--out", help="results.json, trials.csv, best checkpoint, report")
+    p.add_argument("--name", help="experiment name (resume finds it by this name)")
+    p.add_argument("--bundle-root", help="where bundles/<name>/v<N> are written")
+    p.add_argument("--bundle-name")
+    p.add_argument("--num-samples", type=int, help="trials to run")
+    p.add_argument("--max-concurrent", type=int, help="trials at once")
+    p.add_argument("--time-budget-s", type=float, help="stop starting/continuing trials after this")
+    p.add_argument("--workers-per-trial", type=int, help="Ray Train workers (DDP) per trial")
+    p.add_argument("--cpus-per-worker", type=float)
+    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--use-gpu", action="store_true", default=None)
+    p.add_argument("--storage-path", help="Tune/Train storage: local path, s3://, gs://")
+    p.add_argument("--seed", type=int, help="seeds the TPE sampler and every trial")
+    p.add_argument("--metric", choices=["macro_f1", "balanced_accuracy"], help="val objective")
+    p.add_argument("--scheduler", choices=["asha", "median", "fifo"])
+    p.add_argument("--epochs", type=int, help="max epochs per trial")
+    p.add_argument("--grace-period", type=int, help="epochs before a trial may be stopped")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue the experiment --name in --storage-path/--out")
+    p.add_argument("--no-report", dest="report", action="store_false", default=None)
+    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = vars(get_args_parser().parse_args(argv))
+    config_file, address = args.pop("config"), args.pop("address")
+    try:
+        tcfg = resolve_config(TuneJobConfig, config_file, args)
+        init_ray(address)
+        results = run_tune_job(tcfg)
+    except (ConfigError, ResourcePlanError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SearchInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
+    print(f"\nwall time {results['wall_time_s']:.1f} s; results in {tcfg.out}/results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

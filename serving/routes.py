@@ -1,0 +1,247 @@
+"""HTTP routes of one replica: ``/v1`` (simple JSON), ``/v2`` (Open Inference Protocol), ops.
+
+Built per replica by ``create_api(model)``; every route is a thin adapter from HTTP to the
+replica's methods. A middleware checks the bearer token (except on the two health probes) and
+counts every request for ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+import imgpipe
+from serving import v2
+from serving.errors import ApiError, error_response, install_error_handlers
+from serving.inputs import images_from_v1, read_body
+from serving.schemas import (
+    Calibration,
+    ImagePrediction,
+    LabelProbability,
+    ModelCard,
+    ModelsResponse,
+    PredictResponse,
+    V2Error,
+    V2InferenceRequest,
+    V2InferenceResponse,
+    V2ModelMetadata,
+    V2ServerMetadata,
+)
+from serving.security import PUBLIC_PATHS, authorized
+
+if TYPE_CHECKING:
+    from serving.app import ImgpipeModel
+
+_IMAGE_SCHEMA = {"type": "string", "format": "binary"}
+PREDICT_BODY_DOC = {"requestBody": {"required": True, "content": {
+    "image/png": {"schema": _IMAGE_SCHEMA},
+    "image/jpeg": {"schema": _IMAGE_SCHEMA},
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "files": {"type": "array", "items": _IMAGE_SCHEMA}}}},
+    "application/json": {"schema": {
+        "type": "object", "required": ["instances"], "properties": {"instances": {
+            "type": "array", "items": {"type": "object", "required": ["b64"],
+                                       "properties": {"b64": {"type": "string"}}}}}}},
+}}}
+V2_ERRORS = {400: {"model": V2Error}, 404: {"model": V2Error}, 413: {"model": V2Error}}
+
+
+def create_api(model: ImgpipeModel) -> FastAPI:
+    """The FastAPI app serving ``model`` (docs at ``/docs``, schema at ``/openapi.json``)."""
+    meta = model.bundle_meta
+    api = FastAPI(
+        title=f"imgpipe — {meta.name} v{meta.version}", version=imgpipe.__version__,
+        description="Image classification with calibrated, prior-corrected probabilities. "
+                    "`/v1`: simple JSON; `/v2`: KServe Open Inference Protocol (REST).",
+    )
+    install_error_handlers(api)
+    _add_middleware(api, model)
+    _add_v1_routes(api, model)
+    _add_v2_routes(api, model)
+    _add_ops_routes(api, model)
+    return api
+
+
+def _add_middleware(api: FastAPI, model: ImgpipeModel) -> None:
+    @api.middleware("http")
+    async def auth_and_observe(request: Request, call_next):
+        start = time.perf_counter()
+        path = request.url.path
+        status = 500
+        try:
+            if path in PUBLIC_PATHS or authorized(request.headers.get("authorization"),
+                                                  model.settings.token):
+                response = await call_next(request)
+            else:
+                response = error_response(path, 401, "missing or invalid bearer token",
+                                          {"WWW-Authenticate": "Bearer"})
+            status = response.status_code
+            return response
+        finally:
+            # Route templates, not raw paths, keep label cardinality bounded.
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", None) or "(unmatched)"
+            model.observe_request(endpoint, request.method, status, time.perf_counter() - start)
+
+
+def v1_predictions(model: ImgpipeModel, probs: np.ndarray, top_k: int) -> PredictResponse:
+    """Top-k ``{label, probability}`` per image plus the decision label."""
+    names = model.meta.class_names
+    k = min(top_k, len(names))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    decisions = model.labels(probs)
+    preds = [
+        ImagePrediction(label=decision, top_k=[
+            LabelProbability(label=names[j], probability=float(row[j])) for j in idx])
+        for row, idx, decision in zip(probs, order, decisions, strict=True)
+    ]
+    return PredictResponse(model_name=model.meta.name, model_version=str(model.meta.version),
+                           predictions=preds)
+
+
+def model_card(model: ImgpipeModel) -> ModelCard:
+    m = model.meta
+    prior = m.deployment_prior
+    return ModelCard(
+        name=m.name, version=str(m.version), class_names=m.class_names,
+        num_classes=m.architecture.num_classes, architecture=m.architecture.model_dump(),
+        preprocess=m.preprocess.model_dump(), train_class_counts=m.train_class_counts,
+        calibration=Calibration(temperature=m.temperature, deployment_prior=prior,
+                                decision_threshold=m.decision_threshold,
+                                model_prior=m.model_prior),
+        metrics=m.metrics.model_dump(), created_at=m.created_at.isoformat(),
+        code_version=m.code_version,
+    )
+
+
+def _add_v1_routes(api: FastAPI, model: ImgpipeModel) -> None:
+    settings = model.settings
+
+    @api.post("/v1/predict", response_model=PredictResponse, openapi_extra=PREDICT_BODY_DOC,
+              summary="Classify images: raw body, multipart files, or JSON base64")
+    async def predict(request: Request,
+                      top_k: int = Query(5, ge=1, le=100_000, description="capped at the "
+                                         "number of classes")) -> PredictResponse:
+        body = await read_body(request, settings.max_body_bytes)
+        images = await images_from_v1(request, body, settings.max_images_per_request)
+        probs = await model.probabilities_for_images(images)
+        return v1_predictions(model, probs, top_k)
+
+    @api.get("/v1/models", response_model=ModelsResponse,
+             summary="Classes, version, metrics and calibration of the served bundle")
+    async def models() -> ModelsResponse:
+        return ModelsResponse(models=[model_card(model)])
+
+
+def _check_model(model: ImgpipeModel, name: str, version: str | None) -> None:
+    meta = model.meta
+    if name != meta.name:
+        raise ApiError(404, f"model {name!r} not found; this server serves {meta.name!r}")
+    if version is not None and version.removeprefix("v") != str(meta.version):
+        raise ApiError(404, f"model {name!r} version {version!r} not found; "
+                            f"available: {[str(meta.version)]}")
+
+
+async def _infer(model: ImgpipeModel, request: Request) -> Response:
+    settings, pre = model.settings, model.meta.preprocess
+    body = await read_body(request, settings.max_body_bytes)
+    req, tail = v2.parse_request(body, request.headers.get(v2.HEADER_LENGTH))
+    inputs = v2.decode_inputs(req, tail, pre.channels, pre.image_size,
+                              settings.max_images_per_request)
+    if inputs.images is not None:
+        probs = await model.probabilities_for_images(inputs.images)
+    else:
+        probs = await model.probabilities_for_tensor(torch.from_numpy(inputs.pixels))
+    content, headers, media_type = v2.encode_response(req, model.meta, probs, model.labels(probs))
+    return Response(content, media_type=media_type, headers=headers)
+
+
+def _add_v2_routes(api: FastAPI, model: ImgpipeModel) -> None:
+    @api.get("/v2", response_model=V2ServerMetadata, tags=["v2"])
+    async def server_metadata() -> V2ServerMetadata:
+        return v2.server_metadata()
+
+    @api.get("/v2/health/live", tags=["v2"])
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready", tags=["v2"])
+    async def ready() -> dict[str, bool]:
+        # Serve routes traffic only to replicas whose constructor (bundle load) finished.
+        return {"ready": True}
+
+    _add_v2_model_routes(api, model)
+
+
+def _add_v2_model_routes(api: FastAPI, model: ImgpipeModel) -> None:
+    """Model metadata / ready / infer, each with and without ``/versions/{version}``."""
+    base, versioned = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
+    infer_doc = {"responses": {200: {"model": V2InferenceResponse}, **V2_ERRORS},
+                 "openapi_extra": {"requestBody": {"required": True, "content": {
+                     "application/json": {"schema": _v2_request_schema(api)}}}}}
+
+    def metadata(name: str, version: str | None = None) -> V2ModelMetadata:
+        _check_model(model, name, version)
+        return v2.model_metadata(model.meta)
+
+    def model_ready(name: str, version: str | None = None) -> dict[str, str | bool]:
+        _check_model(model, name, version)
+        return {"name": name, "ready": True}
+
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        _check_model(model, name, version)
+        return await _infer(model, request)
+
+    @api.get(base, response_model=V2ModelMetadata, responses=V2_ERRORS, tags=["v2"])
+    async def get_metadata(name: str) -> V2ModelMetadata:
+        return metadata(name)
+
+    @api.get(versioned, response_model=V2ModelMetadata, responses=V2_ERRORS, tags=["v2"])
+    async def get_version_metadata(name: str, version: str) -> V2ModelMetadata:
+        return metadata(name, version)
+
+    @api.get(base + "/ready", responses=V2_ERRORS, tags=["v2"])
+    async def get_ready(name: str) -> dict[str, str | bool]:
+        return model_ready(name)
+
+    @api.get(versioned + "/ready", responses=V2_ERRORS, tags=["v2"])
+    async def get_version_ready(name: str, version: str) -> dict[str, str | bool]:
+        return model_ready(name, version)
+
+    @api.post(base + "/infer", tags=["v2"], **infer_doc)
+    async def post_infer(request: Request, name: str) -> Response:
+        return await infer(request, name)
+
+    @api.post(versioned + "/infer", tags=["v2"], **infer_doc)
+    async def post_version_infer(request: Request, name: str, version: str) -> Response:
+        return await infer(request, name, version)
+
+
+def _v2_request_schema(api: FastAPI) -> dict:
+    """JSON schema of the infer body; its nested models are added to the OpenAPI components
+    (the handler reads the raw body itself, for the binary extension, so FastAPI cannot)."""
+    schema = V2InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    nested = schema.pop("$defs", {})
+    original = api.openapi
+
+    def openapi() -> dict:
+        if api.openapi_schema is None:
+            spec = original()
+            spec.setdefault("components", {}).setdefault("schemas", {}).update(nested)
+        return api.openapi_schema
+
+    api.openapi = openapi
+    return schema
+
+
+def _add_ops_routes(api: FastAPI, model: ImgpipeModel) -> None:
+    @api.get("/metrics", response_class=PlainTextResponse, tags=["ops"],
+             summary="Prometheus metrics (all replicas)")
+    async def metrics() -> Response:
+        return Response(await model.render_metrics(), media_type=CONTENT_TYPE_LATEST)

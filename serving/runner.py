@@ -1,0 +1,114 @@
+"""Run the Serve app in the foreground (``jobs/serve.py``): start, wait for Ctrl-C, clean up."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from imgpipe.config import ConfigError, format_validation_error, load_yaml
+from serving.schemas import MODEL_DEPLOYMENT, ServeArgs
+from serving.security import resolve_token
+
+log = logging.getLogger(__name__)
+DEFAULT_APP_NAME = "imgpipe"
+
+
+def resolve_serve_args(config_path: str | Path | None,
+                       overrides: dict[str, Any]) -> tuple[ServeArgs, dict[str, Any]]:
+    """ServeArgs and http_options from: defaults < Serve config file < overrides (non-None).
+
+    The config file is a Serve config (``serving/config.yaml``): its first application's
+    ``args``, the model deployment's ``user_config`` and the ``http_options`` are used.
+
+    Raises:
+        ConfigError: naming every invalid field.
+    """
+    args: dict[str, Any] = {}
+    http: dict[str, Any] = {}
+    if config_path is not None:
+        data = load_yaml(config_path)
+        app = (data.get("applications") or [{}])[0]
+        args = dict(app.get("args") or {})
+        for dep in app.get("deployments") or []:
+            if dep.get("name") == MODEL_DEPLOYMENT:  # its user_config keys are ServeArgs fields
+                args.update(dep.get("user_config") or {})
+        http = dict(data.get("http_options") or {})
+    args.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServeArgs.model_validate(args), http
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "serve args")) from None
+
+
+def _get(url: str, token: str | None) -> dict[str, Any]:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def smoke_check(base_url: str, args: ServeArgs) -> dict[str, Any]:
+    """Hit the readiness probe and the model card; the card is returned."""
+    token = resolve_token(args.token)
+    secret = token.get_secret_value() if token else None
+    if not _get(f"{base_url}/v2/health/ready", None).get("ready"):
+        raise RuntimeError(f"{base_url} is not ready")
+    return _get(f"{base_url}/v1/models", secret)["models"][0]
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+
+
+def run_foreground(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
+                   app_name: str = DEFAULT_APP_NAME, smoke: bool = False) -> dict[str, Any]:
+    """Start Serve on ``host:port`` with the app, block until SIGINT/SIGTERM, then tear down.
+
+    Connects to ``$RAY_ADDRESS`` when set, else starts a local Ray instance. On exit the app
+    is deleted, Serve is shut down when no other application is left, and Ray is disconnected.
+    ``smoke=True`` checks the endpoints once and returns instead of waiting.
+    """
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    # The builder warns if ``host`` is not loopback and no token is set (it sees Serve's host).
+    if not ray.is_initialized():
+        ray.init(configure_logging=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(args), name=app_name, route_prefix="/")
+        base_url = f"http://{host}:{port}"
+        card = smoke_check(base_url, args)
+        print(f"serving {card['name']} v{card['version']} at {base_url} "
+              f"(docs {base_url}/docs); Ctrl-C to stop", flush=True)
+        if not smoke:
+            _wait_for_signal()
+        return card
+    finally:
+        print("shutting down ...", flush=True)
+        shutdown_app(app_name)
+        ray.shutdown()
+
+
+def shutdown_app(app_name: str) -> None:
+    """Delete ``app_name``; shut Serve down entirely when it was the last application."""
+    from ray import serve
+
+    try:
+        serve.delete(app_name)
+        if not serve.status().applications:
+            serve.shutdown()
+    except Exception as e:  # Serve never started or is already gone: nothing left to stop
+        log.debug("serve shutdown: %s", e)

@@ -1,0 +1,201 @@
+"""Typed shapes of the serving layer: builder args, live config, and HTTP bodies.
+
+``ServeArgs`` is what ``serve run`` / ``serve deploy`` pass as ``args:`` (validated by the typed
+builder). ``LiveConfig`` is the deployment's ``user_config``: operators change it without
+restarting replicas (``reconfigure``). The v2 models follow the Open Inference Protocol REST
+spec field for field.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+TOKEN_ENV = "IMGPIPE_SERVE_TOKEN"
+MODEL_DEPLOYMENT = "ImgpipeModel"  # the name config files use to override its options
+MiB = 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LiveConfig(_Strict):
+    """Settings a running deployment takes through ``user_config`` (no replica restart).
+
+    ``None`` calibration fields mean "as the bundle says"; each reconfigure starts from the
+    bundle again, so removing an override restores the bundle value.
+    """
+
+    max_batch_size: int = Field(16, ge=1, le=1024, description="1 turns dynamic batching off")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+    temperature: float | None = Field(None, gt=0)
+    deployment_prior: Literal["model", "balanced", "train"] | list[float] | None = None
+    decision_threshold: float | None = Field(None, gt=0, lt=1)
+
+
+class ServeArgs(_Strict):
+    """Arguments of ``serving.app:build_app`` (the ``args:`` block of ``serving/config.yaml``)."""
+
+    bundle: str = Field(description="bundle version folder, or bundles/<name> for the latest")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="1 turns dynamic batching off")
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
+    min_replicas: int = Field(1, ge=1)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    max_ongoing_requests: int = Field(32, ge=1, description="per replica, HTTP requests")
+    max_queued_requests: int = Field(-1, ge=-1, description="-1: unbounded; else 503 beyond")
+    num_cpus: float = Field(0.25, gt=0, description="logical CPUs per replica (fractional ok)")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per replica")
+    max_body_bytes: int = Field(10 * MiB, ge=1024)
+    max_images_per_request: int = Field(64, ge=1)
+    max_image_pixels: int = Field(16_000_000, ge=1, description="width*height of a source image")
+    token: SecretStr | None = Field(None, description=f"bearer token; else ${TOKEN_ENV}")
+    health_check_period_s: float = Field(10.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+    temperature: float | None = Field(None, gt=0, description="override the bundle's")
+    deployment_prior: Literal["model", "balanced", "train"] | list[float] | None = None
+    decision_threshold: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeArgs:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})"
+            )
+        return self
+
+    def live_config(self) -> LiveConfig:
+        """The ``user_config`` part of these args."""
+        return LiveConfig(**{k: getattr(self, k) for k in LiveConfig.model_fields})
+
+
+class ReplicaSettings(_Strict):
+    """What a replica needs at construction (everything not live-changeable)."""
+
+    bundle: str
+    torch_threads: int
+    max_body_bytes: int
+    max_images_per_request: int
+    max_image_pixels: int
+    token: SecretStr | None
+
+
+# ----- /v1 -----------------------------------------------------------------------------------
+
+
+class B64Image(_Strict):
+    b64: str = Field(description="base64 of the encoded image file (PNG, JPEG, ...)")
+
+
+class PredictJSON(_Strict):
+    """``POST /v1/predict`` with ``Content-Type: application/json``."""
+
+    instances: list[B64Image] = Field(min_length=1)
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float
+
+
+class ImagePrediction(BaseModel):
+    label: str = Field(description="decision: top-1, or the bundle's binary threshold")
+    top_k: list[LabelProbability]
+
+
+class PredictResponse(BaseModel):
+    model_name: str
+    model_version: str
+    predictions: list[ImagePrediction]
+
+
+class Calibration(BaseModel):
+    temperature: float
+    deployment_prior: str | list[float]
+    decision_threshold: float | None
+    model_prior: list[float]
+
+
+class ModelCard(BaseModel):
+    name: str
+    version: str
+    class_names: list[str]
+    num_classes: int
+    architecture: dict[str, Any]
+    preprocess: dict[str, Any]
+    train_class_counts: list[int]
+    calibration: Calibration
+    metrics: dict[str, Any]
+    created_at: str
+    code_version: str
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelCard]
+
+
+# ----- /v2 (Open Inference Protocol) ---------------------------------------------------------
+
+Parameters = dict[str, str | int | float | bool]
+
+
+class V2RequestInput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None = None
+    data: list[Any] | None = None  # absent when sent as binary (binary_data_size)
+
+
+class V2RequestOutput(BaseModel):
+    name: str
+    parameters: Parameters | None = None
+
+
+class V2InferenceRequest(BaseModel):
+    id: str | None = None
+    parameters: Parameters | None = None
+    inputs: list[V2RequestInput] = Field(min_length=1)
+    outputs: list[V2RequestOutput] | None = None
+
+
+class V2ResponseOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: Parameters | None = None
+    data: list[Any] | None = None
+
+
+class V2InferenceResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str
+    parameters: Parameters | None = None
+    outputs: list[V2ResponseOutput]
+
+
+class V2MetadataTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2MetadataTensor]
+    outputs: list[V2MetadataTensor]
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Error(BaseModel):
+    error: str

@@ -1,0 +1,49 @@
+"""Small builders shared by tests: a saved test bundle and encoded test images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from imgpipe.bundle import save_bundle
+from imgpipe.data.transforms import Preprocess
+from imgpipe.models import create_model
+
+
+def make_test_bundle(root: str | Path, name: str = "test-model", num_classes: int = 3,
+                     model: str = "cnn", mode: str = "L", image_size: int = 16,
+                     train_class_counts: list[int] | None = None, seed: int = 0,
+                     **meta: Any) -> Path:
+    """Save a randomly initialised (seeded) ``create_model(model)`` as a bundle; return its dir.
+
+    ``train_class_counts`` defaults to a long tail (100, 50, 25, ...); extra keyword arguments
+    go to ``save_bundle`` (temperature, deployment_prior, decision_threshold, metrics, ...).
+    """
+    torch.manual_seed(seed)
+    pre = Preprocess(image_size=image_size, mode=mode, mean=(0.5,) * (1 if mode == "L" else 3),
+                     std=(0.25,) * (1 if mode == "L" else 3))
+    net = create_model(model, num_classes, in_channels=pre.channels).eval()
+    counts = train_class_counts or [max(1, 100 >> i) for i in range(num_classes)]
+    return save_bundle(
+        root, name, net.state_dict(),
+        architecture={"model": model, "num_classes": num_classes, "in_channels": pre.channels},
+        preprocess=pre, class_names=[f"class_{i}" for i in range(num_classes)],
+        train_class_counts=counts, **meta,
+    )
+
+
+def encode_image(seed: int = 0, size: tuple[int, int] = (20, 24), mode: str = "RGB",
+                 fmt: str = "PNG") -> bytes:
+    """A random image of ``size`` (w, h) and ``mode`` encoded as ``fmt``."""
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    arr = rng.integers(0, 256, size=(size[1], size[0], channels), dtype=np.uint8)
+    img = Image.fromarray(arr[:, :, 0] if channels == 1 else arr)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()

@@ -1,0 +1,185 @@
+"""Tune + Optuna: the search space, resource planning, a real tiny search, interruption + resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+
+from imgpipe.bundle import load_bundle
+from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig, resolve_config
+from imgpipe.data.rebalance import class_weights, parse_class_weights
+from imgpipe.runtime import ResourcePlanError, plan_resources
+from imgpipe.tuning.space import SearchSpace, define_space, params_to_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+COUNTS = [104, 62, 37, 22, 13, 8, 4, 2, 1, 1]
+
+
+def sample(space: SearchSpace, n: int, num_classes: int = 10, seed: int = 0) -> list[dict]:
+    study = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=seed, multivariate=True))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        params = define_space(trial, space, num_classes)
+        study.tell(trial, float(np.random.default_rng(len(out)).random()))
+        out.append(params)
+    return out
+
+
+@pytest.mark.parametrize("family", ["none", "power", "effective", "free"])
+def test_every_weight_family_samples_valid_normalised_vectors(family):
+    space = SearchSpace(weight_family=family, sampler="none")
+    for params in sample(space, 15):
+        cfg = resolve_config(TrainConfig, None, params_to_overrides(params, 10))
+        w = class_weights(COUNTS, cfg.loss.class_weights)
+        assert w.shape == (10,) and np.all(w >= 0) and np.isfinite(w).all()
+        assert w.mean() == pytest.approx(1.0, abs=1e-4)
+        spec = parse_class_weights(cfg.loss.class_weights)
+        assert spec.scheme == {"free": "explicit"}.get(family, family)
+        if family == "power":
+            assert 0 <= spec.beta <= 1
+        if family == "effective":
+            assert 0.9 <= spec.beta <= 0.9999
+
+
+def test_default_space_gives_valid_configs_and_never_stacks_corrections():
+    for params in sample(SearchSpace(), 40):
+        cfg = resolve_config(TrainConfig, None, params_to_overrides(params, 10))
+        assert 3e-4 <= cfg.optim.lr <= 3e-2
+        if cfg.sampler.strategy in ("oversample", "undersample"):
+            assert cfg.loss.class_weights == "none" and cfg.loss.name != "logit-adjusted"
+
+
+def test_free_vector_only_for_small_class_counts():
+    for params in sample(SearchSpace(sampler="none"), 20, num_classes=50):
+        assert params["weight_family"] != "free"
+
+
+def test_pinned_values_and_yaml_ranges(tmp_path):
+    f = tmp_path / "tune.yaml"
+    f.write_text("search:\n  lr: 0.01\n  optimizer: [sgd]\n  loss: focal\n  focal_gamma: [1, 1.5]\n")
+    tcfg = resolve_config(TuneJobConfig, f)
+    space = SearchSpace.model_validate(tcfg.search)
+    for params in sample(space, 8):
+        assert params["lr"] == 0.01 and params["optimizer"] == "sgd"
+        assert params["loss"] == "focal" and 1 <= params["focal_gamma"] <= 1.5
+
+
+@pytest.mark.parametrize(("search", "field"), [({"lr": [0.1, 0.01]}, "search.lr"),
+                                               ({"nope": 1}, "search"),
+                                               ({"optimizer": []}, "search.optimizer")])
+def test_bad_search_space_fails_with_field(search, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        resolve_config(TuneJobConfig, None, {"search": search})
+
+
+def test_impossible_plan_names_the_flags():
+    with pytest.raises(ResourcePlanError, match="--max-concurrent"):
+        plan_resources(2, 0.45, False, concurrent_runs=4, cluster={"CPU": 4})
+    with pytest.raises(ResourcePlanError, match="GPUs"):
+        plan_resources(1, 1, True, cluster={"CPU": 8, "GPU": 0})
+    plan = plan_resources(1, 0.45, False, concurrent_runs=2, cluster={"CPU": 4})
+    assert plan.cpus_needed == pytest.approx(1.92)
+
+
+@pytest.mark.ray
+def test_impossible_plan_fails_before_starting(ray_session, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "jobs/tune.py", "--data", str(tmp_path / "nothing"),
+         "--workers-per-trial", "4", "--max-concurrent", "4", "--out", str(tmp_path),
+         "--address", address], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "resource plan does not fit" in proc.stderr and "--workers-per-trial" in proc.stderr
+    assert not (tmp_path / "nothing").exists()  # no data was prepared
+    assert time.perf_counter() - started < 120
+
+
+def tune_cmd(data: str, out: Path, address: str, *extra: str) -> list[str]:
+    return [sys.executable, "jobs/tune.py", "--data", data, "--out", str(out),
+            "--bundle-root", str(out / "bundles"), "--epochs", "2", "--grace-period", "1",
+            "--max-concurrent", "1", "--address", address, "--no-report", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_tiny_search_exports_a_verified_bundle(ray_session, tiny_digits, tmp_path):
+    from imgpipe.tuning.job import run_tune_job
+
+    tcfg = resolve_config(TuneJobConfig, None, {
+        "data": tiny_digits, "out": str(tmp_path / "run"), "bundle_root": str(tmp_path / "b"),
+        "num_samples": 2, "epochs": 2, "grace_period": 1, "max_concurrent": 2,
+        "train": {"model": {"image_size": 16}, "batch_size": 32}})
+    res = run_tune_job(tcfg)
+    bundle = Path(res["bundle"])
+    assert bundle == tmp_path / "b" / "digits-lt" / "v1"
+    meta, _ = load_bundle(bundle)  # checksum verified, weights-only
+    assert meta.metrics.val["macro_f1"] == pytest.approx(res["val"]["macro_f1"])
+    assert meta.metrics.test["num_rows"] == 100
+    ranking = pd.read_csv(tmp_path / "run" / "trials.csv")
+    assert len(ranking) == 2 and ranking["val_macro_f1"].is_monotonic_decreasing
+    assert ranking["trial_id"].iloc[0] == res["best_trial_id"]
+    # the report was written for the best bundle, calibrated on val
+    assert (Path(res["report"]) / "report.html").is_file()
+    assert (bundle / "model_card.md").is_file()
+    # a second export never overwrites: it becomes v2
+    res2 = run_tune_job(tcfg.model_copy(update={"resume": True, "report": False}))
+    assert Path(res2["bundle"]).name == "v2"
+
+
+def result_lines(exp: Path) -> dict[str, int]:
+    """Trial id → number of results Tune recorded for it."""
+    out = {}
+    for f in exp.glob("*/result.json"):
+        lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        if lines:
+            out[lines[0]["trial_id"]] = len(lines)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_interrupted_search_resumes_without_repeating_trials(ray_session, tiny_digits, tmp_path):
+    address = ray_session.get_runtime_context().gcs_address
+    out = tmp_path / "run"
+    cmd = tune_cmd(tiny_digits, out, address, "--num-samples", "3")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    seen: list[str] = []
+    deadline = time.time() + 400
+    for line in proc.stdout:
+        seen.append(line)
+        if "[1/3] trial" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=300)
+    log = "".join(seen) + rest
+    assert proc.returncode == 130, log[-3000:]
+    assert "--resume" in log
+    exp = out / "ray_results" / "tune"
+    before = result_lines(exp)
+    finished_first = [line.split()[2] for line in seen if "] trial " in line and "finished" in line]
+    assert finished_first, log[-3000:]
+
+    proc2 = subprocess.run([*cmd, "--resume"], cwd=REPO, capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert proc2.returncode == 0, (proc2.stdout + proc2.stderr)[-3000:]
+    after = result_lines(exp)
+    assert len(after) == 3
+    for trial_id in finished_first:  # finished trials were not run again
+        assert after[trial_id] == before[trial_id]
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_trials"] == 3
