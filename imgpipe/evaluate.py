@@ -28,16 +28,23 @@ from imgpipe.calibrate import (
 )
 from imgpipe.config import StrictModel
 from imgpipe.console import write_json
-from imgpipe.constants import ID, IMAGE, LABEL, LABEL_NAME, TEST, VAL
+from imgpipe.constants import (
+    BRIER,
+    ECE,
+    ID,
+    IMAGE,
+    LABEL,
+    LABEL_NAME,
+    NLL,
+    RELIABILITY,
+    SHOT_CLASSES,
+    TEST,
+    VAL,
+)
 from imgpipe.data.shards import load_manifest, read_split_table
 from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image, normalize
 from imgpipe.inference import Predictor, adjusted_probabilities, prior_shift
 from imgpipe.metrics import (
-    BRIER,
-    ECE,
-    NLL,
-    RELIABILITY,
-    SHOT_CLASSES,
     brier_score,
     calibration,
     classification_metrics,

@@ -19,36 +19,33 @@ import numpy as np
 from imgpipe.constants import (
     ACCURACY,
     BALANCED_ACCURACY,
+    BRIER,
+    ECE,
+    FEW_SHOT_ACCURACY,
+    GEOMETRIC_MEAN,
+    INDEX_BALANCED_ACCURACY,
+    MACRO_AVERAGE_PRECISION,
     MACRO_F1,
     MACRO_PRECISION,
     MACRO_RECALL,
+    MACRO_ROC_AUC,
+    MANY_SHOT_ACCURACY,
+    MCC,
+    MEDIUM_SHOT_ACCURACY,
+    NLL,
+    PER_CLASS_AVERAGE_PRECISION,
     PER_CLASS_F1,
     PER_CLASS_PRECISION,
     PER_CLASS_RECALL,
+    PER_CLASS_ROC_AUC,
+    PER_CLASS_SPECIFICITY,
+    RELIABILITY,
+    SHOT_CLASSES,
+    SUPPORT,
+    WEIGHTED_F1,
+    WEIGHTED_PRECISION,
+    WEIGHTED_RECALL,
 )
-
-# Keys of the extended (evaluation report) metrics. Written once here; they belong with the
-# other metric names in imgpipe/constants.py and can move there without changing any value.
-SUPPORT = "support"
-PER_CLASS_SPECIFICITY = "per_class_specificity"
-GEOMETRIC_MEAN = "geometric_mean"
-INDEX_BALANCED_ACCURACY = "index_balanced_accuracy"
-MCC = "mcc"
-WEIGHTED_PRECISION = "weighted_precision"
-WEIGHTED_RECALL = "weighted_recall"
-WEIGHTED_F1 = "weighted_f1"
-PER_CLASS_ROC_AUC = "per_class_roc_auc"
-MACRO_ROC_AUC = "macro_roc_auc"
-PER_CLASS_AVERAGE_PRECISION = "per_class_average_precision"
-MACRO_AVERAGE_PRECISION = "macro_average_precision"
-NLL = "nll"
-BRIER = "brier"
-ECE = "ece"
-RELIABILITY = "reliability"
-MANY_SHOT_ACCURACY = "many_shot_accuracy"
-MEDIUM_SHOT_ACCURACY = "medium_shot_accuracy"
-FEW_SHOT_ACCURACY = "few_shot_accuracy"
-SHOT_CLASSES = "shot_classes"
 
 
 def top_k_key(k: int) -> str:

@@ -14,7 +14,19 @@ from helpers import make_test_bundle
 from sklearn import metrics as skm
 
 from imgpipe.bundle import BundleError, load_bundle_meta
-from imgpipe.constants import ACCURACY, BALANCED_ACCURACY, MACRO_F1, PER_CLASS_RECALL, TEST, VAL
+from imgpipe.constants import (
+    ACCURACY,
+    BALANCED_ACCURACY,
+    MACRO_F1,
+    MACRO_ROC_AUC,
+    MANY_SHOT_ACCURACY,
+    NLL,
+    PER_CLASS_RECALL,
+    PER_CLASS_ROC_AUC,
+    TEST,
+    VAL,
+    WEIGHTED_F1,
+)
 from imgpipe.data.datasets import encode_png, make_record
 from imgpipe.data.shards import write_shards
 from imgpipe.evaluate import (
@@ -34,11 +46,6 @@ from imgpipe.evaluate import (
 )
 from imgpipe.inference import adjusted_probabilities
 from imgpipe.metrics import (
-    MACRO_ROC_AUC,
-    MANY_SHOT_ACCURACY,
-    NLL,
-    PER_CLASS_ROC_AUC,
-    WEIGHTED_F1,
     top_k_key,
 )
 
