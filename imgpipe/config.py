@@ -171,7 +171,8 @@ class TuneJobConfig(StrictModel):
     metric: Literal["macro_f1", "balanced_accuracy"] = "macro_f1"
     scheduler: Literal["asha", "median", "fifo"] = "asha"
     epochs: int = Field(16, ge=1, description="max epochs per trial (ASHA's max_t)")
-    grace_period: int = Field(4, ge=1, description="epochs before ASHA may stop a trial")
+    grace_period: int | None = Field(
+        None, ge=1, description="epochs before ASHA may stop a trial (default min(4, epochs))")
     reduction_factor: float = Field(3.0, gt=1)
     resume: bool = False
     report: bool = Field(True, description="write the evaluation report for the best bundle")
@@ -179,11 +180,15 @@ class TuneJobConfig(StrictModel):
         default_factory=dict, description="TrainConfig fields shared by all trials")
     search: dict[str, Any] = Field(default_factory=dict, description="SearchSpace overrides")
 
+    @property
+    def effective_grace_period(self) -> int:
+        return self.grace_period if self.grace_period is not None else min(4, self.epochs)
+
     @model_validator(mode="after")
     def _consistent(self) -> TuneJobConfig:
         from imgpipe.tuning.space import SearchSpace
 
-        if self.grace_period > self.epochs:
+        if self.grace_period is not None and self.grace_period > self.epochs:
             raise ValueError(f"grace_period ({self.grace_period}) exceeds epochs ({self.epochs})")
         for section, model in (("search", SearchSpace), ("train", TrainConfig)):
             try:

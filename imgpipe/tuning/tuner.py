@@ -99,11 +99,11 @@ class TrialLine(tune.Callback):
 def build_scheduler(tcfg: TuneJobConfig):
     if tcfg.scheduler == "asha":
         return ASHAScheduler(time_attr="training_iteration", max_t=tcfg.epochs,
-                             grace_period=tcfg.grace_period,
+                             grace_period=tcfg.effective_grace_period,
                              reduction_factor=tcfg.reduction_factor)
     if tcfg.scheduler == "median":
         return MedianStoppingRule(time_attr="training_iteration",
-                                  grace_period=tcfg.grace_period)
+                                  grace_period=tcfg.effective_grace_period)
     return FIFOScheduler()
 
 
