@@ -146,7 +146,28 @@ class TrainConfig(StrictModel):
             raise ValueError("amp: mixed precision needs use_gpu=true")
         if self.metric not in METRIC_MODES:
             raise ValueError(f"metric: unknown {self.metric!r}")
+        self._not_double_corrected()
         return self
+
+    def _not_double_corrected(self) -> None:
+        """Full resampling already balances the classes; a second full correction on top
+        (inverse-frequency weights, or logit adjustment with tau >= 1) over-corrects toward
+        the tail — a common mistake that silently costs head-class accuracy."""
+        if self.sampler.strategy not in ("oversample", "undersample"):
+            return
+        from imgpipe.data.rebalance import parse_class_weights
+
+        w = parse_class_weights(self.loss.class_weights)
+        full_weights = (w.scheme == "power" and w.beta >= 0.99) or (
+            w.scheme == "effective" and w.beta >= 0.999)
+        full_logit = self.loss.name == "logit-adjusted" and self.loss.tau >= 0.99
+        if full_weights or full_logit:
+            what = "loss.class_weights" if full_weights else "loss.tau"
+            raise ValueError(
+                f"{what}: sampler.strategy={self.sampler.strategy} already balances the classes; "
+                f"adding {'inverse-frequency weights' if full_weights else 'logit adjustment'} "
+                "at full strength corrects the imbalance twice. Use one, or weaken the other "
+                "(e.g. power:0.5, tau 0.5, or sampler sqrt)")
 
 
 class TuneJobConfig(StrictModel):

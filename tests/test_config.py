@@ -45,3 +45,15 @@ def test_yaml_must_be_a_mapping(tmp_path):
     f.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         resolve_config(TrainConfig, f)
+
+
+@pytest.mark.parametrize("extra", [{"loss": {"class_weights": "power:1"}},
+                                   {"loss": {"name": "logit-adjusted", "tau": 1.0}}])
+def test_double_correction_is_refused(extra):
+    with pytest.raises(ConfigError, match="corrects the imbalance twice"):
+        resolve_config(TrainConfig, None, {"sampler.strategy": "oversample",
+                                           **{f"loss.{k}": v for k, v in extra["loss"].items()}})
+    # one correction alone, or a weak second one, is fine
+    resolve_config(TrainConfig, None, {"sampler.strategy": "sqrt", "loss.class_weights": "power:1"})
+    resolve_config(TrainConfig, None, {"sampler.strategy": "oversample",
+                                       "loss.class_weights": "power:0.5"})
