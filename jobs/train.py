@@ -10,6 +10,7 @@ import sys
 
 from imgpipe.config import ConfigError, TrainConfig, resolve_config
 from imgpipe.console import per_class_table, write_json
+from imgpipe.data.shards import ManifestError
 from imgpipe.runtime import ResourcePlanError, init_ray
 from imgpipe.training.trainer import run_training
 
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve_config(TrainConfig, config_file, overrides)
         init_ray(address)
         results = run_training(cfg)
-    except (ConfigError, ResourcePlanError, FileNotFoundError) as e:
+    except (ConfigError, ResourcePlanError, ManifestError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print("\nTest split, best checkpoint (by val " + cfg.metric + "):")

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from imgpipe.config import ConfigError, TuneJobConfig, resolve_config
+from imgpipe.data.shards import ManifestError
 from imgpipe.runtime import ResourcePlanError, init_ray
 from imgpipe.tuning.job import run_tune_job
 from imgpipe.tuning.tuner import SearchInterrupted
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         tcfg = resolve_config(TuneJobConfig, config_file, args)
         init_ray(address)
         results = run_tune_job(tcfg)
-    except (ConfigError, ResourcePlanError, FileNotFoundError) as e:
+    except (ConfigError, ResourcePlanError, ManifestError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except SearchInterrupted as e:

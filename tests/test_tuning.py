@@ -84,6 +84,16 @@ def test_bad_search_space_fails_with_field(search, field):
         resolve_config(TuneJobConfig, None, {"search": search})
 
 
+def test_missing_default_data_is_prepared(tmp_path):
+    from imgpipe.tuning.job import resolve_data
+
+    root = tmp_path / "fresh" / "digits-lt"
+    manifest = resolve_data(resolve_config(TuneJobConfig, None, {"data": str(root)}))
+    assert (root / "manifest.json").is_file() and manifest.num_rows["train"] == 254
+    with pytest.raises(FileNotFoundError):  # no embedded dataset named: nothing to prepare
+        resolve_data(TuneJobConfig(data=str(tmp_path / "x"), dataset=None))
+
+
 def test_impossible_plan_names_the_flags():
     with pytest.raises(ResourcePlanError, match="--max-concurrent"):
         plan_resources(2, 0.45, False, concurrent_runs=4, cluster={"CPU": 4})

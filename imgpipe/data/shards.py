@@ -48,6 +48,10 @@ class ManifestError(ValueError):
     """A shard directory whose manifest is missing, unreadable, invalid or from another version."""
 
 
+class ManifestNotFoundError(ManifestError, FileNotFoundError):
+    """No ``manifest.json`` at the given root (callers may prepare the data there)."""
+
+
 class ImageInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -347,8 +351,8 @@ def load_manifest(root: str) -> Manifest:
     try:
         raw = read_bytes(fs, posixpath.join(path, MANIFEST_FILE))
     except FileNotFoundError:
-        raise ManifestError(f"{where}: not found; is {root!r} a prepared shard directory? "
-                            "(create one with jobs/prepare_data.py)") from None
+        raise ManifestNotFoundError(f"{where}: not found; is {root!r} a prepared shard directory? "
+                                    "(create one with jobs/prepare_data.py)") from None
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
