@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from fastapi import FastAPI, Query, Request, Response
-from fastapi.responses import PlainTextResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from swagger_ui_bundle import swagger_ui_path
 
 import imgpipe
 from serving import v2
@@ -59,13 +62,32 @@ def create_api(model: ImgpipeModel) -> FastAPI:
         title=f"imgpipe — {meta.name} v{meta.version}", version=imgpipe.__version__,
         description="Image classification with calibrated, prior-corrected probabilities. "
                     "`/v1`: simple JSON; `/v2`: KServe Open Inference Protocol (REST).",
+        docs_url=None, redoc_url=None,
     )
+    _add_offline_docs(api)
     install_error_handlers(api)
     _add_middleware(api, model)
     _add_v1_routes(api, model)
     _add_v2_routes(api, model)
     _add_ops_routes(api, model)
     return api
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def _add_offline_docs(api: FastAPI) -> None:
+    """Swagger UI from the installed swagger-ui-bundle: FastAPI's default page loads it from a
+    CDN and renders blank on a machine without internet access."""
+    api.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=api.openapi_url, title=f"{api.title} — API docs",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
 
 
 def _add_middleware(api: FastAPI, model: ImgpipeModel) -> None:

@@ -376,6 +376,11 @@ def test_metadata_endpoints(server):
 def test_docs_page_and_openapi(server):
     r = server.client.get("/docs")
     assert r.status_code == 200 and "swagger" in r.text.lower()
+    # every asset the page loads is served locally: the page works with no network
+    assert "http://" not in r.text and "https://" not in r.text
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        a = server.client.get(f"/docs-assets/{asset}")
+        assert a.status_code == 200 and len(a.content) > 10_000, asset
     spec = server.client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/models", "/v2/models/{name}/infer", "/metrics"} <= set(spec["paths"])
     assert "V2RequestInput" in spec["components"]["schemas"]
