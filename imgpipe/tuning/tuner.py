@@ -176,8 +176,9 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error][:3]
         raise RuntimeError(f"no trial reported a result; first errors: {errors}")
     best = ranking.iloc[0]
+    # "name[a|b]" keys are Optuna's names for restricted choices; "name" holds the value.
     params = {k[len("config/"):]: v for k, v in best.items()
-              if k.startswith("config/") and pd.notna(v)}
+              if k.startswith("config/") and "[" not in k and pd.notna(v)}
     return TuneOutcome(exp_path, train_storage, ranking, str(best["trial_id"]), params, plan,
                        time.perf_counter() - started)
 
