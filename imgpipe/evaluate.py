@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from imgpipe.bundle import PRIOR_CHOICES, BundleMeta, DeploymentPrior, update_bundle_meta
@@ -108,15 +109,24 @@ def load_checkpoint_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, Prepro
     return model.eval(), pre, meta
 
 
-def evaluate_checkpoint(ckpt_dir: str | Path, data_root: str, split: str) -> dict[str, Any]:
-    """Metrics of a training checkpoint on one split (argmax of the raw logits)."""
-    model, pre, meta = load_checkpoint_model(ckpt_dir)
+def score_split(model: torch.nn.Module, pre: Preprocess, data_root: str, split: str,
+                num_classes: int) -> dict[str, Any]:
+    """Raw-argmax metrics of ``model`` on one split, plus the unweighted CE of its logits (NLL)
+    — the numbers training reports per epoch, so checkpoints and bundles can be compared."""
     preds = predict_split(model, pre, data_root, split)
-    cm = confusion_matrix(preds.labels, preds.logits.argmax(1), len(meta["class_names"]))
-    out = classification_metrics(cm)
+    out = classification_metrics(
+        confusion_matrix(preds.labels, preds.logits.argmax(1), num_classes))
+    out[NLL] = float(F.cross_entropy(torch.from_numpy(preds.logits).double(),
+                                     torch.from_numpy(preds.labels))) if preds.labels.size else None
     out["num_rows"] = len(preds.labels)
     out["skipped_corrupt"] = preds.skipped
     return out
+
+
+def evaluate_checkpoint(ckpt_dir: str | Path, data_root: str, split: str) -> dict[str, Any]:
+    """Metrics of a training checkpoint on one split (argmax of the raw logits)."""
+    model, pre, meta = load_checkpoint_model(ckpt_dir)
+    return score_split(model, pre, data_root, split, len(meta["class_names"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ from imgpipe.data.pipeline import StreamPlan, build_decoded, build_train_stream,
 from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
 from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.data.transforms import Preprocess
+from imgpipe.evaluate import evaluate_checkpoint
 from imgpipe.runtime import plan_resources
+from imgpipe.training.checkpoint import load_meta
 from imgpipe.training.loop import train_loop_per_worker
 
 
@@ -156,8 +158,6 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
 
     Returns the results dict (also written to ``<out>/results.json`` by the caller).
     """
-    from imgpipe.evaluate import evaluate_checkpoint
-
     plan = plan_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.gpus_per_worker)
     started = time.perf_counter()
     out = Path(cfg.out)
@@ -205,8 +205,6 @@ def _best_epoch(history: list[dict[str, Any]], metric: str) -> int | None:
 
 def _history(result) -> list[dict[str, Any]]:
     """Per-epoch scalar metrics, read from the latest checkpoint's metadata."""
-    from imgpipe.training.checkpoint import load_meta
-
     if result.checkpoint is None:
         return []
     with result.checkpoint.as_directory() as d:

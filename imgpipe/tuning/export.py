@@ -16,6 +16,7 @@ from imgpipe.constants import (
     BALANCED_ACCURACY,
     MACRO_F1,
     METRIC_MODES,
+    NLL,
     TEST,
     VAL,
     VAL_LOSS,
@@ -23,9 +24,8 @@ from imgpipe.constants import (
 )
 from imgpipe.data.rebalance import class_weights, effective_prior, sampling_rates
 from imgpipe.data.transforms import Preprocess
-from imgpipe.evaluate import predict_split
+from imgpipe.evaluate import score_split
 from imgpipe.inference import Predictor
-from imgpipe.metrics import classification_metrics, confusion_matrix
 from imgpipe.training.checkpoint import load_meta, load_weights
 
 VERIFIED_METRICS = (ACCURACY, BALANCED_ACCURACY, MACRO_F1)
@@ -54,28 +54,22 @@ def model_prior_for(cfg: TrainConfig, counts: list[int]) -> np.ndarray:
     return effective_prior(counts, rates, weights, tau)
 
 
-def split_metrics(predictor: Predictor, data_root: str, split: str) -> dict[str, Any]:
-    """Metrics of a bundle's raw argmax on one split, plus the unweighted CE (val_loss)."""
-    preds = predict_split(predictor.model, predictor.meta.preprocess, data_root, split)
-    out = classification_metrics(
-        confusion_matrix(preds.labels, preds.logits.argmax(1), predictor.num_classes))
-    z = preds.logits.astype(np.float64)
-    z = z - z.max(1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
-    out[VAL_LOSS] = float(-logp[np.arange(len(preds.labels)), preds.labels].mean())
-    out["num_rows"] = len(preds.labels)
-    return out
+def bundle_metrics(bundle_dir: Path, data_root: str, split: str) -> dict[str, Any]:
+    """A freshly loaded bundle's raw-argmax metrics on one split (no calibration applied)."""
+    predictor = Predictor.load(bundle_dir)
+    return score_split(predictor.model, predictor.meta.preprocess, data_root, split,
+                       predictor.num_classes)
 
 
 def verify_bundle(bundle_dir: Path, data_root: str, reported: dict[str, Any]) -> dict[str, Any]:
     """Load the bundle fresh, re-evaluate on val, compare with the trial's report (or raise)."""
-    fresh = split_metrics(Predictor.load(bundle_dir), data_root, VAL)
+    fresh = bundle_metrics(bundle_dir, data_root, VAL)
     problems = [
         f"{m}: bundle {fresh[m]:.6f} vs trial {reported[val_key(m)]:.6f}"
         for m in VERIFIED_METRICS if abs(fresh[m] - reported[val_key(m)]) > 1e-9
     ]
-    if abs(fresh[VAL_LOSS] - reported[VAL_LOSS]) > 1e-4 * max(1.0, abs(reported[VAL_LOSS])):
-        problems.append(f"{VAL_LOSS}: bundle {fresh[VAL_LOSS]:.6f} vs trial {reported[VAL_LOSS]:.6f}")
+    if abs(fresh[NLL] - reported[VAL_LOSS]) > 1e-4 * max(1.0, abs(reported[VAL_LOSS])):
+        problems.append(f"{VAL_LOSS}: bundle {fresh[NLL]:.6f} vs trial {reported[VAL_LOSS]:.6f}")
     if problems:
         raise ExportVerificationError(
             f"bundle {bundle_dir} does not reproduce the trial's validation metrics: "
@@ -109,6 +103,6 @@ def export_bundle(ckpt_dir: Path, data_root: str, bundle_root: str, name: str,
     except Exception:
         shutil.rmtree(path, ignore_errors=True)
         raise
-    test = split_metrics(Predictor.load(path), data_root, TEST)
+    test = bundle_metrics(path, data_root, TEST)
     update_bundle_meta(path, metrics={"val": val, "test": test})
     return path, {"val": val, "test": test}
