@@ -6,7 +6,7 @@ Unknown keys and wrong types fail before any work starts, and the message names 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from imgpipe.constants import METRIC_MODES
 from imgpipe.data.transforms import Augment
 
-EMBEDDED_DATASETS = ("digits-lt", "shapes-lt")
+EmbeddedDataset = Literal["digits-lt", "shapes-lt"]
+EMBEDDED_DATASETS: tuple[str, ...] = get_args(EmbeddedDataset)
 
 
 class ConfigError(ValueError):
@@ -28,7 +29,7 @@ class StrictModel(BaseModel):
 class PrepareConfig(StrictModel):
     """Where images come from and how they become Parquet shards."""
 
-    dataset: Literal["digits-lt", "shapes-lt"] | None = None
+    dataset: EmbeddedDataset | None = None
     image_folder: str | None = Field(None, description="class-per-folder tree (local or URI)")
     manifest: str | None = Field(None, description="CSV/Parquet with columns path,label[,split]")
     out: str = "data/digits-lt"
@@ -174,7 +175,7 @@ class TuneJobConfig(StrictModel):
     """A search: Tune + Optuna (TPE) + a scheduler over TrainConfig trials → a verified bundle."""
 
     data: str = "data/digits-lt"
-    dataset: Literal["digits-lt", "shapes-lt"] | None = Field(
+    dataset: EmbeddedDataset | None = Field(
         "digits-lt", description="embedded dataset prepared into `data` when it is missing")
     out: str = "runs/tune"
     name: str = Field("tune", pattern=r"^[A-Za-z0-9_.-]+$")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imgpipe.config import ConfigError, TuneJobConfig, resolve_config
+from imgpipe.config import EMBEDDED_DATASETS, ConfigError, TuneJobConfig, resolve_config
 from imgpipe.data.shards import ManifestError
 from imgpipe.runtime import ResourcePlanError, init_ray
 from imgpipe.tuning.job import run_tune_job
@@ -20,7 +20,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", help="YAML file (TuneJobConfig fields, `train:` and `search:`)")
     p.add_argument("--data", help="prepared shards; the embedded dataset is prepared if missing")
-    p.add_argument("--dataset", choices=["digits-lt", "shapes-lt"],
+    p.add_argument("--dataset", choices=EMBEDDED_DATASETS,
                    help="embedded dataset to prepare when --data has no shards")
     p.add_argument("--out", help="results.json, trials.csv, best checkpoint, report")
     p.add_argument("--name", help="experiment name (resume finds it by this name)")

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-WEIGHT_SCHEMES = ("none", "power", "effective", "explicit")
 SAMPLER_STRATEGIES = ("none", "oversample", "undersample", "sqrt", "explicit")
 
 
@@ -68,10 +67,6 @@ def parse_sampler(text: str) -> SamplerSpec:
         f"sampler: unknown strategy {text!r}; choose one of none, oversample, undersample, "
         "sqrt, or a comma-separated target distribution"
     )
-
-
-def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)
 
 
 def class_weights(counts: np.ndarray | list[int], spec: WeightSpec | str) -> np.ndarray:
