@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU paths that CI cannot run (NCCL DDP, AMP, GPU export, CUDA serving), in one short script for a
+# lent GPU machine. Never a test dependency. Prints one PASS/FAIL line per stage and a summary.
+#
+#   bash benchmarks/gpu_kit.sh              # here, once: wheels for what the GPU machine lacks
+#   bash benchmarks/gpu_check.sh [OUTDIR]   # there (the kit travels in .whl/)
+#
+# Stages: DDP+AMP train on shapes-lt (NCCL; 2 ranks when 2 GPUs, else 1), a one-trial GPU tune with
+# export and verification, and a CUDA serve request. Exit status: number of failed stages.
+set -u
+cd "$(dirname "$0")/.."
+out=${1:-${OUT:-/tmp/gpu-check}}
+mkdir -p "$out"
+log() { echo "[gpu_check $(date +%T)] $*"; }
+if [ -d .whl ] && ! python3 -c "import ray, pydantic, optuna" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl >"$out/pip.log" 2>&1 || { log "wheel install failed"; tail "$out/pip.log"; }
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} RAY_DATA_DISABLE_PROGRESS_BARS=1 PYTHONUNBUFFERED=1
+python3 -c "import torch, ray; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.device_count(), 'ray', ray.__version__)" || exit 99
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+workers=$(( ngpu >= 2 ? 2 : 1 ))
+declare -A result
+stage() {  # stage NAME TIMEOUT_S CMD...
+  local name=$1 t=$2; shift 2
+  log "start $name: $*"
+  if timeout "$t" "$@" >"$out/$name.log" 2>&1; then result[$name]=PASS; else result[$name]="FAIL(rc=$?)"; fi
+  tail -n 15 "$out/$name.log"; log "$name: ${result[$name]}"
+}
+stage prepare 120 python3 jobs/prepare_data.py --dataset shapes-lt --num-classes 10 --images-per-class 300 \
+  --imbalance-ratio 50 --out "$out/data/shapes-lt"
+stage train_ddp_amp 240 python3 jobs/train.py --data "$out/data/shapes-lt" --num-workers "$workers" --use-gpu --amp \
+  --cpus-per-worker 2 --epochs 3 --batch-size 128 --model resnet18 --out "$out/train"
+stage tune_export 300 python3 jobs/tune.py --data "$out/data/shapes-lt" --dataset shapes-lt --num-samples 1 --max-concurrent 1 --epochs 2 \
+  --use-gpu --cpus-per-worker 2 --out "$out/tune" --bundle-root "$out/bundles"
+bundle=$(ls -d "$out"/bundles/*/v* 2>/dev/null | tail -n 1)
+stage cuda_predict 120 python3 - "$bundle" <<'PY'
+import io, sys, numpy as np, torch
+from PIL import Image
+from imgpipe.inference import Predictor
+p = Predictor.load(sys.argv[1], device="cuda")
+assert next(p.model.parameters()).is_cuda
+buf = io.BytesIO(); Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+print("probabilities", p.predict_images([buf.getvalue()]))
+PY
+stage serve_cuda 180 python3 jobs/serve.py --bundle "$bundle" --num-gpus 1 --port 8123 --smoke
+fails=0
+echo; echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $ngpu GPU) =="
+for k in prepare train_ddp_amp tune_export cuda_predict serve_cuda; do
+  echo "  $k: ${result[$k]:-SKIPPED}"; [ "${result[$k]:-}" = PASS ] || fails=$((fails + 1))
+done
+exit $fails
