@@ -12,9 +12,10 @@ cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/gpu-check}}
 mkdir -p "$out"
 log() { echo "[gpu_check $(date +%T)] $*"; }
-if [ -d .whl ] && ! python3 -c "import ray, pydantic, optuna" 2>/dev/null; then
+kit=${KIT:-.whl}
+if [ -d "$kit" ] && ! python3 -c "import ray, pydantic, optuna" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl >"$out/pip.log" 2>&1 || { log "wheel install failed"; tail "$out/pip.log"; }
+    --target /tmp/site "$kit"/*.whl >"$out/pip.log" 2>&1 || { log "wheel install failed"; tail "$out/pip.log"; }
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} RAY_DATA_DISABLE_PROGRESS_BARS=1 PYTHONUNBUFFERED=1

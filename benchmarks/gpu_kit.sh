@@ -4,11 +4,11 @@
 # Why: that machine has python3 3.12 with torch/torchvision/numpy/pyarrow/pandas but no Ray,
 # pydantic, Optuna or FastAPI, and it reaches no package registry. The tool that lends it carries
 # at most 64 MiB of working tree, and Ray's wheel alone is 76 MiB, so Ray is repacked without the
-# parts imgpipe never loads (Java jars, RLlib, the LLM library, the dashboard's web client).
+# parts imgpipe never loads (Java jars, RLlib, the LLM library, the dashboard client's source maps).
 # Output: .whl/ in the repo root (ignored by git), ~50 MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=.whl
+out=${KIT:-.whl}
 rm -rf "$out" && mkdir -p "$out"
 py=${PYTHON:-python3}
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
@@ -29,12 +29,13 @@ done
 "$py" - "$out" <<'PY'
 import pathlib, sys, zipfile
 out = pathlib.Path(sys.argv[1])
-drop = ("ray/jars/", "ray/rllib/", "ray/dashboard/client/build/", "ray/llm/")
+drop = ("ray/jars/", "ray/rllib/", "ray/llm/")
+skip = (".map",)  # the dashboard head refuses to start without client/build; its source maps can go
 for whl in out.glob("ray-*.whl"):
     tmp = whl.with_suffix(".tmp")
     with zipfile.ZipFile(whl) as zin, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zo:
         for info in zin.infolist():
-            if not info.filename.startswith(drop):
+            if not info.filename.startswith(drop) and not info.filename.endswith(skip):
                 zo.writestr(info, zin.read(info.filename), compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
     tmp.replace(whl)
 total = sum(f.stat().st_size for f in out.iterdir()) / 2**20
