@@ -19,6 +19,9 @@ from imgpipe.tuning.export import best_checkpoint_dir, export_bundle
 from imgpipe.tuning.tuner import TuneOutcome, plan_search, run_search
 
 DEFAULT_DATASET = "digits-lt"
+_NO_SHARDS = ("{data} holds no prepared shards (no manifest.json). Prepare your images first: "
+              "python jobs/prepare_data.py --image-folder PATH --out {data} (or --manifest "
+              "FILE.csv); or pass --dataset digits-lt to fill it with the embedded demo data")
 
 
 def resolve_data(tcfg: TuneJobConfig) -> Manifest:
@@ -37,13 +40,23 @@ def resolve_data(tcfg: TuneJobConfig) -> Manifest:
     except ManifestNotFoundError:
         dataset = tcfg.dataset or (DEFAULT_DATASET if _is_default_data(tcfg.data) else None)
         if dataset is None:
-            raise ManifestNotFoundError(
-                f"{tcfg.data} holds no prepared shards (no manifest.json). Prepare your images "
-                f"first: python jobs/prepare_data.py --image-folder PATH --out {tcfg.data} (or "
-                "--manifest FILE.csv); or pass --dataset digits-lt to fill it with the embedded "
-                "demo data") from None
+            raise ManifestNotFoundError(_NO_SHARDS.format(data=tcfg.data)) from None
     print(f"no shards at {tcfg.data}: preparing {dataset} (seed {tcfg.seed})", flush=True)
     return ensure_prepared(PrepareConfig(dataset=dataset, out=tcfg.data, seed=tcfg.seed))
+
+
+def check_data_source(tcfg: TuneJobConfig) -> None:
+    """Fail early (no Ray, nothing prepared) when ``data`` has no manifest and none may be made.
+
+    Raises:
+        ManifestNotFoundError: as ``resolve_data``.
+    """
+    if tcfg.dataset or _is_default_data(tcfg.data):
+        return
+    try:
+        load_manifest(tcfg.data)
+    except ManifestNotFoundError:
+        raise ManifestNotFoundError(_NO_SHARDS.format(data=tcfg.data)) from None
 
 
 def _is_default_data(data: str) -> bool:
