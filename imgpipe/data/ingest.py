@@ -34,6 +34,7 @@ from imgpipe.data.sources import (  # noqa: F401 — listing names stay importab
     sort_class_names,
 )
 from imgpipe.data.transforms import Preprocess
+from imgpipe.errors import DataSourceError
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +215,7 @@ def _refuse_missing_classes(source: str, listing: SourceListing, loaded: list[_L
             exts = ", ".join(f"{n} {ext}" for ext, n in sorted(listing.not_images[c].items()))
             why.append(f"only files without an image extension ({exts})")
         reasons.append(f"{c!r} ({'; '.join(why) or 'empty folder'})")
-    raise ValueError(
+    raise DataSourceError(
         f"{source}: class(es) with no usable image: {', '.join(reasons)}. Supported extensions: "
         f"{', '.join(IMAGE_EXTENSIONS)}. Add or convert images, or remove the class"
         + (f"; skipped files: {[s['path'] for s in skipped[:3]]}" if skipped else ""))
@@ -225,8 +226,8 @@ def _build(source: str, listing: SourceListing, *, seed: int, val_fraction: floa
     """Validate, split and (optionally) long-tail ``listing`` into ``LabeledImages``."""
     class_names = listing.classes
     if len(class_names) < 2:
-        raise ValueError(f"{source}: found {len(class_names)} class ({class_names}); "
-                         "a classifier needs at least 2")
+        raise DataSourceError(f"{source}: found {len(class_names)} class ({class_names}); "
+                              "a classifier needs at least 2")
     loaded, skipped, mode = load_images(listing.items)
     _refuse_missing_classes(source, listing, loaded, skipped)
     warnings = list(listing.warnings) + [
@@ -271,7 +272,8 @@ def ingest_image_folder(root: str, *, seed: int = 0, val_fraction: float = 0.1,
     class balance; a number subsamples train to that long tail. Unusable images are skipped.
 
     Raises:
-        ValueError: no images, fewer than two classes, or an ambiguous tree.
+        DataSourceError: no images, fewer than two classes, a class with no usable image, or
+            an ambiguous tree.
     """
     return _build(f"image-folder:{canonical_location(root)}", list_image_folder(root), seed=seed,
                   val_fraction=val_fraction, test_fraction=test_fraction,
@@ -287,7 +289,8 @@ def ingest_manifest(location: str, *, seed: int = 0, val_fraction: float = 0.1,
     a split column are split like an image folder. Unusable images are skipped and reported.
 
     Raises:
-        ValueError: missing columns, empty values, unknown split names, fewer than two classes.
+        DataSourceError: missing columns, empty values, unknown split names, fewer than two
+            classes, a label with no usable image.
     """
     return _build(f"manifest:{canonical_location(location)}", list_manifest(location), seed=seed,
                   val_fraction=val_fraction, test_fraction=test_fraction,

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from imgpipe.constants import SPLITS, TEST, TRAIN, VAL
 from imgpipe.data.shards import join_location, resolve_filesystem
+from imgpipe.errors import DataSourceError
 
 # torchvision's ImageFolder list, lower-case; anything else in the tree is ignored, not skipped.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
@@ -112,12 +113,12 @@ def _extension(name: str) -> str:
 def list_image_folder(root: str) -> SourceListing:
     """``root/<class>/**/<image>`` or ``root/{train,val,test}/<class>/**/<image>`` → items.
 
-    Raises ValueError for a missing root, a tree with no images, or a ``train/`` folder next to
+    Raises DataSourceError for a missing root, a tree with no images, or a ``train/`` folder next to
     folders that are not splits (debris folders such as ``__MACOSX`` do not count).
     """
     fs, base = resolve_filesystem(root)
     if fs.get_file_info(base).type != pafs.FileType.Directory:
-        raise ValueError(f"image_folder: {root} is not a directory")
+        raise DataSourceError(f"image_folder: {root} is not a directory")
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     rel = {i.path: posixpath.relpath(i.path, base).split("/") for i in infos}
     is_file = {i.path: i.type == pafs.FileType.File for i in infos}
@@ -126,8 +127,8 @@ def list_image_folder(root: str) -> SourceListing:
     split_mode = TRAIN in tops
     if split_mode and not tops <= set(SPLIT_ALIASES):
         others = sorted(tops - set(SPLIT_ALIASES))
-        raise ValueError(f"image_folder: {root} holds train/ and also {others}; put class "
-                         "folders inside train/ (and val/, test/), or drop train/")
+        raise DataSourceError(f"image_folder: {root} holds train/ and also {others}; put "
+                              "class folders inside train/ (and val/, test/), or drop train/")
     depth = 3 if split_mode else 2  # split?/class/file
     listing = SourceListing([], [], ignored=Counter())
     classes: set[str] = set()
@@ -152,8 +153,8 @@ def list_image_folder(root: str) -> SourceListing:
                                         "/".join(parts), fs=fs, path=path))
     listing.classes = sort_class_names(classes)
     if not listing.items:
-        raise ValueError(f"image_folder: no images under {root} (expected <class>/<image> with "
-                         f"extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise DataSourceError(f"image_folder: no images under {root} (expected "
+                              f"<class>/<image> with extensions {', '.join(IMAGE_EXTENSIONS)})")
     listing.ignored = dict(listing.ignored)
     listing.warnings = _ignored_warnings(listing.ignored)
     return listing
@@ -179,7 +180,7 @@ def _read_manifest_table(location: str) -> pa.Table:
         table = pq.read_table(path, filesystem=fs)
         return table.cast(pa.schema([pa.field(n, types.get(n, table.schema.field(n).type))
                                      for n in table.column_names]))
-    raise ValueError(f"manifest: {location} must end in .csv or .parquet")
+    raise DataSourceError(f"manifest: {location} must end in .csv or .parquet")
 
 
 def _resolve_row_path(manifest_location: str, path: str) -> str:
@@ -200,30 +201,30 @@ def list_manifest(location: str) -> SourceListing:
     """A CSV/Parquet manifest with columns ``path``, ``label`` (class name), optional ``split``.
 
     Rows whose path runs through OS/notebook debris (``__MACOSX/``, ``._x.jpg``, …) are
-    ignored and counted. Raises ValueError naming the column or row that is wrong (missing
+    ignored and counted. Raises DataSourceError naming the column or row that is wrong (missing
     column, empty value, unknown split name).
     """
     try:
         table = _read_manifest_table(location)
     except FileNotFoundError:
-        raise ValueError(f"manifest: {location} not found") from None
+        raise DataSourceError(f"manifest: {location} not found") from None
     missing = [c for c in ("path", "label") if c not in table.column_names]
     if missing:
-        raise ValueError(f"manifest: {location} lacks column(s) {missing} "
-                         f"(found {table.column_names})")
+        raise DataSourceError(f"manifest: {location} lacks column(s) {missing} "
+                              f"(found {table.column_names})")
     paths, labels = table["path"].to_pylist(), table["label"].to_pylist()
     splits = table["split"].to_pylist() if "split" in table.column_names else [None] * len(paths)
     splits = [s.strip().lower() if s and s.strip() else None for s in splits]
     if any(s is not None for s in splits) and any(s is None for s in splits):
-        raise ValueError(f"manifest: {location}: column split is empty on some rows; "
-                         "fill it on every row or drop the column")
+        raise DataSourceError(f"manifest: {location}: column split is empty on some rows; "
+                              "fill it on every row or drop the column")
     items, duplicates, seen, ignored = [], [], set(), Counter()
     for row, (path, label, split) in enumerate(zip(paths, labels, splits, strict=True), start=2):
         if not path or label is None or not str(label).strip():
-            raise ValueError(f"manifest: {location} row {row}: empty path or label")
+            raise DataSourceError(f"manifest: {location} row {row}: empty path or label")
         if split is not None and split not in SPLIT_ALIASES:
-            raise ValueError(f"manifest: {location} row {row}: unknown split {split!r} "
-                             f"(use {', '.join(SPLITS)})")
+            raise DataSourceError(f"manifest: {location} row {row}: unknown split {split!r} "
+                                  f"(use {', '.join(SPLITS)})")
         if _is_debris_path(path):
             ignored["os_debris"] += 1
             continue
@@ -235,7 +236,7 @@ def list_manifest(location: str) -> SourceListing:
                                 SPLIT_ALIASES[split] if split else None, path))
     ignored["duplicate_rows"] = len(duplicates)
     if not items:
-        raise ValueError(f"manifest: {location} has no rows")
+        raise DataSourceError(f"manifest: {location} has no rows")
     listing = SourceListing(items, sort_class_names({it.label_name for it in items}),
                             ignored={k: v for k, v in ignored.items() if v})
     listing.warnings = _ignored_warnings(listing.ignored)
