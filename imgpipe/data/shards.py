@@ -32,6 +32,7 @@ from imgpipe.constants import (
 )
 from imgpipe.data.decode import GREY_MODES, ImageDecodeError, open_image, read_image_header, to_mode
 from imgpipe.data.transforms import Preprocess
+from imgpipe.errors import DataSourceError, UserError
 
 SHARD_SCHEMA = pa.schema([
     pa.field(IMAGE, pa.binary()),
@@ -43,7 +44,7 @@ MAX_SKIPPED_EXAMPLES = 20
 _PART_RE = re.compile(r"part-\d{5}\.parquet")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A shard directory whose manifest is missing, unreadable, invalid or from another version."""
 
 
@@ -142,12 +143,12 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         ValueError: an empty location or a URI scheme pyarrow does not know.
     """
     if not uri:
-        raise ValueError("empty path")
+        raise DataSourceError("empty path")
     if "://" in uri:
         try:
             fs, path = pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise ValueError(f"{uri}: unsupported location ({e})") from e
+            raise DataSourceError(f"{uri}: unsupported location ({e})") from e
         return fs, path.rstrip("/") or "/"
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
