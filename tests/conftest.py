@@ -15,6 +15,15 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
 RAY_TEST_CPUS = 4
 
 
+def pytest_collection_modifyitems(config, items):
+    """Test lanes: every test that needs Ray carries the ``ray`` marker, so ``pytest -m "not ray"``
+    is a fast lane that never starts Ray. Tests using the shared instance are marked here, from
+    their fixtures, rather than by hand; end-to-end (``slow``) tests start Ray in a subprocess."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Start (once) and yield the shared local Ray instance; shut it down at the end."""
