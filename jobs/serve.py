@@ -16,6 +16,7 @@ import sys
 
 from imgpipe import storage
 from imgpipe.errors import run_job
+from imgpipe.preflight import check_serve_overrides
 from imgpipe.runtime import init_ray
 from serving.runner import DEFAULT_APP_NAME, resolve_serve_args, run_foreground
 
@@ -48,6 +49,7 @@ def _main(argv: list[str] | None) -> int:
     args, http = resolve_serve_args(ns.config, overrides)
     host = ns.host or http.get("host", "127.0.0.1")
     port = ns.port or int(http.get("port", 8000))
+    check_serve_overrides(args.bundle, args.deployment_prior, args.decision_threshold)
     init_ray(ns.address)  # a dead --address/RAY_ADDRESS fails here within seconds
     card = run_foreground(args, host, port, ns.app_name, smoke=ns.smoke)
     print(json.dumps({"served": {"name": card["name"], "version": card["version"],
