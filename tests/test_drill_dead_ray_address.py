@@ -86,10 +86,10 @@ def _run(env: dict, argv: list[str], timeout: float = 180) -> subprocess.Complet
                           text=True, timeout=timeout)
 
 
-def test_train_with_address_auto_names_the_dead_head(dead_head, tmp_path):
+def test_train_with_address_auto_names_the_dead_head(dead_head, tiny_digits, tmp_path):
     env, address = dead_head
-    proc = _run(env, ["jobs/train.py", "--address", "auto", "--out", str(tmp_path / "o"),
-                      "--epochs", "1"])
+    proc = _run(env, ["jobs/train.py", "--address", "auto", "--data", tiny_digits,
+                      "--out", str(tmp_path / "o"), "--epochs", "1"])
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert address in proc.stderr and "recorded in Ray's temp folder" in proc.stderr
     assert "ray start --head" in proc.stderr and "Traceback" not in proc.stderr

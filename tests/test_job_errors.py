@@ -77,7 +77,7 @@ def test_a_bug_keeps_its_traceback(name, exc, monkeypatch):
 
 def test_dead_address_is_named_with_the_fix(capsys):
     dead = f"127.0.0.1:{_closed_port()}"
-    assert _load("train").main(["--address", dead, "--out", "/tmp/x", "--epochs", "1"]) == 2
+    assert _load("tune").main(["--address", dead, "--out", "/tmp/x", "--epochs", "1"]) == 2
     err = capsys.readouterr().err
     assert dead in err and "ray start --head" in err and "without --address" in err
 
