@@ -14,7 +14,6 @@ import json
 import logging
 import sys
 
-from imgpipe.bundle import BundleError
 from imgpipe.config import ConfigError
 from serving.runner import DEFAULT_APP_NAME, resolve_serve_args, run_foreground
 
@@ -33,6 +32,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-ongoing-requests", type=float)
     p.add_argument("--num-cpus", type=float, help="logical CPUs per replica")
     p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--prediction-log", metavar="LOGDIR",
+                   help="log every served image (Parquet) under LOGDIR: local path, s3://, gs://")
+    p.add_argument("--prediction-log-sample-rate", type=float, metavar="R",
+                   help="fraction of images logged (default 1.0)")
     p.add_argument("--smoke", action="store_true", help="start, check the endpoints, stop")
     return p
 
@@ -43,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: getattr(ns, k) for k in (
         "bundle", "max_batch_size", "batch_wait_timeout_s", "min_replicas", "max_replicas",
         "target_ongoing_requests", "num_cpus", "max_body_bytes")}
+    if ns.prediction_log:
+        overrides["prediction_log"] = {"location": ns.prediction_log}
+        if ns.prediction_log_sample_rate is not None:
+            overrides["prediction_log"]["sample_rate"] = ns.prediction_log_sample_rate
     try:
         args, http = resolve_serve_args(ns.config, overrides)
     except ConfigError as e:
@@ -52,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     port = ns.port or int(http.get("port", 8000))
     try:
         card = run_foreground(args, host, port, ns.app_name, smoke=ns.smoke)
-    except BundleError as e:
+    except ValueError as e:  # BundleError, or an unusable prediction_log location
         print(f"cannot serve {args.bundle}: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"served": {"name": card["name"], "version": card["version"]},
