@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import uuid
+import zlib
 from collections import deque
 from datetime import datetime, timezone
 from typing import Any
@@ -108,7 +109,8 @@ class PredictionLogger:
         self._fs, self._root = resolve_filesystem(settings.location)
         self._fs.create_dir(self._root, recursive=True)
         self._local = settings.location.find("://") < 0 or settings.location.startswith("file://")
-        self._rng = np.random.default_rng([settings.seed, abs(hash(self.replica)) % 2**31])
+        # crc32, not hash(): str hashes are salted per process, the sample must be seeded.
+        self._rng = np.random.default_rng([settings.seed, zlib.crc32(self.replica.encode())])
         self._queue: deque[_Batch] = deque()
         self._queued_rows = 0
         self._lock = threading.Lock()

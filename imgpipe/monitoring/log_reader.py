@@ -124,7 +124,7 @@ def read_window(location: str, window: Window, model_name: str, model_version: s
             continue
         mine = _same_model(t, model_name, model_version)
         other += t.num_rows - len(mine)
-        t = t.filter(pa.array(mine)) if len(mine) < t.num_rows else t
+        t = t.take(pa.array(mine)) if len(mine) < t.num_rows else t
         tables.append(t)
         rows += t.num_rows
         if window.rows is not None and rows >= window.rows:
@@ -156,8 +156,9 @@ def _to_window(tables: list[pa.Table], since: datetime | None, last_rows: int | 
         probs = table[PROBABILITIES].to_pylist()
         bad = [i for i, p in enumerate(probs) if p is None or len(p) != num_classes]
         if bad:
-            table = table.filter(pa.array(np.setdiff1d(np.arange(table.num_rows), bad)))
-            probs = [p for i, p in enumerate(probs) if i not in set(bad)]
+            good = np.setdiff1d(np.arange(table.num_rows), bad)
+            table = table.take(pa.array(good))
+            probs = [probs[i] for i in good]
             skipped.append({"file": "(rows)", "reason": f"{len(bad)} rows with a probability "
                             f"vector not of length {num_classes}"})
     if table is None or table.num_rows == 0:
