@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from imgpipe.bundle import BundleMeta
 from imgpipe.data.shards import join_location, resolve_filesystem
+from imgpipe.errors import OutputLocationError
 from imgpipe.inference import Predictor, adjusted_probabilities
 from imgpipe.prediction_log_format import (
     LOG_SCHEMA,
@@ -69,7 +70,7 @@ def resolve_prediction_log(settings: PredictionLogSettings | None
     created, so an unusable location fails at deploy time, not in every replica.
 
     Raises:
-        ValueError: an unknown URI scheme, or a folder that cannot be created.
+        ValueError: an unknown URI scheme; OutputLocationError: a folder that cannot be made.
     """
     if settings is None:
         return None
@@ -80,7 +81,8 @@ def resolve_prediction_log(settings: PredictionLogSettings | None
     try:
         fs.create_dir(root, recursive=True)
     except OSError as e:
-        raise ValueError(f"prediction_log.location {location}: cannot create it: {e}") from None
+        raise OutputLocationError(
+            f"prediction_log.location {location}: cannot create it: {e}") from None
     return settings.model_copy(update={"location": location})
 
 
