@@ -47,6 +47,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--permutations", type=int, default=200)
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--per-class", type=int, default=200, help="test images replayed per class "
+                   "(each window draws without replacement, so ≥ n · max prior)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default="runs/drift_bench", help="log and scratch folder")
     p.add_argument("--out", default="bench-results/drift_bench.json")
@@ -241,6 +243,22 @@ def _load_test_images(data: str, num_classes: int) -> list[list[bytes]]:
     return [[images[i] for i in np.flatnonzero(labels == c)] for c in range(num_classes)]
 
 
+def _init_ray():
+    """ray.init with a few retries: on an overloaded machine the raylet can miss Ray's fixed
+    30 s registration wait."""
+    import ray
+
+    for attempt in range(5):
+        try:
+            return ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                            configure_logging=False, log_to_driver=False)
+        except Exception as e:
+            print(f"ray.init failed ({e}); retrying", flush=True)
+            ray.shutdown()
+            time.sleep(10 * (attempt + 1))
+    raise RuntimeError("could not start Ray")
+
+
 def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
@@ -256,15 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         init_reference(bundle, args.data)
     ref = load_reference(bundle)
     c, names = meta.architecture.num_classes, meta.class_names
-    clean = _load_test_images(args.data, c)
+    clean = [imgs[: args.per_class] for imgs in _load_test_images(args.data, c)]
     corrupted = [[corrupt(png, 1000 * k + i) for i, png in enumerate(imgs)]
                  for k, imgs in enumerate(clean)]
     work = Path(args.work).resolve()
     log = str(work / f"log-{int(time.time())}")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    ctx = ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                   configure_logging=False, log_to_driver=False)
+    ctx = _init_ray()
     dashboard = f"http://{ctx.dashboard_url}"
     t0 = time.perf_counter()
     try:

@@ -151,7 +151,7 @@ def test_monitor_job_end_to_end_and_active_learning_manifest(tmp_path, tiny_digi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
     import monitor as monitor_job
 
-    from imgpipe.data.ingest import list_manifest
+    from imgpipe.data.sources import list_manifest
 
     bundle = make_test_bundle(tmp_path / "b", num_classes=10, mode="L",
                               train_class_counts=[100, 60, 36, 22, 13, 8, 5, 3, 2, 1])
@@ -181,7 +181,7 @@ def test_monitor_job_end_to_end_and_active_learning_manifest(tmp_path, tiny_digi
     lines = manifest.read_text().splitlines()
     filled = [lines[0]] + [line.replace(",,", ",class_0,", 1) for line in lines[1:]]
     manifest.write_text("\n".join(filled) + "\n")
-    items, _ = list_manifest(str(manifest))
+    items = list_manifest(str(manifest)).items
     assert len(items) == 12 and Path(items[0].location).is_file()
     # A bad flag fails before any work with the field's name.
     assert monitor_job.main(["--bundle", str(bundle), "--log", str(log), "--window", "x"]) == 2
