@@ -107,6 +107,34 @@ class SamplerConfig(StrictModel):
         return v
 
 
+class MixConfig(StrictModel):
+    """Batch mixing: torchvision v2 MixUp / CutMix with soft targets, and the partner draw.
+
+    ``partner=instance`` mixes each image with another image of the same batch (torchvision's
+    pairing); ``balanced`` draws the second image class-balanced from a per-run pool of up to
+    ``pool_per_class`` images per class (Remix, Chou et al. 2020; Balanced-MixUp, Galdran
+    et al. 2021), so tail classes are mixed in as often as head classes.
+    """
+
+    mixup_alpha: float = Field(0.0, ge=0, le=10, description="MixUp Beta(alpha, alpha); 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0, le=10, description="CutMix Beta(alpha, alpha); 0 = off")
+    prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed")
+    partner: Literal["instance", "balanced"] = "instance"
+    pool_per_class: int = Field(32, ge=1, le=10_000,
+                                description="balanced partner: images kept per class")
+
+    @property
+    def enabled(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+    @model_validator(mode="after")
+    def _partner_needs_mixing(self) -> MixConfig:
+        if self.partner == "balanced" and not self.enabled:
+            raise ValueError("partner: 'balanced' needs mixup_alpha or cutmix_alpha > 0 "
+                             "(and prob > 0)")
+        return self
+
+
 class ModelConfig(StrictModel):
     name: Literal["cnn", "resnet18", "resnet34"] = "cnn"
     cifar_stem: bool = True
@@ -140,6 +168,7 @@ class TrainConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     sampler: SamplerConfig = SamplerConfig()
     augment: Augment = Augment()
+    mix: MixConfig = MixConfig()
 
     @model_validator(mode="after")
     def _sane(self) -> TrainConfig:
