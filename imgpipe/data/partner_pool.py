@@ -38,11 +38,26 @@ def pool_per_class(counts: np.ndarray | list[int], per_class: int, image_bytes: 
     return int(min(per_class, fit))
 
 
-def _mark_rows(batch: dict[str, np.ndarray], keep_prob: np.ndarray, seed: int,
+def _draws(batch: dict[str, np.ndarray], seed: int, hash_column: str) -> dict[str, np.ndarray]:
+    return {LABEL: batch[LABEL], _DRAW: row_uniforms(batch[hash_column], seed, _POOL_EPOCH)}
+
+
+def _keep_rows(batch: dict[str, np.ndarray], cutoff: np.ndarray, seed: int,
                hash_column: str) -> dict[str, np.ndarray]:
     u = row_uniforms(batch[hash_column], seed, _POOL_EPOCH)
-    keep = u < keep_prob[batch[LABEL]]
+    keep = u <= cutoff[batch[LABEL]]
     return {PIXELS: batch[PIXELS][keep], LABEL: batch[LABEL][keep], _DRAW: u[keep]}
+
+
+def _cutoffs(labels: np.ndarray, draws: np.ndarray, num_classes: int, per_class: int) -> np.ndarray:
+    """Per class, the ``per_class``-th smallest draw (1.0 keeps a smaller class whole)."""
+    cutoff = np.full(num_classes, -1.0)
+    order = np.lexsort((draws, labels))
+    labels, draws = labels[order], draws[order]
+    for c in np.unique(labels):
+        mine = draws[labels == c]
+        cutoff[c] = 1.0 if len(mine) <= per_class else mine[per_class - 1]
+    return cutoff
 
 
 def build_partner_pool(decoded: ray.data.Dataset, counts: np.ndarray | list[int], per_class: int,
@@ -52,7 +67,7 @@ def build_partner_pool(decoded: ray.data.Dataset, counts: np.ndarray | list[int]
     Args:
         decoded: decoded train rows with ``pixels`` (uint8 HWC), ``label`` and a uint64
             ``hash_column`` (the stream's row-id hash).
-        counts: train images per class (the manifest's counts; sets the keep rates).
+        counts: train images per class (its length is the number of classes).
         per_class: images to keep per class (>= 1).
         seed: the run seed; the same seed keeps the same rows.
     Returns:
@@ -62,21 +77,21 @@ def build_partner_pool(decoded: ray.data.Dataset, counts: np.ndarray | list[int]
     """
     if per_class < 1:
         raise ValueError(f"per_class must be >= 1, got {per_class}")
-    n = np.asarray(counts, dtype=np.float64)
-    # Over-keep by 1.5× (a Bernoulli filter in place, no shuffle), then trim exactly below.
-    keep_prob = np.minimum(1.0, 1.5 * per_class / np.maximum(n, 1.0))
-    marked = decoded.map_batches(
-        _mark_rows, fn_kwargs={"keep_prob": keep_prob, "seed": seed, "hash_column": hash_column},
-        batch_format="numpy")
-    parts = list(marked.iter_batches(batch_size=None, batch_format="numpy"))
-    parts = [b for b in parts if len(b[LABEL])]
-    if not parts:
+    num_classes = len(counts)
+    # Pass 1 moves only (label, draw) to the driver and fixes each class's cutoff exactly;
+    # pass 2 keeps the rows under it where they are (no shuffle, no pixels moved for nothing).
+    small = [b for b in decoded.select_columns([LABEL, hash_column]).map_batches(
+        _draws, fn_kwargs={"seed": seed, "hash_column": hash_column}, batch_format="numpy",
+    ).iter_batches(batch_size=None, batch_format="numpy") if len(b[LABEL])]
+    if not small:
         raise ValueError("partner pool: the train split has no decodable images")
+    cutoff = _cutoffs(np.concatenate([b[LABEL] for b in small]).astype(np.int64),
+                      np.concatenate([b[_DRAW] for b in small]), num_classes, per_class)
+    parts = [b for b in decoded.map_batches(
+        _keep_rows, fn_kwargs={"cutoff": cutoff, "seed": seed, "hash_column": hash_column},
+        batch_format="numpy").iter_batches(batch_size=None, batch_format="numpy")
+        if len(b[LABEL])]
     pixels = np.concatenate([b[PIXELS] for b in parts])
     labels = np.concatenate([b[LABEL] for b in parts]).astype(np.int64)
-    draw = np.concatenate([b[_DRAW] for b in parts])
-    order = np.lexsort((draw, labels))  # by class, then by the seeded draw
-    labels, pixels = labels[order], pixels[order]
-    rank_in_class = np.arange(len(labels)) - np.searchsorted(labels, labels, side="left")
-    keep = rank_in_class < per_class
-    return {PIXELS: np.ascontiguousarray(pixels[keep]), LABEL: labels[keep]}
+    order = np.lexsort((np.concatenate([b[_DRAW] for b in parts]), labels))
+    return {PIXELS: np.ascontiguousarray(pixels[order]), LABEL: labels[order]}

@@ -1,0 +1,1 @@
+"""Transferability and feature extraction (features.py: Ray Data batch inference)."""
