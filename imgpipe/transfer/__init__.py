@@ -1,1 +1,2 @@
-"""Transferability and feature extraction (features.py: Ray Data batch inference)."""
+"""Transferability: penultimate features of candidate checkpoints (Ray Data batch inference),
+LogME / LEEP / NCE / H-score / k-NN / linear-probe scores, ranking, robustness."""
