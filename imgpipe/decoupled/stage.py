@@ -15,7 +15,6 @@ and compared with the head's own val metrics — and records how it was made in 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -24,8 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgpipe.bundle import BundleError, load_bundle, resolve_bundle_dir, update_bundle_meta
-from imgpipe.bundle import save_bundle as save_bundle_version
+from imgpipe.bundle import (
+    BundleError,
+    load_bundle,
+    publish_bundle,
+    resolve_bundle_dir,
+    stage_bundle,
+    update_staged_meta,
+)
+from imgpipe.bundle_versions import discard
 from imgpipe.config import RebalanceConfig
 from imgpipe.constants import ACCURACY, BALANCED_ACCURACY, MACRO_F1, TEST, TRAIN, VAL, VAL_LOSS
 from imgpipe.data.shards import load_manifest
@@ -108,8 +114,8 @@ def rebalance_classifier(cfg: RebalanceConfig) -> dict[str, Any]:
             linear layer on the penultimate features.
         ManifestError: ``cfg.data`` is not prepared shards.
         ValueError: the data's classes differ from the bundle's.
-        ExportVerificationError: the new bundle does not reproduce the head's val metrics
-            (the new version is removed).
+        ExportVerificationError: the staged bundle does not reproduce the head's val metrics
+            (nothing is published).
     """
     started = time.perf_counter()
     src = resolve_bundle_dir(cfg.bundle)
@@ -137,19 +143,20 @@ def rebalance_classifier(cfg: RebalanceConfig) -> dict[str, Any]:
     hp = {k: v for k, v in meta.hyperparameters.items() if k != "rebalance"}
     hp["rebalance"] = _provenance(cfg, src, meta, head, info, feats[TRAIN].features.shape[1],
                                   len(feats[TRAIN].labels))
-    path = save_bundle_version(
+    # Staged, verified, then published (as tuning.export does): a failed check uses up no version.
+    staged = stage_bundle(
         cfg.bundle_root or src.parent.parent, cfg.bundle_name or meta.name, new_state,
         architecture=meta.architecture, preprocess=meta.preprocess,
         class_names=list(meta.class_names), train_class_counts=list(meta.train_class_counts),
         model_prior=balanced / balanced.sum(), hyperparameters=hp,
         metrics={"val": {}, "test": {}})
     try:
-        val = verify_bundle(path, cfg.data, head_metrics(head, feats[VAL], n))
-    except Exception:
-        shutil.rmtree(path, ignore_errors=True)
-        raise
-    test = bundle_metrics(path, cfg.data, TEST)
-    update_bundle_meta(path, metrics={"val": val, "test": test})
+        val = verify_bundle(staged, cfg.data, head_metrics(head, feats[VAL], n))
+        test = bundle_metrics(staged, cfg.data, TEST)
+        update_staged_meta(staged, metrics={"val": val, "test": test})
+        path = publish_bundle(staged)
+    finally:
+        discard(staged)
     return {
         "config": cfg.model_dump(mode="json"), "source_bundle": str(src), "bundle": str(path),
         "method": cfg.method, "class_names": list(meta.class_names),
