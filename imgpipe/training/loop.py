@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
 from contextlib import nullcontext
 from typing import Any
@@ -25,6 +24,7 @@ from imgpipe.metrics import classification_metrics, confusion_matrix
 from imgpipe.models import create_model, unwrap_model
 from imgpipe.training.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
+from imgpipe.training.steps import exact_batches
 
 
 def _distributed() -> bool:
@@ -47,13 +47,15 @@ def _broadcast(obj: Any) -> Any:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig,
-                    pre: Preprocess, epoch: int, steps_est: int, device) -> tuple[float, int]:
-    """One pass over this rank's shard; returns (mean loss over all ranks, rows seen by all)."""
+                    pre: Preprocess, epoch: int, steps: int, device) -> tuple[float, int]:
+    """One epoch of ``steps`` optimizer steps (``loader`` yields exactly that many batches on
+    every rank, see ``steps.exact_batches``); returns (mean loss over all ranks, rows seen by
+    all). The lr follows warm-up + cosine over optimizer steps (``epoch + i / steps``)."""
     model.train()
     loss_sum, rows = 0.0, 0
     amp = torch.autocast("cuda", dtype=torch.float16) if cfg.amp else nullcontext()
     for i, batch in enumerate(loader):
-        set_lr(optimizer, cfg.optim.lr, lr_factor(epoch + min(i / steps_est, 1.0), cfg.epochs,
+        set_lr(optimizer, cfg.optim.lr, lr_factor(epoch + min(i / steps, 1.0), cfg.epochs,
                                                    cfg.optim))
         x = normalize(batch[PIXELS].to(device, non_blocking=True), pre)
         y = batch[LABEL].to(device, non_blocking=True)
@@ -130,7 +132,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     class_names: list[str] = config["class_names"]
     counts: list[int] = config["train_counts"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
 
@@ -143,7 +145,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp)
     start, best, bad_epochs, history = _restore(cfg, model, optimizer, scaler)
 
-    steps_est = max(1, math.ceil(config["epoch_rows"] / world / cfg.batch_size))
+    steps = int(config["epoch_steps"])
     key, mode = val_key(cfg.metric), "max"
     train_shard = ray.train.get_dataset_shard(TRAIN)
     val_shard = ray.train.get_dataset_shard(VAL) if rank == 0 else None
@@ -151,12 +153,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start, cfg.epochs):
         set_epoch(config["clock_name"], epoch)
         loss_fn.set_epoch(epoch)
-        loader = train_shard.iter_torch_batches(
+        stream = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 1000 + epoch) if cfg.shuffle_buffer else None,
             dtypes={PIXELS: torch.uint8, LABEL: torch.int64})
+        # Same step count on every rank, whatever the stream's batch boundaries.
+        loader = exact_batches(stream, steps, cfg.batch_size,
+                               seed=(cfg.seed * 1_000_003 + epoch) * 97 + rank)
         train_loss, rows = train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg, pre,
-                                           epoch, steps_est, device)
+                                           epoch, steps, device)
         metrics: dict[str, Any] | None = None
         if rank == 0:
             val = evaluate(unwrap_model(model), val_shard.iter_torch_batches(

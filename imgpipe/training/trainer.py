@@ -45,6 +45,7 @@ from imgpipe.evaluate import evaluate_checkpoint
 from imgpipe.runtime import plan_resources
 from imgpipe.training.checkpoint import load_meta
 from imgpipe.training.loop import train_loop_per_worker
+from imgpipe.training.steps import plan_epoch_steps
 
 
 def quiet_data_progress() -> None:
@@ -83,18 +84,23 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
     pre = manifest.preprocess(cfg.model.image_size)
     counts = manifest.counts_vector(TRAIN)
     rates = sampling_rates(counts, cfg.sampler.strategy)
+    epoch_rows = float(expected_epoch_counts(counts, rates).sum())
+    steps = plan_epoch_steps(epoch_rows, cfg.num_workers, cfg.batch_size, cfg.min_steps_per_epoch)
     train_decoded, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded)
     val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded)
     clock_name, clock = start_epoch_clock()
-    plan = StreamPlan(rates=tuple(float(r) for r in rates), seed=cfg.seed, clock_name=clock_name,
+    plan = StreamPlan(rates=tuple(float(r) * steps.repeat for r in rates), seed=cfg.seed,
+                      clock_name=clock_name,
                       augment=cfg.augment, preprocess=pre)
     loop_config = {
         "train": cfg.model_dump(mode="json"),
         "preprocess": pre.model_dump(mode="json"),
         "class_names": list(manifest.class_names),
         "train_counts": [int(c) for c in counts],
-        "sampling_rates": list(plan.rates),
-        "epoch_rows": float(expected_epoch_counts(counts, rates).sum()),
+        "sampling_rates": [float(r) for r in rates],
+        "epoch_rows": epoch_rows * steps.repeat,
+        "epoch_steps": steps.steps,
+        "epoch_repeat": steps.repeat,
         "clock_name": clock_name,
     }
     return RunInputs(cfg, manifest, pre,
