@@ -74,24 +74,44 @@ class RunInputs:
             self.clock = None
 
 
-def prepare_inputs(cfg: TrainConfig) -> RunInputs:
-    """Read the manifest, decode (and cache) train/val, and plan the per-epoch resampling."""
+@dataclass
+class DecodedSplits:
+    """Train and val decoded once (and cached); shareable by every trial of a search."""
+
+    preprocess: Preprocess
+    train: ray.data.Dataset
+    val: ray.data.Dataset
+    corrupt: dict[str, int | None]
+
+
+def build_decoded_splits(cfg: TrainConfig, manifest: Manifest) -> DecodedSplits:
+    """Decode train and val with the preprocessing ``cfg`` resolves to (cached if asked)."""
+    quiet_data_progress()
+    pre = manifest.preprocess(cfg.model.image_size)
+    train, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded)
+    val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded)
+    return DecodedSplits(pre, train, val.select_columns([PIXELS, LABEL]),
+                         {TRAIN: train_bad, VAL: val_bad})
+
+
+def prepare_inputs(cfg: TrainConfig, decoded: DecodedSplits | None = None) -> RunInputs:
+    """Read the manifest, decode (and cache) train/val unless ``decoded`` is given, and plan
+    the per-epoch resampling and the optimizer steps per epoch."""
     quiet_data_progress()
     if cfg.deterministic:
         # Block order otherwise depends on task timing; reproducible batches need it fixed.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     manifest = load_manifest(cfg.data)
-    pre = manifest.preprocess(cfg.model.image_size)
+    if decoded is None or decoded.preprocess != manifest.preprocess(cfg.model.image_size):
+        decoded = build_decoded_splits(cfg, manifest)
+    pre = decoded.preprocess
     counts = manifest.counts_vector(TRAIN)
     rates = sampling_rates(counts, cfg.sampler.strategy)
     epoch_rows = float(expected_epoch_counts(counts, rates).sum())
     steps = plan_epoch_steps(epoch_rows, cfg.num_workers, cfg.batch_size, cfg.min_steps_per_epoch)
-    train_decoded, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded)
-    val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded)
     clock_name, clock = start_epoch_clock()
     plan = StreamPlan(rates=tuple(float(r) * steps.repeat for r in rates), seed=cfg.seed,
-                      clock_name=clock_name,
-                      augment=cfg.augment, preprocess=pre)
+                      clock_name=clock_name, augment=cfg.augment, preprocess=pre)
     loop_config = {
         "train": cfg.model_dump(mode="json"),
         "preprocess": pre.model_dump(mode="json"),
@@ -104,9 +124,8 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
         "clock_name": clock_name,
     }
     return RunInputs(cfg, manifest, pre,
-                     {TRAIN: build_train_stream(train_decoded, plan),
-                      VAL: val.select_columns([PIXELS, LABEL])},
-                     loop_config, {TRAIN: train_bad, VAL: val_bad}, clock)
+                     {TRAIN: build_train_stream(decoded.train, plan), VAL: decoded.val},
+                     loop_config, dict(decoded.corrupt), clock)
 
 
 def build_trainer(inputs: RunInputs, name: str, storage_path: str,
