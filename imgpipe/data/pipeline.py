@@ -17,9 +17,9 @@ import ray
 import torch
 
 from imgpipe.constants import CORRUPT, ID, IMAGE, LABEL, PIXELS
+from imgpipe.data.augment import augment_batch
 from imgpipe.data.rebalance import id_hashes, repeat_counts, row_uniforms
 from imgpipe.data.shards import split_files
-from imgpipe.data.augment import augment_batch
 from imgpipe.data.transforms import Augment, ImageDecodeError, Preprocess, decode_image
 
 ID_HASH = "id_hash"
