@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import time
 from contextlib import nullcontext
 from typing import Any
 
@@ -150,6 +151,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard(TRAIN)
     val_shard = ray.train.get_dataset_shard(VAL) if rank == 0 else None
 
+    last_end = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         set_epoch(config["clock_name"], epoch)
         loss_fn.set_epoch(epoch)
@@ -169,7 +171,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 pre, len(class_names), device)
             metrics = {val_key(k) if k != VAL_LOSS else k: v for k, v in val.items()}
             metrics.update({EPOCH: epoch, TRAIN_LOSS: train_loss, "train_rows": rows,
-                            "lr": optimizer.param_groups[0]["lr"]})
+                            "train_steps": steps, "lr": optimizer.param_groups[0]["lr"],
+                            # wall time of one epoch cycle: train, val, previous report
+                            "epoch_s": time.perf_counter() - last_end})
+            last_end = time.perf_counter()
         metrics = _broadcast(metrics)
         improved = best is None or (metrics[key] > best if mode == "max" else metrics[key] < best)
         best = metrics[key] if improved else best

@@ -44,6 +44,7 @@ from imgpipe.data.transforms import Preprocess
 from imgpipe.evaluate import evaluate_checkpoint
 from imgpipe.runtime import plan_resources
 from imgpipe.training.checkpoint import load_meta
+from imgpipe.training.defaults import resolve_input_size
 from imgpipe.training.loop import train_loop_per_worker
 from imgpipe.training.steps import plan_epoch_steps
 
@@ -187,7 +188,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    cfg, size_line = resolve_input_size(cfg, load_manifest(cfg.data))
     inputs = prepare_inputs(cfg)
+    if cfg.verbose:
+        steps, repeat = inputs.loop_config["epoch_steps"], inputs.loop_config["epoch_repeat"]
+        passes = f" ({repeat} augmented passes)" if repeat > 1 else ""
+        print(f"{cfg.model.name}: {size_line}; {cfg.num_workers} worker(s) x batch "
+              f"{cfg.batch_size}, {steps} steps per epoch{passes}, {cfg.epochs} epochs",
+              flush=True)
     try:
         trainer = build_trainer(inputs, name=f"train-{int(time.time())}",
                                 storage_path=storage_for(cfg),

@@ -23,6 +23,7 @@ from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig, resolve_conf
 from imgpipe.constants import METRIC_MODES, val_key
 from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources
+from imgpipe.training.defaults import resolve_input_size
 from imgpipe.training.trainer import (
     DecodedSplits,
     build_decoded_splits,
@@ -155,7 +156,8 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
     plan = plan_search(tcfg)
     manifest = manifest or load_manifest(tcfg.data)
     num_classes = len(manifest.class_names)
-    base_cfg = base_train_config(tcfg)
+    base_cfg, size_line = resolve_input_size(base_train_config(tcfg), manifest)
+    print(f"{base_cfg.model.name}: {size_line}", flush=True)
     base = base_cfg.model_dump(mode="json")
     root = storage_root(tcfg)
     exp_path = f"{root.rstrip('/')}/{tcfg.name}"
