@@ -58,21 +58,17 @@ def score(model: torch.nn.Module, split: InMemorySplit, pre: Preprocess,
     return classification_metrics(cm)
 
 
-def plain_train(cfg: TrainConfig, world_size: int = 1, score_splits: tuple[str, ...] = (VAL,),
-                threads: int = 1) -> dict:
-    """Train like imgpipe's loop with ``world_size × batch_size`` rows per step, in one process.
-
-    Returns per-epoch seconds (training only), the decode time, and the val/test scores of the
-    checkpoint with the best val ``cfg.metric`` (the held-out protocol of the train job).
-    """
+def iter_plain_epochs(cfg: TrainConfig, world_size: int = 1,
+                      score_splits: tuple[str, ...] = (VAL,), threads: int = 1):
+    """Train like imgpipe's loop with ``world_size × batch_size`` rows per step, in one process;
+    yields ``{epoch, seconds, steps, scores: {split: metrics}}`` after every epoch (seconds:
+    training and scoring, decode excluded)."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
     manifest = load_manifest(cfg.data)
     pre = manifest.preprocess(cfg.model.image_size)
     train = load_split(cfg.data, TRAIN, pre)
     held = {s: load_split(cfg.data, s, pre) for s in score_splits}
-    decode_s = time.perf_counter() - t0
     counts = manifest.counts_vector(TRAIN)
     rates = sampling_rates(counts, cfg.sampler.strategy)
     k = len(counts)
@@ -84,7 +80,6 @@ def plain_train(cfg: TrainConfig, world_size: int = 1, score_splits: tuple[str, 
     opt = create_optimizer(cfg.optim, model.parameters())
     loss_fn = create_loss(cfg.loss, counts)
     gen = torch.Generator().manual_seed(cfg.seed)
-    epochs, best, best_scores = [], None, {}
     for epoch in range(cfg.epochs):
         t = time.perf_counter()
         copies = repeat_counts(train.labels, train.hashes, rates * steps.repeat, cfg.seed, epoch)
@@ -105,10 +100,22 @@ def plain_train(cfg: TrainConfig, world_size: int = 1, score_splits: tuple[str, 
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             opt.step()
-        epochs.append(time.perf_counter() - t)
         scores = {s: score(model, held[s], pre, k) for s in score_splits}
-        val = scores[score_splits[0]][cfg.metric]
+        yield {"epoch": epoch, "seconds": time.perf_counter() - t, "steps": steps.steps,
+               "scores": scores}
+
+
+def plain_train(cfg: TrainConfig, world_size: int = 1, score_splits: tuple[str, ...] = (VAL,),
+                threads: int = 1) -> dict:
+    """Run ``iter_plain_epochs`` to the end. Returns per-epoch seconds (train + scoring),
+    the steps per epoch, and the scores of the epoch with the best val ``cfg.metric`` (the
+    held-out protocol of the train job: pick by the first split, report all)."""
+    epochs, best, best_scores, steps = [], None, {}, 0
+    for e in iter_plain_epochs(cfg, world_size, score_splits, threads):
+        epochs.append(e["seconds"])
+        steps = e["steps"]
+        val = e["scores"][score_splits[0]][cfg.metric]
         if best is None or val > best:
-            best, best_scores = val, scores
-    return {"decode_s": decode_s, "epoch_s": epochs, "steps_per_epoch": steps.steps,
-            "best_val": best, "scores": best_scores}
+            best, best_scores = val, e["scores"]
+    return {"epoch_s": epochs, "steps_per_epoch": steps, "best_val": best,
+            "scores": best_scores}

@@ -11,6 +11,7 @@ import sys
 from imgpipe.config import ConfigError, TrainConfig, resolve_config
 from imgpipe.console import per_class_table, write_json
 from imgpipe.data.shards import ManifestError
+from imgpipe.logs import configure_console
 from imgpipe.runtime import ResourcePlanError, init_ray
 from imgpipe.training.trainer import run_training
 
@@ -51,12 +52,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", dest="cache_decoded", action="store_false", default=None,
                    help="decode every epoch instead of caching decoded images")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--verbose", dest="ray_verbose", action="store_true",
+                   help="show Ray's own INFO lines and progress bars on the console")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(get_args_parser().parse_args(argv))
     config_file, address = args.pop("config"), args.pop("address")
+    configure_console(verbose=args.pop("ray_verbose"))
     overrides = {k.replace("-", "_"): v for k, v in args.items()}
     try:
         cfg = resolve_config(TrainConfig, config_file, overrides)

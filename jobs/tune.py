@@ -11,6 +11,7 @@ import sys
 
 from imgpipe.config import EMBEDDED_DATASETS, ConfigError, TuneJobConfig, resolve_config
 from imgpipe.data.shards import ManifestError
+from imgpipe.logs import configure_console
 from imgpipe.runtime import ResourcePlanError, init_ray
 from imgpipe.tuning.job import run_tune_job
 from imgpipe.tuning.tuner import SearchInterrupted
@@ -43,12 +44,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="continue the experiment --name in --storage-path/--out")
     p.add_argument("--no-report", dest="report", action="store_false", default=None)
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--verbose", dest="ray_verbose", action="store_true",
+                   help="show Ray's own INFO lines and progress bars on the console")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = vars(get_args_parser().parse_args(argv))
     config_file, address = args.pop("config"), args.pop("address")
+    configure_console(verbose=args.pop("ray_verbose"))
     try:
         tcfg = resolve_config(TuneJobConfig, config_file, args)
         init_ray(address)
