@@ -169,7 +169,8 @@ class EpochProgress(UserCallback):
         print(f"epoch {m[EPOCH] + 1:>3}/{self.epochs}  train_loss {m[TRAIN_LOSS]:.4f}  "
               f"val_loss {m[VAL_LOSS]:.4f}  val_acc {m[val_key(ACCURACY)]:.4f}  "
               f"val_bal_acc {m[val_key(BALANCED_ACCURACY)]:.4f}  "
-              f"val_macro_f1 {m[val_key(MACRO_F1)]:.4f}  rows {m['train_rows']}"
+              f"val_macro_f1 {m[val_key(MACRO_F1)]:.4f}  rows {m['train_rows']}  "
+              f"{m.get('epoch_s', float('nan')):.1f}s"
               f"{'  *best' if m['is_best'] else ''}", flush=True)
 
 
