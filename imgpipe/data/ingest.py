@@ -8,7 +8,6 @@ A file that cannot be read or decoded is skipped and reported, never fatal: one 
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import posixpath
@@ -21,12 +20,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
 
 from imgpipe.constants import LABEL, SPLITS, TEST, TRAIN, VAL
 from imgpipe.data.datasets import LabeledImages, Record, long_tail_counts, make_record
+from imgpipe.data.decode import GREY_MODES, ImageDecodeError, decode_image, read_image_header
 from imgpipe.data.shards import join_location, read_bytes, resolve_filesystem
-from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image
+from imgpipe.data.transforms import Preprocess
+from imgpipe.errors import DataSourceError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
                     ".gif")
 SPLIT_ALIASES = {"train": TRAIN, "val": VAL, "valid": VAL, "validation": VAL, "test": TEST}
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 _IO_THREADS = 8  # object-store reads are latency-bound; threads overlap them
 
 
@@ -75,7 +74,7 @@ def list_image_folder(root: str) -> tuple[list[SourceItem], list[str]]:
     """
     fs, base = resolve_filesystem(root)
     if fs.get_file_info(base).type != pafs.FileType.Directory:
-        raise ValueError(f"image_folder: {root} is not a directory")
+        raise DataSourceError(f"image_folder: {root} is not a directory")
     infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
              if i.type == pafs.FileType.File]
     rel = {i.path: posixpath.relpath(i.path, base).split("/") for i in infos}
@@ -83,7 +82,7 @@ def list_image_folder(root: str) -> tuple[list[SourceItem], list[str]]:
     split_mode = TRAIN in tops
     if split_mode and not tops <= set(SPLIT_ALIASES):
         others = sorted(tops - set(SPLIT_ALIASES))
-        raise ValueError(f"image_folder: {root} holds train/ and also {others}; put class "
+        raise DataSourceError(f"image_folder: {root} holds train/ and also {others}; put class "
                          "folders inside train/ (and val/, test/), or drop train/")
     depth = 3 if split_mode else 2  # split?/class/file
     items, ignored = [], 0
@@ -96,7 +95,7 @@ def list_image_folder(root: str) -> tuple[list[SourceItem], list[str]]:
         items.append(SourceItem(join_location(root, *parts), label, split, "/".join(parts),
                                 fs=fs, path=path))
     if not items:
-        raise ValueError(f"image_folder: no images under {root} (expected <class>/<image> with "
+        raise DataSourceError(f"image_folder: no images under {root} (expected <class>/<image> with "
                          f"extensions {', '.join(IMAGE_EXTENSIONS)})")
     warnings = [f"ignored {ignored} file(s) that are not <class>/<image> images"] if ignored else []
     return items, warnings
@@ -113,7 +112,7 @@ def _read_manifest_table(location: str) -> pa.Table:
         table = pq.read_table(path, filesystem=fs)
         return table.cast(pa.schema([pa.field(n, types.get(n, table.schema.field(n).type))
                                      for n in table.column_names]))
-    raise ValueError(f"manifest: {location} must end in .csv or .parquet")
+    raise DataSourceError(f"manifest: {location} must end in .csv or .parquet")
 
 
 def _resolve_row_path(manifest_location: str, path: str) -> str:
@@ -134,23 +133,23 @@ def list_manifest(location: str) -> tuple[list[SourceItem], list[str]]:
     try:
         table = _read_manifest_table(location)
     except FileNotFoundError:
-        raise ValueError(f"manifest: {location} not found") from None
+        raise DataSourceError(f"manifest: {location} not found") from None
     missing = [c for c in ("path", "label") if c not in table.column_names]
     if missing:
-        raise ValueError(f"manifest: {location} lacks column(s) {missing} "
+        raise DataSourceError(f"manifest: {location} lacks column(s) {missing} "
                          f"(found {table.column_names})")
     paths, labels = table["path"].to_pylist(), table["label"].to_pylist()
     splits = table["split"].to_pylist() if "split" in table.column_names else [None] * len(paths)
     splits = [s.strip().lower() if s and s.strip() else None for s in splits]
     if any(s is not None for s in splits) and any(s is None for s in splits):
-        raise ValueError(f"manifest: {location}: column split is empty on some rows; "
+        raise DataSourceError(f"manifest: {location}: column split is empty on some rows; "
                          "fill it on every row or drop the column")
     items, duplicates, seen = [], [], set()
     for row, (path, label, split) in enumerate(zip(paths, labels, splits, strict=True), start=2):
         if not path or label is None or not str(label).strip():
-            raise ValueError(f"manifest: {location} row {row}: empty path or label")
+            raise DataSourceError(f"manifest: {location} row {row}: empty path or label")
         if split is not None and split not in SPLIT_ALIASES:
-            raise ValueError(f"manifest: {location} row {row}: unknown split {split!r} "
+            raise DataSourceError(f"manifest: {location} row {row}: unknown split {split!r} "
                              f"(use {', '.join(SPLITS)})")
         if path in seen:
             duplicates.append(f"row {row}: {path}")
@@ -159,7 +158,7 @@ def list_manifest(location: str) -> tuple[list[SourceItem], list[str]]:
         items.append(SourceItem(_resolve_row_path(location, path), str(label).strip(),
                                 SPLIT_ALIASES[split] if split else None, path))
     if not items:
-        raise ValueError(f"manifest: {location} has no rows")
+        raise DataSourceError(f"manifest: {location} has no rows")
     warnings = [f"ignored {len(duplicates)} duplicate path(s), e.g. {duplicates[:3]}"
                 ] if duplicates else []
     return items, warnings
@@ -198,10 +197,9 @@ def _read_one(item: SourceItem, filesystems: _FileSystems) -> _Loaded:
     except (OSError, pa.ArrowException, ValueError) as e:
         return _Loaded(item, error=f"cannot read file: {e}")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            mode = img.mode
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        return _Loaded(item, error=f"cannot decode image: {e}")
+        _, _, mode = read_image_header(data)
+    except ImageDecodeError as e:
+        return _Loaded(item, error=str(e))
     return _Loaded(item, data=data, mode=mode)
 
 
@@ -224,7 +222,7 @@ def load_images(items: list[SourceItem]) -> tuple[list[_Loaded], list[dict[str, 
     with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
         read = list(pool.map(lambda it: _read_one(it, filesystems), items))
         ok = [r for r in read if r.error is None]
-        mode = "L" if ok and all(r.mode in _GREY_MODES for r in ok) else "RGB"
+        mode = "L" if ok and all(r.mode in GREY_MODES for r in ok) else "RGB"
         # image_size only matters for the resize after decoding; small keeps validation cheap.
         pre = Preprocess(image_size=8, mode=mode, mean=(0.5,) * (1 if mode == "L" else 3),
                          std=(0.5,) * (1 if mode == "L" else 3))
@@ -327,11 +325,11 @@ def _build(source: str, items: list[SourceItem], warnings: list[str], *, seed: i
     """Validate, split and (optionally) long-tail ``items`` into ``LabeledImages``."""
     class_names = sort_class_names({it.label_name for it in items})
     if len(class_names) < 2:
-        raise ValueError(f"{source}: found {len(class_names)} class ({class_names}); "
+        raise DataSourceError(f"{source}: found {len(class_names)} class ({class_names}); "
                          "a classifier needs at least 2")
     loaded, skipped, mode = load_images(items)
     if not loaded:
-        raise ValueError(f"{source}: none of the {len(items)} image(s) could be decoded, e.g. "
+        raise DataSourceError(f"{source}: none of the {len(items)} image(s) could be decoded, e.g. "
                          f"{skipped[0]['path']}: {skipped[0]['reason']}")
     index = {name: i for i, name in enumerate(class_names)}
     labels = np.array([index[r.item.label_name] for r in loaded], dtype=np.int64)
