@@ -7,6 +7,7 @@ Each trial is a Tune *function* that builds and fits a TorchTrainer; metrics flo
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -134,6 +135,9 @@ def build_scheduler(tcfg: TuneJobConfig):
 
 def build_searcher(tcfg: TuneJobConfig, num_classes: int) -> OptunaSearch:
     space = SearchSpace.model_validate(tcfg.search)
+    with warnings.catch_warnings():  # group=True is "experimental" in Optuna; stable since 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=tcfg.seed, multivariate=True, group=True)
     # metric/mode must sit on OptunaSearch itself with a define-by-run space.
     return OptunaSearch(
         space=partial(define_space, space=space, num_classes=num_classes),
@@ -141,7 +145,7 @@ def build_searcher(tcfg: TuneJobConfig, num_classes: int) -> OptunaSearch:
         # group=True: multivariate TPE on a conditional (define-by-run) space models each
         # group of co-occurring parameters jointly instead of falling back to independent
         # sampling for most draws.
-        sampler=optuna.samplers.TPESampler(seed=tcfg.seed, multivariate=True, group=True),
+        sampler=sampler,
     )
 
 
