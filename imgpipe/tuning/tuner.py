@@ -135,7 +135,7 @@ def build_scheduler(tcfg: TuneJobConfig):
 
 def build_searcher(tcfg: TuneJobConfig, num_classes: int) -> OptunaSearch:
     space = SearchSpace.model_validate(tcfg.search)
-    with warnings.catch_warnings():  # group=True is "experimental" in Optuna; stable since 2.8
+    with warnings.catch_warnings():  # Optuna flags group=True as experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(seed=tcfg.seed, multivariate=True, group=True)
     # metric/mode must sit on OptunaSearch itself with a define-by-run space.
