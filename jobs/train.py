@@ -13,6 +13,7 @@ from imgpipe.config import TrainConfig, resolve_config
 from imgpipe.console import per_class_table
 from imgpipe.errors import run_job
 from imgpipe.logs import configure_console
+from imgpipe.preflight import check_train_config
 from imgpipe.runtime import init_ray
 from imgpipe.training.trainer import run_training
 
@@ -69,6 +70,7 @@ def _main(argv: list[str] | None) -> int:
     overrides = {k.replace("-", "_"): v for k, v in args.items()}
     cfg = resolve_config(TrainConfig, config_file, overrides)
     storage.check_durable({"--out": cfg.out, "--storage-path": cfg.storage_path})
+    check_train_config(cfg)  # weight/sampler vectors against the data, before Ray starts
     init_ray(address)
     results = run_training(cfg)
     print("\nTest split, best checkpoint (by val " + cfg.metric + "):")
