@@ -40,7 +40,14 @@ from imgpipe.constants import (
     VAL_LOSS,
     val_key,
 )
-from imgpipe.data.pipeline import StreamPlan, build_decoded, build_train_stream, start_epoch_clock
+from imgpipe.data.partner_pool import build_partner_pool, pool_per_class
+from imgpipe.data.pipeline import (
+    ID_HASH,
+    StreamPlan,
+    build_decoded,
+    build_train_stream,
+    start_epoch_clock,
+)
 from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
 from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.data.transforms import Preprocess
@@ -129,6 +136,10 @@ def prepare_inputs(cfg: TrainConfig, decoded: DecodedSplits | None = None) -> Ru
         "epoch_repeat": steps.repeat,
         "clock_name": clock_name,
     }
+    if cfg.mix.enabled and cfg.mix.partner == "balanced":
+        k = pool_per_class(counts, cfg.mix.pool_per_class, pre.image_size ** 2 * pre.channels)
+        loop_config["partner_pool"] = ray.put(
+            build_partner_pool(decoded.train, counts, k, cfg.seed, ID_HASH))
     return RunInputs(cfg, manifest, pre,
                      {TRAIN: build_train_stream(decoded.train, plan), VAL: decoded.val},
                      loop_config, dict(decoded.corrupt), clock)
