@@ -34,6 +34,7 @@ from imgpipe.evaluate import (
     parse_prior,
 )
 from imgpipe.metrics import ECE, NLL
+from imgpipe.preflight import check_evaluate_config
 from imgpipe.report import SUMMARY_METRICS, write_report
 
 
@@ -131,6 +132,7 @@ def _main(argv: list[str] | None) -> int:
     config_file = args.pop("config")
     overrides = {k.replace("-", "_"): v for k, v in args.items()}
     cfg = resolve_config(EvaluateConfig, config_file, overrides)
+    check_evaluate_config(cfg.bundle, cfg.data, cfg.split, cfg.prior)  # before any decoding
     storage.check_durable({"--out": cfg.out})
     out = storage.absolute_location(cfg.out)
     with tempfile.TemporaryDirectory(prefix="imgpipe-eval-") as tmp:

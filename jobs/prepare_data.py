@@ -60,6 +60,8 @@ def format_counts(manifest: Manifest) -> str:
         lines.append(f"... {len(manifest.class_names) - MAX_TABLE_ROWS} more classes")
     lines.append(f"{'total':<{width}} " + " ".join(f"{manifest.num_rows[s]:>7}" for s in splits))
     lines.append(f"skipped: {manifest.skipped.count}")
+    if manifest.ignored:
+        lines.append("ignored: " + ", ".join(f"{n} {k}" for k, n in manifest.ignored.items()))
     lines += [f"warning: {w}" for w in manifest.warnings]
     return "\n".join(lines)
 

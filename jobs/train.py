@@ -12,6 +12,7 @@ from imgpipe import storage
 from imgpipe.config import TrainConfig, resolve_config
 from imgpipe.console import per_class_table
 from imgpipe.errors import run_job
+from imgpipe.preflight import check_train_config
 from imgpipe.runtime import init_ray
 from imgpipe.training.trainer import run_training
 
@@ -50,6 +51,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="deferred re-weighting: class weights from this epoch on")
     p.add_argument("--sampler", dest="sampler.strategy",
                    help="none | oversample | undersample | sqrt | p1,p2,...")
+    p.add_argument("--mixup", dest="mix.mixup_alpha", type=float, metavar="ALPHA",
+                   help="MixUp with Beta(ALPHA, ALPHA) mixing weights (torchvision v2); 0 = off")
+    p.add_argument("--cutmix", dest="mix.cutmix_alpha", type=float, metavar="ALPHA",
+                   help="CutMix with Beta(ALPHA, ALPHA) (with --mixup: one of the two per batch)")
+    p.add_argument("--mix-partner", dest="mix.partner", choices=["instance", "balanced"],
+                   help="second image: from the batch, or drawn class-balanced (Remix-style)")
+    p.add_argument("--mix-prob", dest="mix.prob", type=float, help="share of batches mixed")
     p.add_argument("--optimizer", dest="optim.name", choices=["sgd", "adam", "adamw", "rmsprop"])
     p.add_argument("--lr", dest="optim.lr", type=float)
     p.add_argument("--weight-decay", dest="optim.weight_decay", type=float)
@@ -65,6 +73,7 @@ def _main(argv: list[str] | None) -> int:
     overrides = {k.replace("-", "_"): v for k, v in args.items()}
     cfg = resolve_config(TrainConfig, config_file, overrides)
     storage.check_durable({"--out": cfg.out, "--storage-path": cfg.storage_path})
+    check_train_config(cfg)  # weight/sampler vectors against the data, before Ray starts
     init_ray(address)
     results = run_training(cfg)
     print("\nTest split, best checkpoint (by val " + cfg.metric + "):")

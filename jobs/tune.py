@@ -12,6 +12,7 @@ import sys
 from imgpipe import storage
 from imgpipe.config import EMBEDDED_DATASETS, TuneJobConfig, resolve_config
 from imgpipe.errors import run_job
+from imgpipe.preflight import check_tune_config
 from imgpipe.runtime import init_ray
 from imgpipe.tuning.job import check_data_source, run_tune_job
 from imgpipe.tuning.tuner import SearchInterrupted
@@ -59,6 +60,7 @@ def _main(argv: list[str] | None) -> int:
     storage.check_durable({"--out": tcfg.out, "--bundle-root": tcfg.bundle_root,
                            "--storage-path": tcfg.storage_path})
     check_data_source(tcfg)  # a folder without shards fails before Ray starts
+    check_tune_config(tcfg)  # train/search vectors against the data's classes, before Ray
     init_ray(address)
     try:
         results = run_tune_job(tcfg)

@@ -33,6 +33,7 @@ class LabeledImages:
     skipped: list[dict[str, str]] = field(default_factory=list)
     skipped_count: int = 0
     warnings: list[str] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)  # files left out on purpose, by reason
 
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> list[int]:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 FloatRange = float | tuple[float, float]
 Choices = str | list[str]
 FREE_VECTOR_MAX_CLASSES = 20
+MIX_CHOICES = ("none", "mixup", "cutmix", "both")
 
 
 class SearchSpace(BaseModel):
@@ -36,6 +37,10 @@ class SearchSpace(BaseModel):
     focal_gamma: FloatRange = (0.5, 4.0)
     tau: FloatRange = (0.25, 2.0)
     sampler: Choices = Field(default_factory=lambda: ["none", "oversample", "sqrt"])
+    # Batch mixing is pinned off by default; e.g. ``mix: [none, mixup, cutmix]`` searches it.
+    mix: Choices = "none"  # none | mixup | cutmix | both (torchvision RandomChoice)
+    mix_alpha: FloatRange = (0.1, 1.0)
+    mix_partner: Choices = "instance"  # instance | balanced
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> SearchSpace:
@@ -44,6 +49,11 @@ class SearchSpace(BaseModel):
                 raise ValueError(f"search.{name}: range [{value[0]}, {value[1]}] is reversed")
             if isinstance(value, list) and not value:
                 raise ValueError(f"search.{name}: needs at least one choice")
+        for name, allowed in (("mix", MIX_CHOICES), ("mix_partner", ("instance", "balanced"))):
+            value = getattr(self, name)
+            bad = sorted(set([value] if isinstance(value, str) else value) - set(allowed))
+            if bad:
+                raise ValueError(f"search.{name}: unknown {bad}; choose from {list(allowed)}")
         return self
 
 
@@ -101,6 +111,10 @@ def define_space(trial, space: SearchSpace, num_classes: int) -> dict[str, Any]:
         r["focal_gamma"] = _float(trial, "focal_gamma", space.focal_gamma)
     elif loss == "logit-adjusted":
         r["tau"] = _float(trial, "tau", space.tau)
+    mix = r["mix"] = _choice(trial, "mix", space.mix)
+    if mix != "none":
+        r["mix_alpha"] = _float(trial, "mix_alpha", space.mix_alpha)
+        r["mix_partner"] = _choice(trial, "mix_partner", space.mix_partner)
     return r
 
 
@@ -132,4 +146,10 @@ def params_to_overrides(params: dict[str, Any], num_classes: int) -> dict[str, A
         out["loss.focal_gamma"] = p["focal_gamma"]
     elif p["loss"] == "logit-adjusted":
         out["loss.tau"] = p["tau"]
+    mix = p.get("mix", "none")  # absent in searches saved before mixing existed
+    if mix != "none":
+        alpha = p["mix_alpha"]
+        out["mix.mixup_alpha"] = alpha if mix in ("mixup", "both") else 0.0
+        out["mix.cutmix_alpha"] = alpha if mix in ("cutmix", "both") else 0.0
+        out["mix.partner"] = p["mix_partner"]
     return out
