@@ -11,6 +11,7 @@ import sys
 from imgpipe.config import ConfigError, TrainConfig, resolve_config
 from imgpipe.console import per_class_table, write_json
 from imgpipe.data.shards import ManifestError
+from imgpipe.models.weights import add_transfer_args, check_weights
 from imgpipe.runtime import ResourcePlanError, init_ray
 from imgpipe.training.trainer import run_training
 
@@ -32,9 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", choices=["macro_f1", "balanced_accuracy", "accuracy"])
     p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
     p.add_argument("--resume", help="checkpoint folder to resume from")
-    p.add_argument("--model", dest="model.name", choices=["cnn", "resnet18", "resnet34"])
-    p.add_argument("--image-size", dest="model.image_size", type=int)
-    p.add_argument("--init-checkpoint", dest="model.init_checkpoint")
+    add_transfer_args(p, prefix="")
     p.add_argument("--loss", dest="loss.name", choices=["ce", "focal", "logit-adjusted"])
     p.add_argument("--class-weights", dest="loss.class_weights",
                    help="none | power:BETA | effective:BETA | w1,w2,...")
@@ -60,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k.replace("-", "_"): v for k, v in args.items()}
     try:
         cfg = resolve_config(TrainConfig, config_file, overrides)
+        check_weights(cfg.model.weights)
         init_ray(address)
         results = run_training(cfg)
     except (ConfigError, ResourcePlanError, ManifestError, FileNotFoundError) as e:

@@ -11,6 +11,7 @@ import sys
 
 from imgpipe.config import EMBEDDED_DATASETS, ConfigError, TuneJobConfig, resolve_config
 from imgpipe.data.shards import ManifestError
+from imgpipe.models.weights import add_transfer_args, check_weights
 from imgpipe.runtime import ResourcePlanError, init_ray
 from imgpipe.tuning.job import run_tune_job
 from imgpipe.tuning.tuner import SearchInterrupted
@@ -42,6 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the experiment --name in --storage-path/--out")
     p.add_argument("--no-report", dest="report", action="store_false", default=None)
+    add_transfer_args(p, prefix="train.")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     return p
 
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     config_file, address = args.pop("config"), args.pop("address")
     try:
         tcfg = resolve_config(TuneJobConfig, config_file, args)
+        check_weights((tcfg.train.get("model") or {}).get("weights")
+                      or (tcfg.train.get("model") or {}).get("init_checkpoint"))
         init_ray(address)
         results = run_tune_job(tcfg)
     except (ConfigError, ResourcePlanError, ManifestError, FileNotFoundError) as e:

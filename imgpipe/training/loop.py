@@ -22,7 +22,8 @@ from imgpipe.data.pipeline import set_epoch
 from imgpipe.data.transforms import Preprocess, normalize
 from imgpipe.losses import create_loss
 from imgpipe.metrics import classification_metrics, confusion_matrix
-from imgpipe.models import create_model, unwrap_model
+from imgpipe.models import create_model, load_init_checkpoint, unwrap_model
+from imgpipe.models.finetune import apply_finetune, export_state_dict
 from imgpipe.training.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
 
@@ -92,18 +93,35 @@ def evaluate(model: torch.nn.Module, loader, pre: Preprocess, num_classes: int,
     return out
 
 
-def _restore(cfg: TrainConfig, model, optimizer, scaler) -> tuple[int, float | None, int, list]:
-    """Resume from Ray Train's latest checkpoint (a restarted run) or ``cfg.resume``."""
+def _resume_source(cfg: TrainConfig):
+    """Ray Train's latest checkpoint (a restarted run), else ``cfg.resume``, else None."""
     ckpt = ray.train.get_checkpoint()
-    source = None
     if ckpt is not None:
-        source = ckpt.as_directory()
-    elif cfg.resume:
-        source = nullcontext(cfg.resume)
-    if source is None:
+        return ckpt.as_directory
+    if cfg.resume:
+        return lambda: nullcontext(cfg.resume)
+    return None
+
+
+def create_train_model(cfg: TrainConfig, num_classes: int, pre: Preprocess,
+                       init_weights: Any, resume) -> torch.nn.Module:
+    """Build the model: starting weights, then resumed weights (checkpoints hold the plain
+    architecture, LoRA merged), then the fine-tuning mode (freezing, adapters)."""
+    model = create_model(cfg.model.name, num_classes, in_channels=pre.channels,
+                         cifar_stem=cfg.model.cifar_stem, image_size=pre.image_size)
+    if init_weights is not None:
+        load_init_checkpoint(model, ray.get(init_weights))
+    if resume is not None:
+        with resume() as d:
+            model.load_state_dict(load_weights(d))
+    return apply_finetune(model, cfg.model.finetune, cfg.model.lora_rank, cfg.model.lora_alpha)
+
+
+def _restore(resume, optimizer, scaler) -> tuple[int, float | None, int, list]:
+    """Optimizer/scaler state and counters of the checkpoint the weights were resumed from."""
+    if resume is None:
         return 0, None, 0, []
-    with source as d:
-        unwrap_model(model).load_state_dict(load_weights(d))
+    with resume() as d:
         state = load_train_state(d)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -134,14 +152,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
 
-    model = create_model(cfg.model.name, len(class_names), in_channels=pre.channels,
-                         cifar_stem=cfg.model.cifar_stem, init_checkpoint=cfg.model.init_checkpoint)
-    # DDP (world > 1) broadcasts rank 0's initial weights, so all ranks start identical.
+    resume = _resume_source(cfg)
+    model = create_train_model(cfg, len(class_names), pre, config.get("init_weights"), resume)
+    # DDP (world > 1) broadcasts rank 0's initial weights, so all ranks start identical; it
+    # only reduces gradients of trainable parameters, so frozen ones need no special case.
     model = ray.train.torch.prepare_model(model)
     loss_fn = create_loss(cfg.loss, counts).to(device)
-    optimizer = create_optimizer(cfg.optim, model.parameters())
+    optimizer = create_optimizer(cfg.optim, model)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp)
-    start, best, bad_epochs, history = _restore(cfg, model, optimizer, scaler)
+    start, best, bad_epochs, history = _restore(resume, optimizer, scaler)
 
     steps_est = max(1, math.ceil(config["epoch_rows"] / world / cfg.batch_size))
     key, mode = val_key(cfg.metric), "max"
@@ -184,5 +203,5 @@ def _report(metrics: dict[str, Any], history: list[dict[str, Any]], model, optim
     with tempfile.TemporaryDirectory() as tmp:
         meta = {**{k: config[k] for k in ("train", "class_names", "train_counts", "preprocess")},
                 **metrics, "history": history}
-        save_checkpoint(tmp, unwrap_model(model), meta, optimizer, scaler)
+        save_checkpoint(tmp, export_state_dict(model), meta, optimizer, scaler)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -42,6 +42,7 @@ from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
 from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.data.transforms import Preprocess
 from imgpipe.evaluate import evaluate_checkpoint
+from imgpipe.models.weights import load_model_weights, resolve_model_config, target_state_dict
 from imgpipe.runtime import plan_resources
 from imgpipe.training.checkpoint import load_meta
 from imgpipe.training.loop import train_loop_per_worker
@@ -80,7 +81,9 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
         # Block order otherwise depends on task timing; reproducible batches need it fixed.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     manifest = load_manifest(cfg.data)
-    pre = manifest.preprocess(cfg.model.image_size)
+    weights = load_model_weights(cfg.model)
+    model_cfg, pre = resolve_model_config(cfg.model, manifest.preprocess, weights)
+    cfg = cfg.model_copy(update={"model": model_cfg})
     counts = manifest.counts_vector(TRAIN)
     rates = sampling_rates(counts, cfg.sampler.strategy)
     train_decoded, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded)
@@ -96,6 +99,10 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
         "sampling_rates": list(plan.rates),
         "epoch_rows": float(expected_epoch_counts(counts, rates).sum()),
         "clock_name": clock_name,
+        # Through the object store, so workers on other nodes need no copy of the file.
+        "init_weights": ray.put(target_state_dict(weights, model_cfg.name, manifest.class_names))
+        if weights is not None else None,
+        "weights": weights.summary() if weights is not None else None,
     }
     return RunInputs(cfg, manifest, pre,
                      {TRAIN: build_train_stream(train_decoded, plan),
@@ -180,7 +187,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     test = evaluate_checkpoint(best_dir, cfg.data, TEST)
     val = evaluate_checkpoint(best_dir, cfg.data, VAL)
     return {
-        "config": cfg.model_dump(mode="json"),
+        "config": inputs.config.model_dump(mode="json"),
+        "weights": inputs.loop_config["weights"],
         "resource_plan": plan.summary(),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "class_names": list(inputs.manifest.class_names),
