@@ -8,7 +8,6 @@ A file that cannot be read or decoded is skipped and reported, never fatal: one 
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import posixpath
@@ -21,12 +20,12 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
 
 from imgpipe.constants import LABEL, SPLITS, TEST, TRAIN, VAL
 from imgpipe.data.datasets import LabeledImages, Record, long_tail_counts, make_record
+from imgpipe.data.decode import GREY_MODES, ImageDecodeError, decode_image, read_image_header
 from imgpipe.data.shards import join_location, read_bytes, resolve_filesystem
-from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image
+from imgpipe.data.transforms import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
                     ".gif")
 SPLIT_ALIASES = {"train": TRAIN, "val": VAL, "valid": VAL, "validation": VAL, "test": TEST}
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 _IO_THREADS = 8  # object-store reads are latency-bound; threads overlap them
 
 
@@ -198,10 +196,9 @@ def _read_one(item: SourceItem, filesystems: _FileSystems) -> _Loaded:
     except (OSError, pa.ArrowException, ValueError) as e:
         return _Loaded(item, error=f"cannot read file: {e}")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            mode = img.mode
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        return _Loaded(item, error=f"cannot decode image: {e}")
+        _, _, mode = read_image_header(data)
+    except ImageDecodeError as e:
+        return _Loaded(item, error=str(e))
     return _Loaded(item, data=data, mode=mode)
 
 
@@ -224,7 +221,7 @@ def load_images(items: list[SourceItem]) -> tuple[list[_Loaded], list[dict[str, 
     with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
         read = list(pool.map(lambda it: _read_one(it, filesystems), items))
         ok = [r for r in read if r.error is None]
-        mode = "L" if ok and all(r.mode in _GREY_MODES for r in ok) else "RGB"
+        mode = "L" if ok and all(r.mode in GREY_MODES for r in ok) else "RGB"
         # image_size only matters for the resize after decoding; small keeps validation cheap.
         pre = Preprocess(image_size=8, mode=mode, mean=(0.5,) * (1 if mode == "L" else 3),
                          std=(0.5,) * (1 if mode == "L" else 3))

@@ -8,7 +8,6 @@ Works on local paths and on ``s3://`` / ``gs://`` (any ``pyarrow.fs`` URI).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -20,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imgpipe.constants import (
@@ -32,7 +30,8 @@ from imgpipe.constants import (
     SHARD_SCHEMA_VERSION,
     TRAIN,
 )
-from imgpipe.data.transforms import Preprocess, to_mode
+from imgpipe.data.decode import GREY_MODES, ImageDecodeError, open_image, read_image_header, to_mode
+from imgpipe.data.transforms import Preprocess
 
 SHARD_SCHEMA = pa.schema([
     pa.field(IMAGE, pa.binary()),
@@ -178,12 +177,13 @@ def _image_stats(records_by_split: dict[str, list[dict]], mode: str) -> dict[str
     for split, records in records_by_split.items():
         for rec in records:
             try:
-                with Image.open(io.BytesIO(rec[IMAGE])) as img:
-                    sizes.add(img.size)
-                    if split != TRAIN:
-                        continue  # only the header is read for val/test
-                    arr = np.asarray(to_mode(img, mode), dtype=np.float64).reshape(-1, channels)
-            except (OSError, ValueError, SyntaxError):
+                w, h, _ = read_image_header(rec[IMAGE])  # the stored size, as in the file
+                sizes.add((w, h))
+                if split != TRAIN:  # only the header is read for val/test
+                    continue
+                img = open_image(rec[IMAGE])
+                arr = np.asarray(to_mode(img, mode), dtype=np.float64).reshape(-1, channels)
+            except ImageDecodeError:
                 # Shards may carry unusable images (the stream skips and counts them);
                 # statistics come from the usable ones.
                 continue
@@ -201,14 +201,13 @@ def _image_stats(records_by_split: dict[str, list[dict]], mode: str) -> dict[str
 
 def detect_mode(records: list[dict]) -> str:
     """"L" when every image is greyscale (by its header), else "RGB"."""
-    grey = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
     for rec in records:
         try:
-            with Image.open(io.BytesIO(rec[IMAGE])) as img:
-                if img.mode not in grey:
-                    return "RGB"
-        except (OSError, ValueError, SyntaxError):
+            _, _, mode = read_image_header(rec[IMAGE])
+        except ImageDecodeError:
             continue  # an unreadable image says nothing about the mode
+        if mode not in GREY_MODES:
+            return "RGB"
     return "L"
 
 
