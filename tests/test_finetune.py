@@ -188,3 +188,35 @@ def test_ddp_with_frozen_stages_keeps_them_bit_identical_and_syncs_the_rest(
     # blocks 0-1 frozen: per block 2 conv weights + 2 BN (weight, bias) = 6 parameters
     assert got["frozen"] == 12 and got["frozen_moved"] == 0
     assert got["trained_moved"] > 0 and got["diff"] == 0.0
+
+
+def test_search_space_covers_finetune_mode_depth_and_head_lr():
+    import optuna
+
+    from imgpipe.config import TrainConfig
+    from imgpipe.tuning.space import SearchSpace, define_space, params_to_overrides
+    from imgpipe.tuning.tuner import trial_config
+
+    space = SearchSpace(finetune=["linear-probe", "partial", "bitfit"], head_lr_ratio=(1.0, 30.0),
+                        layer_decay=(0.5, 0.9), sampler="none")
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
+    seen = set()
+    base = TrainConfig(model={"name": "resnet18"}).model_dump(mode="json")
+    for _ in range(12):
+        trial = study.ask()
+        params = define_space(trial, space, 10)
+        cfg = trial_config(base, params, 10)
+        seen.add(cfg.model.finetune.split(":")[0])
+        assert cfg.optim.head_lr == pytest.approx(min(params["lr"] * params["head_lr_ratio"], 10))
+        assert 0.5 <= cfg.optim.layer_decay <= 0.9
+        if cfg.model.finetune.startswith("partial:"):
+            assert 0.25 <= float(cfg.model.finetune.split(":")[1]) <= 0.75
+        study.tell(trial, 0.0)
+    assert seen == {"linear-probe", "partial", "bitfit"}
+    assert params_to_overrides({**params, "finetune": "partial", "freeze_fraction": 0.5},
+                               10)["model.finetune"] == "partial:0.5000"
+    with pytest.raises(ValueError, match="search.finetune"):
+        SearchSpace(finetune=["full", "half"])
+    # A fraction freezes the same share of any architecture.
+    # round(0.6 x 5) = 3 stages: stem BN + layer1 (2 blocks x 2) + layer2 (2 x 2 + downsample)
+    assert len(frozen_norms(apply_finetune(create_model("resnet18", 3), "partial:0.6"))) == 10

@@ -3,7 +3,8 @@
     full          every parameter trains
     linear-probe  only the classifier head trains (a linear probe of frozen features)
     partial:K     backbone stages 0..K-1 are frozen, stages K.. and the head train
-                  (partial:0 = full; partial:S = linear-probe for S stages)
+                  (partial:0 = full; partial:S = linear-probe for S stages); a fraction
+                  0 < K < 1 means round(K·S) stages, the same depth for any architecture
     bitfit        biases, norm affine parameters and the head train (Ben Zaken et al. 2022)
     lora          LoRA adapters (Hu et al. 2022, via the ``peft`` library) on the backbone's
                   nn.Linear and ungrouped nn.Conv2d layers; base weights and norms frozen,
@@ -29,18 +30,28 @@ FINETUNE_MODES = ("full", "linear-probe", "partial:K", "bitfit", "lora")
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 LORA_ADAPTER = "default"
-_PARTIAL = re.compile(r"^partial:(\d+)$")
+_PARTIAL = re.compile(r"^partial:(\d+|0?\.\d+)$")
 
 
 @dataclass(frozen=True)
 class Finetune:
-    """A parsed ``--finetune`` value: ``mode`` and, for ``partial``, the first trained stage."""
+    """A parsed ``--finetune`` value: ``mode`` and, for ``partial``, the first trained stage
+    (``stage``) or the frozen fraction of the stages (``fraction``)."""
 
     mode: str
     stage: int = 0
+    fraction: float | None = None
 
     def __str__(self) -> str:
-        return f"partial:{self.stage}" if self.mode == "partial" else self.mode
+        if self.mode != "partial":
+            return self.mode
+        return f"partial:{self.fraction:g}" if self.fraction is not None else f"partial:{self.stage}"
+
+    def frozen_stages(self, num_stages: int) -> int:
+        """K for a model with ``num_stages`` stages (``partial`` only)."""
+        if self.fraction is not None:
+            return int(round(self.fraction * num_stages))
+        return self.stage
 
 
 def parse_finetune(text: str) -> Finetune:
@@ -54,7 +65,8 @@ def parse_finetune(text: str) -> Finetune:
         return Finetune(value)
     m = _PARTIAL.match(value)
     if m:
-        return Finetune("partial", int(m.group(1)))
+        k = m.group(1)
+        return Finetune("partial", fraction=float(k)) if "." in k else Finetune("partial", int(k))
     raise ValueError(f"finetune: {text!r} is not one of {' | '.join(FINETUNE_MODES)}")
 
 
@@ -96,9 +108,11 @@ def apply_finetune(model: nn.Module, finetune: Finetune | str, lora_rank: int = 
     ft = parse_finetune(finetune) if isinstance(finetune, str) else finetune
     inner = unwrap_model(model)
     stages = num_stages(inner)
-    if ft.mode == "partial" and ft.stage > stages:
-        raise ValueError(f"finetune: partial:{ft.stage} but {inner.imgpipe_model} has {stages} "
-                         f"stages (K from 0 = full to {stages} = linear-probe)")
+    if ft.mode == "partial":
+        if ft.frozen_stages(stages) > stages:
+            raise ValueError(f"finetune: partial:{ft.stage} but {inner.imgpipe_model} has "
+                             f"{stages} stages (K from 0 = full to {stages} = linear-probe)")
+        ft = Finetune("partial", ft.frozen_stages(stages))
     norm_params = _norm_param_names(inner)
     by_stage = parameter_stages(inner)
     for name, p in inner.named_parameters():

@@ -262,7 +262,7 @@ def resolve_model_config(cfg: ModelConfig, data_preprocess: Callable[[int], Prep
         pre = data_preprocess(size)
     ft = parse_finetune(cfg.finetune)
     stages = num_stages_of(name)
-    if ft.mode == "partial" and ft.stage > stages:
+    if ft.mode == "partial" and ft.frozen_stages(stages) > stages:
         raise ConfigError(f"model.finetune: partial:{ft.stage} but {name} has {stages} stages "
                           f"(0 = full … {stages} = linear-probe)")
     if ft.mode == "lora":
