@@ -220,3 +220,60 @@ def test_search_space_covers_finetune_mode_depth_and_head_lr():
     # A fraction freezes the same share of any architecture.
     # round(0.6 x 5) = 3 stages: stem BN + layer1 (2 blocks x 2) + layer2 (2 x 2 + downsample)
     assert len(frozen_norms(apply_finetune(create_model("resnet18", 3), "partial:0.6"))) == 10
+
+
+@pytest.fixture(scope="module")
+def digits_backbone(tmp_path_factory) -> str:
+    """A cnn pretrained by imgpipe's own model/preprocessing/checkpoint code on the balanced
+    digits images that ``tiny_digits``' long-tailed train split does not use (same held-out
+    val/test): seconds on CPU, saved as a training checkpoint folder."""
+    from imgpipe.config import TrainConfig
+    from imgpipe.constants import TRAIN
+    from imgpipe.data.datasets import load_digits_lt
+    from imgpipe.data.transforms import Preprocess, preprocess_images
+    from imgpipe.training.checkpoint import save_checkpoint
+
+    kw = {"seed": 0, "val_per_class": 6, "test_per_class": 10}  # as tiny_digits
+    used = {r["id"] for r in load_digits_lt(imbalance_ratio=20, **kw).splits[TRAIN]}
+    pool = load_digits_lt(imbalance_ratio=None, **kw)
+    rows = [r for r in pool.splits[TRAIN] if r["id"] not in used]
+    pre = Preprocess(image_size=16, mode="L", mean=(0.3,), std=(0.35,))
+    x = preprocess_images([r["image"] for r in rows], pre)
+    y = torch.tensor([r["label"] for r in rows])
+    torch.manual_seed(0)
+    model = create_model("cnn", 10, in_channels=1)
+    opt = create_optimizer(OptimConfig(name="adamw", lr=3e-3), model)
+    model.train()
+    for _ in range(4):
+        for idx in torch.randperm(len(y)).split(64):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            opt.step()
+    out = tmp_path_factory.mktemp("backbone") / "digits-cnn"
+    save_checkpoint(out, model.eval(), {
+        "train": TrainConfig(model={"name": "cnn", "image_size": 16}).model_dump(mode="json"),
+        "preprocess": pre.model_dump(mode="json"), "class_names": pool.class_names, "epoch": 3})
+    return str(out)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_linear_probe_of_pretrained_backbone_beats_random_init(ray_session, tiny_digits,
+                                                               digits_backbone, tmp_path):
+    from imgpipe.config import TrainConfig
+    from imgpipe.training.trainer import run_training
+
+    def probe(out: str, **model) -> dict:
+        cfg = TrainConfig.model_validate({
+            "data": tiny_digits, "out": str(tmp_path / out), "epochs": 3, "num_workers": 1,
+            "batch_size": 32, "verbose": False, "metric": "balanced_accuracy",
+            "model": {"finetune": "linear-probe", **model},
+            "optim": {"name": "adamw", "lr": 0.01}, "augment": {"rotation_degrees": 0.0}})
+        return run_training(cfg)
+
+    pretrained = probe("pretrained", weights=digits_backbone)
+    random_init = probe("random", name="cnn", image_size=16)
+    assert pretrained["config"]["model"]["name"] == "cnn"  # from the checkpoint
+    assert pretrained["weights"]["kind"] == "checkpoint"
+    got, base = (r["test"]["balanced_accuracy"] for r in (pretrained, random_init))
+    assert got > base + 0.15, (got, base)
