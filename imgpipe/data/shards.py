@@ -32,6 +32,7 @@ from imgpipe.constants import (
 )
 from imgpipe.data.decode import GREY_MODES, ImageDecodeError, open_image, read_image_header, to_mode
 from imgpipe.data.transforms import Preprocess
+from imgpipe.errors import DataSourceError, UserError
 
 SHARD_SCHEMA = pa.schema([
     pa.field(IMAGE, pa.binary()),
@@ -43,7 +44,7 @@ MAX_SKIPPED_EXAMPLES = 20
 _PART_RE = re.compile(r"part-\d{5}\.parquet")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A shard directory whose manifest is missing, unreadable, invalid or from another version."""
 
 
@@ -90,6 +91,9 @@ class Manifest(BaseModel):
     seed: int
     imbalance_ratio: float | None
     skipped: Skipped = Field(default_factory=Skipped)
+    ignored: dict[str, int] = Field(
+        default_factory=dict, description="files left out on purpose, by reason (os_debris, "
+        "not_an_image, outside_class_folders, duplicate_rows)")
     warnings: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict, description="resolved PrepareConfig")
     created_at: str
@@ -142,12 +146,12 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         ValueError: an empty location or a URI scheme pyarrow does not know.
     """
     if not uri:
-        raise ValueError("empty path")
+        raise DataSourceError("empty path")
     if "://" in uri:
         try:
             fs, path = pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise ValueError(f"{uri}: unsupported location ({e})") from e
+            raise DataSourceError(f"{uri}: unsupported location ({e})") from e
         return fs, path.rstrip("/") or "/"
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
@@ -268,8 +272,9 @@ def write_shards(out: str, records_by_split: dict[str, list[dict]], class_names:
 
     ``meta`` keys: ``source`` (required), ``seed``, ``imbalance_ratio``, ``mode`` (detected from
     the image headers when absent), ``skipped`` (list of ``{"path"|"id", "reason"}``),
-    ``skipped_count``, ``warnings``, ``config``. The manifest is written last (and an old one is
-    removed first), so a manifest always describes complete shards.
+    ``skipped_count``, ``ignored`` (reason → count), ``warnings``, ``config``. The manifest is
+    written last (and an old one is removed first), so a manifest always describes complete
+    shards.
 
     Raises:
         ValueError: a label/label_name that does not match ``class_names``, or a duplicate id.
@@ -309,6 +314,7 @@ def build_manifest(records_by_split: dict[str, list[dict]], class_names: list[st
         imbalance_ratio=meta.get("imbalance_ratio"),
         skipped=Skipped(count=int(meta.get("skipped_count", len(skipped))),
                         examples=skipped[:MAX_SKIPPED_EXAMPLES]),
+        ignored=dict(meta.get("ignored") or {}),
         warnings=list(meta.get("warnings") or []),
         config=dict(meta.get("config") or {}),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -26,6 +26,7 @@ from imgpipe.models import create_model, load_init_checkpoint, unwrap_model
 from imgpipe.models.finetune import apply_finetune, export_state_dict
 from imgpipe.training.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
+from imgpipe.training.recovery import RESUME_KEY
 
 
 def _distributed() -> bool:
@@ -93,43 +94,52 @@ def evaluate(model: torch.nn.Module, loader, pre: Preprocess, num_classes: int,
     return out
 
 
-def _resume_source(cfg: TrainConfig):
-    """Ray Train's latest checkpoint (a restarted run), else ``cfg.resume``, else None."""
+def _resume_checkpoint(config: dict[str, Any]):
+    """(checkpoint, restored): Ray Train's latest checkpoint of a restored run, else the
+    ``--resume`` one (a ``ray.train.Checkpoint`` staged in the run's storage by
+    ``recovery.stage_resume_checkpoint``, never a driver-local path), else None."""
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        return ckpt.as_directory
-    if cfg.resume:
-        return lambda: nullcontext(cfg.resume)
-    return None
+    restored = ckpt is not None
+    return (ckpt if restored else config.get(RESUME_KEY)), restored
 
 
 def create_train_model(cfg: TrainConfig, num_classes: int, pre: Preprocess,
                        init_weights: Any, resume) -> torch.nn.Module:
-    """Build the model: starting weights, then resumed weights (checkpoints hold the plain
-    architecture, LoRA merged), then the fine-tuning mode (freezing, adapters)."""
+    """Build the model: starting weights (an object ref from the driver), then the resumed
+    checkpoint's weights (checkpoints hold the plain architecture, LoRA merged), then the
+    fine-tuning mode (freezing, adapters)."""
     model = create_model(cfg.model.name, num_classes, in_channels=pre.channels,
                          cifar_stem=cfg.model.cifar_stem, image_size=pre.image_size)
     if init_weights is not None:
         load_init_checkpoint(model, ray.get(init_weights))
     if resume is not None:
-        with resume() as d:
+        with resume.as_directory() as d:
             model.load_state_dict(load_weights(d))
     return apply_finetune(model, cfg.model.finetune, cfg.model.lora_rank, cfg.model.lora_alpha)
 
 
-def _restore(resume, optimizer, scaler) -> tuple[int, float | None, int, list]:
-    """Optimizer/scaler state and counters of the checkpoint the weights were resumed from."""
+def _restore(resume, restored: bool, optimizer, scaler
+             ) -> tuple[int, float | None, int, list, list]:
+    """Optimizer/scaler state and counters of the checkpoint the weights came from.
+
+    Returns (start epoch, best score, bad epochs, history, restarts); ``restarts`` gains an
+    entry per restore.
+    """
     if resume is None:
-        return 0, None, 0, []
-    with resume() as d:
+        return 0, None, 0, [], []
+    with resume.as_directory() as d:
         state = load_train_state(d)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
             if "scaler" in state:
                 scaler.load_state_dict(state["scaler"])
         meta = load_meta(d)
-    return (int(meta[EPOCH]) + 1, meta.get("best"), int(meta.get("bad_epochs", 0)),
-            list(meta.get("history", [])))
+    start = int(meta[EPOCH]) + 1
+    restarts = list(meta.get("restarts", []))
+    if restored:
+        restarts.append({"resumed_at_epoch": start})
+    return (start, meta.get("best"), int(meta.get("bad_epochs", 0)),
+            list(meta.get("history", [])), restarts)
 
 
 def _quiet_report_log() -> None:
@@ -152,7 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
 
-    resume = _resume_source(cfg)
+    resume, restored = _resume_checkpoint(config)
     model = create_train_model(cfg, len(class_names), pre, config.get("init_weights"), resume)
     # DDP (world > 1) broadcasts rank 0's initial weights, so all ranks start identical; it
     # only reduces gradients of trainable parameters, so frozen ones need no special case.
@@ -160,7 +170,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = create_loss(cfg.loss, counts).to(device)
     optimizer = create_optimizer(cfg.optim, model)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp)
-    start, best, bad_epochs, history = _restore(resume, optimizer, scaler)
+    start, best, bad_epochs, history, restarts = _restore(resume, restored, optimizer, scaler)
+    config = {**config, "restarts": restarts}
 
     steps_est = max(1, math.ceil(config["epoch_rows"] / world / cfg.batch_size))
     key, mode = val_key(cfg.metric), "max"
@@ -201,7 +212,8 @@ def _report(metrics: dict[str, Any], history: list[dict[str, Any]], model, optim
         ray.train.report(metrics)  # every rank reports the same number of times
         return
     with tempfile.TemporaryDirectory() as tmp:
-        meta = {**{k: config[k] for k in ("train", "class_names", "train_counts", "preprocess")},
+        meta = {**{k: config[k] for k in ("train", "class_names", "train_counts", "preprocess",
+                                          "restarts")},
                 **metrics, "history": history}
         save_checkpoint(tmp, export_state_dict(model), meta, optimizer, scaler)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
