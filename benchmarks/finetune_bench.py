@@ -56,9 +56,10 @@ def prepare_source_and_target(root: Path) -> tuple[str, str]:
     return str(root / "digits-source"), str(root / "digits-lt")
 
 
-def train(data: str, out: Path, epochs: int, lr: float, image_size: int, **model: object) -> dict:
+def train(data: str, out: Path, epochs: int, lr: float, image_size: int, workers: int,
+          **model: object) -> dict:
     cfg = TrainConfig.model_validate({
-        "data": data, "out": str(out), "epochs": epochs, "num_workers": 2, "batch_size": 32,
+        "data": data, "out": str(out), "epochs": epochs, "num_workers": workers, "batch_size": 32,
         "seed": 0, "metric": "balanced_accuracy", "verbose": False,
         "model": {"image_size": image_size, **model},
         "optim": {"name": "adamw", "lr": lr, "weight_decay": 1e-4}})
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-epochs", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--image-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers per run")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--out", default="benchmarks/results/finetune_bench.json")
     args = p.parse_args(argv)
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         source, target = prepare_source_and_target(root)
         t = time.perf_counter()
         pre = train(source, root / "pretrain", args.pretrain_epochs, args.lr, args.image_size,
-                    name="cnn")
+                    args.num_workers, name="cnn")
         backbone = pre["best_checkpoint"]
         print(f"pretrained cnn on the disjoint balanced source: test balanced accuracy "
               f"{pre['test'][BALANCED_ACCURACY]:.4f} ({time.perf_counter() - t:.0f} s)", flush=True)
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             kw = {"name": "cnn"} if mode == "scratch" else {"weights": backbone, "finetune": mode}
             res = train(target, root / mode.replace(":", "-"), args.epochs, args.lr,
-                        args.image_size, **kw)
+                        args.image_size, args.num_workers, **kw)
             wall = time.perf_counter() - t
             target_counts = res["train_counts"]
             shots = shot_metrics(res, target)

@@ -116,6 +116,34 @@ ModelName = Literal["cnn", "resnet18", "resnet34", "resnet50", "mobilenet_v3_sma
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 
+class MixConfig(StrictModel):
+    """Batch mixing: torchvision v2 MixUp / CutMix with soft targets, and the partner draw.
+
+    ``partner=instance`` mixes each image with another image of the same batch (torchvision's
+    pairing); ``balanced`` draws the second image class-balanced from a per-run pool of up to
+    ``pool_per_class`` images per class (Remix, Chou et al. 2020; Balanced-MixUp, Galdran
+    et al. 2021), so tail classes are mixed in as often as head classes.
+    """
+
+    mixup_alpha: float = Field(0.0, ge=0, le=10, description="MixUp Beta(alpha, alpha); 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0, le=10, description="CutMix Beta(alpha, alpha); 0 = off")
+    prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed")
+    partner: Literal["instance", "balanced"] = "instance"
+    pool_per_class: int = Field(32, ge=1, le=10_000,
+                                description="balanced partner: images kept per class")
+
+    @property
+    def enabled(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+    @model_validator(mode="after")
+    def _partner_needs_mixing(self) -> MixConfig:
+        if self.partner == "balanced" and not self.enabled:
+            raise ValueError("partner: 'balanced' needs mixup_alpha or cutmix_alpha > 0 "
+                             "(and prob > 0)")
+        return self
+
+
 class ModelConfig(StrictModel):
     """Architecture, starting weights and fine-tuning mode.
 
@@ -187,6 +215,7 @@ class TrainConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     sampler: SamplerConfig = SamplerConfig()
     augment: Augment = Augment()
+    mix: MixConfig = MixConfig()
 
     @model_validator(mode="after")
     def _sane(self) -> TrainConfig:
@@ -267,6 +296,39 @@ class TuneJobConfig(StrictModel):
                 model.model_validate(getattr(self, section))
             except ValidationError as e:
                 raise ValueError(format_validation_error(e, section)) from None
+        return self
+
+
+class RebalanceConfig(StrictModel):
+    """Decoupled classifier re-balancing of a bundle (Kang et al., ICLR 2020): frozen backbone,
+    features extracted once, a re-balanced linear head, published as a new bundle version."""
+
+    bundle: str = Field(description="source bundle: bundles/<name>/v<N> or bundles/<name> (latest)")
+    data: str = Field(description="prepared shards the bundle was trained on (train, val, test)")
+    method: Literal["crt", "tau-norm", "lws"] = "crt"
+    smote: int | None = Field(None, ge=1, le=100,
+                              description="k neighbours: oversample features before cRT")
+    smote_method: Literal["smote", "borderline", "adasyn"] = "smote"
+    out: str = Field("runs/rebalance", description="results.json goes here")
+    bundle_root: str | None = Field(None, description="default: the source bundle's root")
+    bundle_name: str | None = Field(None, description="default: the source bundle's name")
+    metric: Literal["balanced_accuracy", "macro_f1"] = Field(
+        "balanced_accuracy", description="val metric that picks tau / the best head epoch")
+    epochs: int = Field(30, ge=1, le=10_000, description="cRT / LWS epochs over the features")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0, le=10, description="SGD (momentum 0.9, cosine) learning rate")
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    tau_max: float = Field(2.0, gt=0, le=10, description="tau-norm: grid 0..tau_max")
+    tau_step: float = Field(0.05, gt=0, le=1)
+    seed: int = 0
+    num_actors: int = Field(2, ge=1, description="feature-extraction actors (Ray Data)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _smote_with_crt(self) -> RebalanceConfig:
+        if self.smote is not None and self.method != "crt":
+            raise ValueError(f"smote: feature oversampling trains a new head, so it needs "
+                             f"method crt (got {self.method})")
         return self
 
 

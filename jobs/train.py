@@ -50,6 +50,13 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="deferred re-weighting: class weights from this epoch on")
     p.add_argument("--sampler", dest="sampler.strategy",
                    help="none | oversample | undersample | sqrt | p1,p2,...")
+    p.add_argument("--mixup", dest="mix.mixup_alpha", type=float, metavar="ALPHA",
+                   help="MixUp with Beta(ALPHA, ALPHA) mixing weights (torchvision v2); 0 = off")
+    p.add_argument("--cutmix", dest="mix.cutmix_alpha", type=float, metavar="ALPHA",
+                   help="CutMix with Beta(ALPHA, ALPHA) (with --mixup: one of the two per batch)")
+    p.add_argument("--mix-partner", dest="mix.partner", choices=["instance", "balanced"],
+                   help="second image: from the batch, or drawn class-balanced (Remix-style)")
+    p.add_argument("--mix-prob", dest="mix.prob", type=float, help="share of batches mixed")
     p.add_argument("--optimizer", dest="optim.name", choices=["sgd", "adam", "adamw", "rmsprop"])
     p.add_argument("--lr", dest="optim.lr", type=float)
     p.add_argument("--weight-decay", dest="optim.weight_decay", type=float)

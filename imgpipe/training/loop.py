@@ -25,6 +25,7 @@ from imgpipe.metrics import classification_metrics, confusion_matrix
 from imgpipe.models import create_model, load_init_checkpoint, unwrap_model
 from imgpipe.models.finetune import apply_finetune, export_state_dict
 from imgpipe.training.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
+from imgpipe.training.mixing import create_batch_mixer
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
 from imgpipe.training.recovery import RESUME_KEY
 
@@ -49,8 +50,13 @@ def _broadcast(obj: Any) -> Any:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig,
-                    pre: Preprocess, epoch: int, steps_est: int, device) -> tuple[float, int]:
-    """One pass over this rank's shard; returns (mean loss over all ranks, rows seen by all)."""
+                    pre: Preprocess, epoch: int, steps_est: int, device,
+                    mixer=None) -> tuple[float, int]:
+    """One pass over this rank's shard; returns (mean loss over all ranks, rows seen by all).
+
+    ``mixer`` (``training.mixing.create_batch_mixer``) turns the batch into MixUp/CutMix
+    images with soft targets; the loss takes either form.
+    """
     model.train()
     loss_sum, rows = 0.0, 0
     amp = torch.autocast("cuda", dtype=torch.float16) if cfg.amp else nullcontext()
@@ -59,8 +65,11 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig,
                                                    cfg.optim))
         x = normalize(batch[PIXELS].to(device, non_blocking=True), pre)
         y = batch[LABEL].to(device, non_blocking=True)
+        target = y
+        if mixer is not None:
+            x, target = mixer(x, y)
         with amp:
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(x), target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.optim.grad_clip:
@@ -168,6 +177,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # only reduces gradients of trainable parameters, so frozen ones need no special case.
     model = ray.train.torch.prepare_model(model)
     loss_fn = create_loss(cfg.loss, counts).to(device)
+    pool = config.get("partner_pool")
+    mixer = create_batch_mixer(cfg.mix, len(class_names), cfg.seed, rank, pre, cfg.augment,
+                               ray.get(pool) if pool is not None else None)
     optimizer = create_optimizer(cfg.optim, model)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp)
     start, best, bad_epochs, history, restarts = _restore(resume, restored, optimizer, scaler)
@@ -181,12 +193,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start, cfg.epochs):
         set_epoch(config["clock_name"], epoch)
         loss_fn.set_epoch(epoch)
+        if mixer is not None:
+            mixer.set_epoch(epoch)
         loader = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 1000 + epoch) if cfg.shuffle_buffer else None,
             dtypes={PIXELS: torch.uint8, LABEL: torch.int64})
         train_loss, rows = train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg, pre,
-                                           epoch, steps_est, device)
+                                           epoch, steps_est, device, mixer)
         metrics: dict[str, Any] | None = None
         if rank == 0:
             val = evaluate(unwrap_model(model), val_shard.iter_torch_batches(

@@ -40,7 +40,14 @@ from imgpipe.constants import (
     VAL_LOSS,
     val_key,
 )
-from imgpipe.data.pipeline import StreamPlan, build_decoded, build_train_stream, start_epoch_clock
+from imgpipe.data.partner_pool import build_partner_pool, pool_per_class
+from imgpipe.data.pipeline import (
+    ID_HASH,
+    StreamPlan,
+    build_decoded,
+    build_train_stream,
+    start_epoch_clock,
+)
 from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
 from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.data.transforms import Preprocess
@@ -109,6 +116,10 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
         if weights is not None else None,
         "weights": weights.summary() if weights is not None else None,
     }
+    if cfg.mix.enabled and cfg.mix.partner == "balanced":
+        k = pool_per_class(counts, cfg.mix.pool_per_class, pre.image_size ** 2 * pre.channels)
+        loop_config["partner_pool"] = ray.put(
+            build_partner_pool(train_decoded, counts, k, cfg.seed, ID_HASH))
     return RunInputs(cfg, manifest, pre,
                      {TRAIN: build_train_stream(train_decoded, plan),
                       VAL: val.select_columns([PIXELS, LABEL])},

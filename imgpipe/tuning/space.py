@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 FloatRange = float | tuple[float, float]
 Choices = str | list[str]
 FREE_VECTOR_MAX_CLASSES = 20
+MIX_CHOICES = ("none", "mixup", "cutmix", "both")
 
 
 class SearchSpace(BaseModel):
@@ -44,6 +45,10 @@ class SearchSpace(BaseModel):
     head_lr_ratio: FloatRange | None = Field(
         None, description="head lr = lr * ratio, searched log-uniform (e.g. [1, 100])")
     layer_decay: FloatRange | None = None
+    # Batch mixing is pinned off by default; e.g. ``mix: [none, mixup, cutmix]`` searches it.
+    mix: Choices = "none"  # none | mixup | cutmix | both (torchvision RandomChoice)
+    mix_alpha: FloatRange = (0.1, 1.0)
+    mix_partner: Choices = "instance"  # instance | balanced
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> SearchSpace:
@@ -61,6 +66,11 @@ class SearchSpace(BaseModel):
                         parse_finetune(mode)
                     except ValueError as e:
                         raise ValueError(f"search.{e} (or partial: search the depth)") from None
+        for name, allowed in (("mix", MIX_CHOICES), ("mix_partner", ("instance", "balanced"))):
+            value = getattr(self, name)
+            bad = sorted(set([value] if isinstance(value, str) else value) - set(allowed))
+            if bad:
+                raise ValueError(f"search.{name}: unknown {bad}; choose from {list(allowed)}")
         return self
 
 
@@ -119,6 +129,10 @@ def define_space(trial, space: SearchSpace, num_classes: int) -> dict[str, Any]:
     elif loss == "logit-adjusted":
         r["tau"] = _float(trial, "tau", space.tau)
     _define_finetune(trial, space, r)
+    mix = r["mix"] = _choice(trial, "mix", space.mix)
+    if mix != "none":
+        r["mix_alpha"] = _float(trial, "mix_alpha", space.mix_alpha)
+        r["mix_partner"] = _choice(trial, "mix_partner", space.mix_partner)
     return r
 
 
@@ -168,4 +182,10 @@ def params_to_overrides(params: dict[str, Any], num_classes: int) -> dict[str, A
         out["optim.head_lr"] = min(p["lr"] * p["head_lr_ratio"], 10.0)
     if "layer_decay" in p:
         out["optim.layer_decay"] = p["layer_decay"]
+    mix = p.get("mix", "none")  # absent in searches saved before mixing existed
+    if mix != "none":
+        alpha = p["mix_alpha"]
+        out["mix.mixup_alpha"] = alpha if mix in ("mixup", "both") else 0.0
+        out["mix.cutmix_alpha"] = alpha if mix in ("cutmix", "both") else 0.0
+        out["mix.partner"] = p["mix_partner"]
     return out
