@@ -193,6 +193,9 @@ class TrainConfig(StrictModel):
     out: str = "runs/train"
     epochs: int = Field(30, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, description="per worker")
+    min_steps_per_epoch: int = Field(
+        10, ge=1, description="optimizer steps per epoch at least (small data gets more "
+        "augmented passes per epoch instead of too few steps); every rank runs the same count")
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.45, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)

@@ -12,6 +12,7 @@ from imgpipe import storage
 from imgpipe.config import TrainConfig, resolve_config
 from imgpipe.console import per_class_table
 from imgpipe.errors import run_job
+from imgpipe.logs import configure_console
 from imgpipe.models.weights import add_transfer_args, check_weights
 from imgpipe.preflight import check_train_config
 from imgpipe.runtime import init_ray
@@ -63,12 +64,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", dest="cache_decoded", action="store_false", default=None,
                    help="decode every epoch instead of caching decoded images")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--verbose", dest="ray_verbose", action="store_true",
+                   help="show Ray's own INFO lines and progress bars on the console")
     return p
 
 
 def _main(argv: list[str] | None) -> int:
     args = vars(get_args_parser().parse_args(argv))
     config_file, address = args.pop("config"), args.pop("address")
+    configure_console(verbose=args.pop("ray_verbose"))
     overrides = {k.replace("-", "_"): v for k, v in args.items()}
     cfg = resolve_config(TrainConfig, config_file, overrides)
     storage.check_durable({"--out": cfg.out, "--storage-path": cfg.storage_path})

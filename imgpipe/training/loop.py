@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
+import time
 from contextlib import nullcontext
 from typing import Any
 
@@ -28,6 +28,7 @@ from imgpipe.training.checkpoint import load_meta, load_train_state, load_weight
 from imgpipe.training.mixing import create_batch_mixer
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
 from imgpipe.training.recovery import RESUME_KEY
+from imgpipe.training.steps import exact_batches
 
 
 def _distributed() -> bool:
@@ -50,9 +51,11 @@ def _broadcast(obj: Any) -> Any:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig,
-                    pre: Preprocess, epoch: int, steps_est: int, device,
+                    pre: Preprocess, epoch: int, steps: int, device,
                     mixer=None) -> tuple[float, int]:
-    """One pass over this rank's shard; returns (mean loss over all ranks, rows seen by all).
+    """One epoch of ``steps`` optimizer steps (``loader`` yields exactly that many batches on
+    every rank, see ``steps.exact_batches``); returns (mean loss over all ranks, rows seen by
+    all). The lr follows warm-up + cosine over optimizer steps (``epoch + i / steps``).
 
     ``mixer`` (``training.mixing.create_batch_mixer``) turns the batch into MixUp/CutMix
     images with soft targets; the loss takes either form.
@@ -61,7 +64,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig,
     loss_sum, rows = 0.0, 0
     amp = torch.autocast("cuda", dtype=torch.float16) if cfg.amp else nullcontext()
     for i, batch in enumerate(loader):
-        set_lr(optimizer, cfg.optim.lr, lr_factor(epoch + min(i / steps_est, 1.0), cfg.epochs,
+        set_lr(optimizer, cfg.optim.lr, lr_factor(epoch + min(i / steps, 1.0), cfg.epochs,
                                                    cfg.optim))
         x = normalize(batch[PIXELS].to(device, non_blocking=True), pre)
         y = batch[LABEL].to(device, non_blocking=True)
@@ -167,7 +170,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     class_names: list[str] = config["class_names"]
     counts: list[int] = config["train_counts"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
 
@@ -185,22 +188,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start, best, bad_epochs, history, restarts = _restore(resume, restored, optimizer, scaler)
     config = {**config, "restarts": restarts}
 
-    steps_est = max(1, math.ceil(config["epoch_rows"] / world / cfg.batch_size))
+    steps = int(config["epoch_steps"])
     key, mode = val_key(cfg.metric), "max"
     train_shard = ray.train.get_dataset_shard(TRAIN)
     val_shard = ray.train.get_dataset_shard(VAL) if rank == 0 else None
 
+    last_end = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         set_epoch(config["clock_name"], epoch)
         loss_fn.set_epoch(epoch)
         if mixer is not None:
             mixer.set_epoch(epoch)
-        loader = train_shard.iter_torch_batches(
+        stream = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 1000 + epoch) if cfg.shuffle_buffer else None,
             dtypes={PIXELS: torch.uint8, LABEL: torch.int64})
+        # Same step count on every rank, whatever the stream's batch boundaries.
+        loader = exact_batches(stream, steps, cfg.batch_size,
+                               seed=(cfg.seed * 1_000_003 + epoch) * 97 + rank)
         train_loss, rows = train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg, pre,
-                                           epoch, steps_est, device, mixer)
+                                           epoch, steps, device, mixer)
         metrics: dict[str, Any] | None = None
         if rank == 0:
             val = evaluate(unwrap_model(model), val_shard.iter_torch_batches(
@@ -208,7 +215,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 pre, len(class_names), device)
             metrics = {val_key(k) if k != VAL_LOSS else k: v for k, v in val.items()}
             metrics.update({EPOCH: epoch, TRAIN_LOSS: train_loss, "train_rows": rows,
-                            "lr": optimizer.param_groups[0]["lr"]})
+                            "train_steps": steps, "lr": optimizer.param_groups[0]["lr"],
+                            # wall time of one epoch cycle: train, val, previous report
+                            "epoch_s": time.perf_counter() - last_end})
+            last_end = time.perf_counter()
         metrics = _broadcast(metrics)
         improved = best is None or (metrics[key] > best if mode == "max" else metrics[key] < best)
         best = metrics[key] if improved else best

@@ -23,7 +23,13 @@ class SearchSpace(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lr: FloatRange = (3e-4, 3e-2)
+    lr: FloatRange | None = Field(
+        None, description="one lr range for every optimizer (overrides the per-optimizer ones)")
+    # SGD wants ~10-100x the lr of the Adam family; one shared range makes many trials diverge
+    # (too high for Adam) or crawl (too low for SGD), and ASHA wastes its rungs on them.
+    lr_sgd: FloatRange = (1e-2, 3e-1)
+    lr_adam: FloatRange = Field((3e-4, 1e-2), description="adam and adamw")
+    lr_rmsprop: FloatRange = (1e-4, 3e-3)
     optimizer: Choices = Field(default_factory=lambda: ["sgd", "adam", "adamw", "rmsprop"])
     momentum: FloatRange = (0.8, 0.99)
     beta1: FloatRange = (0.8, 0.95)
@@ -94,6 +100,14 @@ def _choice(trial, name: str, value: Choices, allowed: list[str] | None = None) 
     return trial.suggest_categorical(key, options)
 
 
+def _lr(trial, space: SearchSpace, optimizer: str) -> float:
+    """The lr, searched on a log scale in the range that fits ``optimizer``."""
+    if space.lr is not None:
+        return _float(trial, "lr", space.lr, log=True)
+    family = "adam" if optimizer in ("adam", "adamw") else optimizer
+    return _float(trial, f"lr_{family}", getattr(space, f"lr_{family}"), log=True)
+
+
 def define_space(trial, space: SearchSpace, num_classes: int) -> dict[str, Any]:
     """Optuna define-by-run: conditional parameters only appear when they matter.
 
@@ -101,8 +115,8 @@ def define_space(trial, space: SearchSpace, num_classes: int) -> dict[str, Any]:
     Ray merges the returned dict with what Optuna sampled.
     """
     r: dict[str, Any] = {}
-    r["lr"] = _float(trial, "lr", space.lr, log=True)
     r["optimizer"] = _choice(trial, "optimizer", space.optimizer)
+    r["lr"] = _lr(trial, space, r["optimizer"])
     r["weight_decay"] = _float(trial, "weight_decay", space.weight_decay, log=True)
     if r["optimizer"] in ("sgd", "rmsprop"):
         r["momentum"] = _float(trial, "momentum", space.momentum)
