@@ -158,9 +158,9 @@ def test_crt_with_smote_publishes_a_verified_version_with_the_backbone_bit_ident
                       train_class_counts=list(manifest.counts_vector("train")))
     res = {}
     for method, extra in (("crt", {"smote": 3}), ("tau-norm", {})):
+        # the source named by version: "bundles/digits" would resolve to the newest (cRT's)
         res[method] = rebalance_classifier(RebalanceConfig(
-            bundle=str(src.parent), data=tiny_digits, method=method, epochs=3, num_actors=1,
-            **extra))
+            bundle=str(src), data=tiny_digits, method=method, epochs=3, num_actors=1, **extra))
     _, before = load_bundle(src)
     for method, version in (("crt", "v2"), ("tau-norm", "v3")):
         new_dir = Path(res[method]["bundle"])
