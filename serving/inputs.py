@@ -86,17 +86,27 @@ def decode_b64(text: str, what: str) -> bytes:
         raise ApiError(400, f"{what}: invalid base64: {e}") from None
 
 
-def check_image_header(data: bytes, max_pixels: int, what: str) -> None:
-    """Refuse images whose header declares more than ``max_pixels`` (before decoding any)."""
+def check_image_header(data: bytes, max_pixels: int, what: str) -> tuple[int, int] | None:
+    """``(width, height)`` from the header, refusing more than ``max_pixels`` before decoding.
+
+    None when the header is unreadable: the decoder then reports it with the shared message.
+
+    Raises:
+        ApiError: 400 when the image declares more than ``max_pixels`` pixels.
+    """
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
             Image.DecompressionBombError):
-        return  # not readable at all: decode_image reports it with the shared message
+        return None
+    except Image.DecompressionBombWarning:  # only if some code turned warnings into errors
+        raise ApiError(400, f"{what}: image dimensions exceed the maximum of {max_pixels} "
+                            "pixels") from None
     if w * h > max_pixels:
         raise ApiError(400, f"{what}: image dimensions {w}x{h} exceed the maximum of "
                             f"{max_pixels} pixels")
+    return w, h
 
 
 async def images_from_v1(request: Request, body: bytes, max_images: int) -> list[bytes]:
