@@ -13,7 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import uuid
 from datetime import datetime, timezone
@@ -28,9 +27,11 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 import imgpipe
+from imgpipe import bundle_versions, storage
 from imgpipe.config import format_validation_error
 from imgpipe.data.rebalance import effective_prior
 from imgpipe.data.transforms import Preprocess
+from imgpipe.errors import UserError
 
 BUNDLE_SCHEMA_VERSION = 1
 META_FILE = "bundle.json"
@@ -45,7 +46,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DeploymentPrior = Literal["model", "balanced", "train"] | list[float]
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A bundle that cannot be read or written: missing files, bad JSON, invalid metadata."""
 
 
@@ -175,9 +176,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def _versions(model_dir: Path) -> list[int]:
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in model_dir.iterdir() if (m := _VERSION_DIR.match(p.name)))
+    return bundle_versions.local_versions(model_dir)
 
 
 def latest_version(root: str | Path, name: str) -> int | None:
@@ -232,7 +231,30 @@ def validate_meta(fields: dict[str, Any], where: str) -> BundleMeta:
         raise BundleError(format_validation_error(e, f"bundle metadata ({where})")) from None
 
 
-def save_bundle(
+def save_bundle(root: str | Path, name: str, state_dict: dict[str, torch.Tensor], *,
+                version: int | None = None, **fields: Any) -> Path:
+    """Write a new bundle version ``root/name/v<N>`` and return its path.
+
+    ``fields`` are ``stage_bundle``'s (architecture, preprocess, class_names, ...). This is
+    ``stage_bundle`` + ``publish_bundle`` with nothing checked in between; exports that verify
+    the bundle first call the two themselves. ``version=None`` takes the next number never
+    issued before (see ``imgpipe.bundle_versions``); readers never see half a bundle.
+    ``model_prior`` defaults to the normalised training counts (plain, unweighted training);
+    pass ``rebalance.effective_prior(...)`` when resampling, weights or logit adjustment were used.
+
+    Raises:
+        BundleExistsError: the version exists already (never overwritten) or a concurrent
+            writer claimed it first.
+        BundleError: invalid metadata (the message names the field).
+    """
+    staged = stage_bundle(root, name, state_dict, **fields)
+    try:
+        return publish_bundle(staged, version)
+    finally:
+        bundle_versions.discard(staged)
+
+
+def stage_bundle(
     root: str | Path,
     name: str,
     state_dict: dict[str, torch.Tensor],
@@ -247,23 +269,17 @@ def save_bundle(
     decision_threshold: float | None = None,
     hyperparameters: dict[str, Any] | None = None,
     metrics: BundleMetrics | dict[str, Any] | None = None,
-    version: int | None = None,
 ) -> Path:
-    """Write a new bundle version ``root/name/v<N>`` and return its path.
+    """Write a complete bundle into a staging folder ``root/name/.staging-<id>`` and return it.
 
-    ``version=None`` takes the next number after every existing ``v<N>`` folder. The bundle is
-    assembled in a temporary folder and renamed into place, so readers never see half a bundle.
-    ``model_prior`` defaults to the normalised training counts (plain, unweighted training);
-    pass ``rebalance.effective_prior(...)`` when resampling, weights or logit adjustment were used.
-
-    Raises:
-        BundleExistsError: the version exists already (never overwritten) or a concurrent
-            writer claimed it first.
-        BundleError: invalid metadata (the message names the field).
+    The staged bundle loads like any other (``Predictor.load``) but is not a version: nothing
+    lists or serves it until ``publish_bundle`` renames it. Its ``version`` field is provisional.
+    Arguments as ``save_bundle``. Raises BundleError for invalid metadata.
     """
     model_dir = Path(root) / name
-    if version is None:
-        version = (_versions(model_dir) or [0])[-1] + 1
+    if not _NAME.match(name):
+        raise BundleError(f"bundle name {name!r} must match {_NAME.pattern} (it becomes a folder)")
+    version = bundle_versions.last_issued(model_dir) + 1
     if model_prior is None:
         model_prior = effective_prior(train_class_counts) if np.sum(train_class_counts) > 0 else (
             np.full(len(class_names), 1.0 / max(len(class_names), 1)))
@@ -281,35 +297,42 @@ def save_bundle(
         meta_bytes = _meta_json(meta)
     except (TypeError, ValueError) as e:  # e.g. a hyperparameter that is not JSON-serialisable
         raise BundleError(f"bundle metadata is not JSON-serialisable: {e}") from None
-    return _publish(model_dir, version, weights, meta_bytes)
-
-
-def _publish(model_dir: Path, version: int, weights: bytes, meta_bytes: bytes) -> Path:
-    """Write into a temp folder, claim ``v<version>`` with mkdir (atomic), rename onto it."""
-    model_dir.mkdir(parents=True, exist_ok=True)
-    final = model_dir / f"v{version}"
-    tmp = model_dir / f".tmp-v{version}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    staged = bundle_versions.new_staging_dir(model_dir)
     try:
-        _fsync_write(tmp / WEIGHTS_FILE, weights)
-        _fsync_write(tmp / META_FILE, meta_bytes)
-        try:
-            final.mkdir()  # the claim: fails if the version exists or a racing writer won
-        except FileExistsError:
-            raise BundleExistsError(
-                f"{final} already exists; bundle versions are never overwritten "
-                "(save again to get the next version)"
-            ) from None
-        try:
-            # rename(2) may replace an *empty* directory: the one we just claimed.
-            os.rename(tmp, final)
-        except OSError:
-            final.rmdir()  # give the claim back rather than leave an empty version behind
-            raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+        _fsync_write(staged / WEIGHTS_FILE, weights)
+        _fsync_write(staged / META_FILE, meta_bytes)
+    except BaseException:
+        bundle_versions.discard(staged)
+        raise
+    return staged
+
+
+def _set_version(bundle_dir: Path, version: int) -> None:
+    meta = BundleMeta.model_validate_json((bundle_dir / META_FILE).read_text())
+    _replace_meta(bundle_dir, _meta_json(meta.model_copy(update={"version": version})))
+
+
+def publish_bundle(staged: Path, version: int | None = None) -> Path:
+    """Publish a staged bundle as ``v<N>`` (the next number never issued, or ``version``).
+
+    Raises:
+        BundleExistsError: ``version`` exists or was issued before (never overwritten/reused).
+    """
+    try:
+        return bundle_versions.publish_staged(staged, staged.parent, _set_version, version)
+    except bundle_versions.VersionClaimError as e:
+        raise BundleExistsError(str(e)) from None
+
+
+def publish_bundle_to(staged: Path, root: str) -> str:
+    """Publish a staged (local) bundle under ``root``: a local folder or an object-store URI."""
+    if not storage.is_uri(root):
+        target = Path(storage.absolute_location(root)) / staged.parent.name
+        if target.resolve() != staged.parent.resolve():
+            raise BundleError(f"{staged} was staged outside {target}")
+        return str(publish_bundle(staged))
+    return bundle_versions.publish_to_uri(staged, root, staged.parent.name, _set_version,
+                                          META_FILE)
 
 
 def load_bundle_meta(path: str | Path) -> BundleMeta:
@@ -395,6 +418,16 @@ def update_bundle_meta(path: str | Path, **fields: Any) -> BundleMeta:
             "written (save a new version for anything else)"
         )
     bundle_dir = resolve_bundle_dir(path)
+    with bundle_versions.meta_lock(bundle_dir):  # no lost update between concurrent writers
+        return _update_locked(bundle_dir, fields)
+
+
+def update_staged_meta(staged: Path, **fields: Any) -> BundleMeta:
+    """``update_bundle_meta`` for a staged bundle (no lock: no other writer can see it)."""
+    return _update_locked(staged, fields)
+
+
+def _update_locked(bundle_dir: Path, fields: dict[str, Any]) -> BundleMeta:
     meta = verify_bundle(bundle_dir)
     data = meta.model_dump()
     if "metrics" in fields:
@@ -404,10 +437,15 @@ def update_bundle_meta(path: str | Path, **fields: Any) -> BundleMeta:
         data["metrics"] = {**data["metrics"], **dict(new_metrics)}
     data.update(fields)
     new_meta = validate_meta(data, str(bundle_dir))
+    _replace_meta(bundle_dir, _meta_json(new_meta))
+    return new_meta
+
+
+def _replace_meta(bundle_dir: Path, meta_bytes: bytes) -> None:
+    """Atomically replace ``bundle.json``: readers see the old or the new file, never half."""
     tmp = bundle_dir / f".{META_FILE}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        _fsync_write(tmp, _meta_json(new_meta))
+        _fsync_write(tmp, meta_bytes)
         os.replace(tmp, bundle_dir / META_FILE)
     finally:
         tmp.unlink(missing_ok=True)
-    return new_meta

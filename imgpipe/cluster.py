@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from imgpipe.errors import UserError
+
 RAY_API_VERSION = "ray.io/v1"
 GPU_RESOURCE = "nvidia.com/gpu"
 BUNDLE_META = "bundle.json"  # imgpipe.bundle.META_FILE; not imported: that pulls in torch
@@ -38,7 +40,7 @@ BUNDLE_META = "bundle.json"  # imgpipe.bundle.META_FILE; not imported: that pull
 JOB_EXCLUDES = ("/.git", "/data", "/runs", "/bundles", "/reports", "/.venv", "/venv")
 
 
-class ClusterConfigError(ValueError):
+class ClusterConfigError(UserError, ValueError):
     """A cluster config or manifest that Ray/KubeRay would reject; the message names the file."""
 
 

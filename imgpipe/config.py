@@ -13,12 +13,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from imgpipe.constants import METRIC_MODES
 from imgpipe.data.transforms import Augment
+from imgpipe.errors import UserError
 
 EmbeddedDataset = Literal["digits-lt", "shapes-lt"]
 EMBEDDED_DATASETS: tuple[str, ...] = get_args(EmbeddedDataset)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the offending field(s)."""
 
 
@@ -130,6 +131,9 @@ class TrainConfig(StrictModel):
     metric: Literal["macro_f1", "balanced_accuracy", "accuracy"] = "macro_f1"
     patience: int | None = Field(None, ge=1, description="early stopping on the val metric")
     resume: str | None = Field(None, description="checkpoint dir to resume from")
+    max_failures: int = Field(
+        3, ge=-1, description="worker/node failures Ray Train recovers from by restoring the "
+        "latest checkpoint (-1: unlimited, 0: fail on the first)")
     cache_decoded: bool = Field(True, description="decode once per run (object store)")
     shuffle_buffer: int = Field(256, ge=0)
     deterministic: bool = Field(False, description="preserve Ray Data order (slower)")
@@ -176,7 +180,8 @@ class TuneJobConfig(StrictModel):
 
     data: str = "data/digits-lt"
     dataset: EmbeddedDataset | None = Field(
-        "digits-lt", description="embedded dataset prepared into `data` when it is missing")
+        None, description="embedded dataset to prepare into `data` when it has no manifest "
+        "(digits-lt is prepared at the default `data` path without asking)")
     out: str = "runs/tune"
     name: str = Field("tune", pattern=r"^[A-Za-z0-9_.-]+$")
     bundle_root: str = "bundles"
@@ -197,6 +202,8 @@ class TuneJobConfig(StrictModel):
         None, ge=1, description="epochs before ASHA may stop a trial (default min(4, epochs))")
     reduction_factor: float = Field(3.0, gt=1)
     resume: bool = False
+    trial_max_failures: int = Field(
+        2, ge=-1, description="times Tune retries a failed trial (from its latest checkpoint)")
     report: bool = Field(True, description="write the evaluation report for the best bundle")
     train: dict[str, Any] = Field(
         default_factory=dict, description="TrainConfig fields shared by all trials")
@@ -224,8 +231,15 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    text = Path(path).read_text()
-    data = yaml.safe_load(text) or {}
+    """Read a YAML config file. Raises ConfigError for a missing, unreadable or invalid file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data

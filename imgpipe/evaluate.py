@@ -44,6 +44,7 @@ from imgpipe.constants import (
 )
 from imgpipe.data.shards import load_manifest, read_split_table
 from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image, normalize
+from imgpipe.errors import DataSourceError
 from imgpipe.inference import Predictor, adjusted_probabilities, prior_shift
 from imgpipe.metrics import (
     brier_score,
@@ -182,7 +183,7 @@ def parse_prior(value: str | list[float] | None) -> DeploymentPrior | None:
     try:
         return [float(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"prior {value!r}: expected one of {', '.join(PRIOR_CHOICES)} or a "
+        raise DataSourceError(f"prior {value!r}: expected one of {', '.join(PRIOR_CHOICES)} or a "
                          "comma-separated vector of class probabilities") from None
 
 
@@ -244,11 +245,11 @@ def run_evaluation(bundle_dir: str | Path, data_root: str, split: str,
     meta = predictor.meta
     manifest_names = load_manifest(data_root).class_names
     if manifest_names != meta.class_names:
-        raise ValueError(f"{data_root}: class names {manifest_names} differ from the bundle's "
+        raise DataSourceError(f"{data_root}: class names {manifest_names} differ from the bundle's "
                          f"{meta.class_names}")
     preds = predict_split(predictor.model, meta.preprocess, data_root, split)
     if preds.labels.size == 0:
-        raise ValueError(f"{data_root}: split {split!r} has no decodable image to evaluate")
+        raise DataSourceError(f"{data_root}: split {split!r} has no decodable image to evaluate")
     probs = predictor.probabilities(preds.logits)
     probs_t1 = adjusted_probabilities(preds.logits, _with_temperature(meta, 1.0))
     y_pred = predictor.predict_labels(probs)
@@ -397,7 +398,7 @@ def calibrate_bundle(bundle_dir: str | Path, data_root: str, *,
     meta = predictor.meta
     preds = predict_split(predictor.model, meta.preprocess, data_root, VAL)
     if preds.labels.size == 0:
-        raise ValueError(f"{data_root}: the val split has no decodable image to calibrate on")
+        raise DataSourceError(f"{data_root}: the val split has no decodable image to calibrate on")
     c = meta.architecture.num_classes
     fit_meta = meta.model_copy(update={"deployment_prior": _fit_prior(preds.labels, c)})
     t = fit_temperature(preds.logits, preds.labels, prior_shift(fit_meta))

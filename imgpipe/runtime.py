@@ -3,37 +3,103 @@
 from __future__ import annotations
 
 import os
+import socket
+import time
 from dataclasses import dataclass
 
 import ray
+from ray._common.utils import get_default_ray_temp_dir
+
+from imgpipe.errors import UserError
 
 # Ray Data's read planning needs one whole free logical CPU beside the train workers
 # (shared/ray-2.60-notes.md): plans keep it free or the run hangs instead of failing.
 DATA_CPU_RESERVE = 1.0
 DRIVER_CPU = 0.01
+# How long a Ray address that was asked for may take to accept a connection.
+CONNECT_TIMEOUT_S = 10.0
 
 
-class ResourcePlanError(RuntimeError):
+class ResourcePlanError(UserError, RuntimeError):
     """The requested workers/trials cannot fit the cluster; the message says what to change."""
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+class RayUnreachableError(UserError):
+    """The Ray address asked for does not answer (e.g. a head killed with SIGKILL)."""
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None,
+             connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """Connect to ``address`` / ``$RAY_ADDRESS``, or start a local instance.
+
+    An address that was asked for is probed first (``check_reachable``), so a dead head fails
+    within ``connect_timeout_s`` with the address and the fix, instead of Ray retrying it
+    forever. With no address a fresh local instance starts (``address="local"``): Ray would
+    otherwise reuse the head recorded in its temp folder, which may be long dead.
 
     Locally, logical CPUs are at least 4 even on a 2-core machine: train workers, Data tasks
     and the driver are time-sliced, and Data's read step needs a whole free logical CPU.
     The dashboard (bound to 127.0.0.1) stays on because Tune relies on the State API to clean
     up placement groups of stopped trials.
+
+    Raises:
+        RayUnreachableError: the address asked for does not answer.
     """
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
+        check_reachable(address, connect_timeout_s)
         ray.init(address=address)
         return
-    ray.init(num_cpus=num_cpus or max(os.cpu_count() or 1, 4), include_dashboard=True,
-             dashboard_host="127.0.0.1", configure_logging=False)
+    ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4),
+             include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+
+
+def recorded_address() -> str | None:
+    """The head address Ray recorded in its temp folder (``ray_current_cluster``), if any."""
+    path = os.path.join(get_default_ray_temp_dir(), "ray_current_cluster")
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise RayUnreachableError unless the GCS at ``address`` accepts a connection in time.
+
+    ``auto`` means the head recorded in Ray's temp folder. ``ray://`` (Ray Client) addresses
+    are left to Ray.
+    """
+    if address.startswith("ray://"):
+        return
+    target = recorded_address() if address == "auto" else address
+    fresh = ("start one with `ray start --head`, or run without --address (and without "
+             "RAY_ADDRESS) to start a local instance")
+    if target is None:
+        raise RayUnreachableError(f"--address auto: no Ray cluster is recorded in "
+                                  f"{get_default_ray_temp_dir()}; {fresh}")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnreachableError(f"Ray address {address!r} is not host:port")
+    deadline = time.monotonic() + timeout_s
+    error: OSError | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(
+                    2.0, deadline - time.monotonic()))):
+                return
+        except OSError as e:  # refused (dead head), unreachable host, timeout
+            error = e
+            time.sleep(0.5)
+    recorded = " (the head recorded in Ray's temp folder)" if address == "auto" else ""
+    raise RayUnreachableError(
+        f"no Ray cluster answers at {target}{recorded} after {timeout_s:g} s ({error}); the "
+        f"head has probably died (a killed or OOM-killed head leaves its address behind). "
+        f"Restart it with `ray start --head`, point --address/RAY_ADDRESS at a live head, or "
+        f"run without --address to start a local instance")
 
 
 @dataclass(frozen=True)

@@ -13,15 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from imgpipe.bundle import BundleError
-from imgpipe.config import ConfigError, resolve_config
+from imgpipe import storage
+from imgpipe.config import resolve_config
 from imgpipe.console import format_table, per_class_table, write_json
 from imgpipe.constants import TEST, VAL
-from imgpipe.data.shards import ManifestError
+from imgpipe.errors import run_job
 from imgpipe.evaluate import (
     BEFORE_TEMPERATURE,
     METRICS_FILE,
@@ -33,6 +34,7 @@ from imgpipe.evaluate import (
     parse_prior,
 )
 from imgpipe.metrics import ECE, NLL
+from imgpipe.preflight import check_evaluate_config
 from imgpipe.report import SUMMARY_METRICS, write_report
 
 
@@ -96,21 +98,31 @@ def print_summary(results: dict[str, Any], split: str) -> None:
     print(per_class_table(ev["class_names"], ev["train_class_counts"], m))
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = vars(get_args_parser().parse_args(argv))
     config_file = args.pop("config")
     overrides = {k.replace("-", "_"): v for k, v in args.items()}
-    try:
-        cfg = resolve_config(EvaluateConfig, config_file, overrides)
-        results = run(cfg)
-    except (ConfigError, BundleError, ManifestError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print_summary(results, cfg.split)
-    path = write_json(Path(cfg.out) / "results.json", results)
-    print(f"\nwall time {results['wall_time_s']:.1f} s; results in {path}"
-          + (f", report in {Path(cfg.out) / 'report.html'}" if cfg.report else ""))
+    cfg = resolve_config(EvaluateConfig, config_file, overrides)
+    check_evaluate_config(cfg.bundle, cfg.data, cfg.split, cfg.prior)  # before any decoding
+    storage.check_durable({"--out": cfg.out})
+    out = storage.absolute_location(cfg.out)
+    with tempfile.TemporaryDirectory(prefix="imgpipe-eval-") as tmp:
+        # Reports are written locally; a URI --out receives the finished folder.
+        work = tmp if storage.is_uri(out) else out
+        results = run(cfg.model_copy(update={"out": work}))
+        results["config"]["out"] = out
+        print_summary(results, cfg.split)
+        write_json(Path(work) / "results.json", results)
+        if storage.is_uri(out):
+            storage.upload_dir(work, out)
+    print(f"\nwall time {results['wall_time_s']:.1f} s; results in "
+          f"{storage.join(out, 'results.json')}"
+          + (f", report in {storage.join(out, 'report.html')}" if cfg.report else ""))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(lambda: _main(argv), "evaluate")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,12 @@ import logging
 import sys
 import time
 
-from imgpipe.config import EMBEDDED_DATASETS, ConfigError, PrepareConfig, resolve_config
+from imgpipe import storage
+from imgpipe.config import EMBEDDED_DATASETS, PrepareConfig, resolve_config
 from imgpipe.constants import MANIFEST_FILE, SPLITS
 from imgpipe.data.prepare import prepare, resolve_out
 from imgpipe.data.shards import Manifest, join_location
+from imgpipe.errors import run_job
 
 MAX_TABLE_ROWS = 100
 
@@ -58,29 +60,28 @@ def format_counts(manifest: Manifest) -> str:
         lines.append(f"... {len(manifest.class_names) - MAX_TABLE_ROWS} more classes")
     lines.append(f"{'total':<{width}} " + " ".join(f"{manifest.num_rows[s]:>7}" for s in splits))
     lines.append(f"skipped: {manifest.skipped.count}")
+    if manifest.ignored:
+        lines.append("ignored: " + ", ".join(f"{n} {k}" for k, n in manifest.ignored.items()))
     lines += [f"warning: {w}" for w in manifest.warnings]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = get_args_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in vars(args).items() if k != "config"}
-    try:
-        cfg = resolve_out(resolve_config(PrepareConfig, args.config, overrides))
-    except (ConfigError, OSError) as e:
-        print(f"prepare_data: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_out(resolve_config(PrepareConfig, args.config, overrides))
+    storage.check_durable({"--out": cfg.out})
     start = time.perf_counter()
-    try:
-        manifest = prepare(cfg)
-    except ValueError as e:  # bad input data or settings (ConfigError, ManifestError included)
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        return 1
+    manifest = prepare(cfg)  # bad input data or settings raise UserError subclasses
     print(format_counts(manifest))
-    print(f"manifest: {join_location(cfg.out, MANIFEST_FILE)} "
-          f"({time.perf_counter() - start:.1f}s)")
+    print(f"({time.perf_counter() - start:.1f}s) manifest: "
+          f"{join_location(storage.absolute_location(cfg.out), MANIFEST_FILE)}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(lambda: _main(argv), "prepare_data")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imgpipe.config import ConfigError, TrainConfig, resolve_config
-from imgpipe.console import per_class_table, write_json
-from imgpipe.data.shards import ManifestError
-from imgpipe.runtime import ResourcePlanError, init_ray
+from imgpipe import storage
+from imgpipe.config import TrainConfig, resolve_config
+from imgpipe.console import per_class_table
+from imgpipe.errors import run_job
+from imgpipe.preflight import check_train_config
+from imgpipe.runtime import init_ray
 from imgpipe.training.trainer import run_training
 
 
@@ -31,7 +33,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--metric", choices=["macro_f1", "balanced_accuracy", "accuracy"])
     p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
-    p.add_argument("--resume", help="checkpoint folder to resume from")
+    p.add_argument("--resume", help="checkpoint folder (or URI) to resume from; read on the "
+                   "driver and handed to the workers through the run's storage")
+    p.add_argument("--max-failures", type=int,
+                   help="worker/node failures recovered from the latest checkpoint (default 3; "
+                   "-1 unlimited, 0 off)")
     p.add_argument("--model", dest="model.name", choices=["cnn", "resnet18", "resnet34"])
     p.add_argument("--image-size", dest="model.image_size", type=int)
     p.add_argument("--init-checkpoint", dest="model.init_checkpoint")
@@ -54,22 +60,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = vars(get_args_parser().parse_args(argv))
     config_file, address = args.pop("config"), args.pop("address")
     overrides = {k.replace("-", "_"): v for k, v in args.items()}
-    try:
-        cfg = resolve_config(TrainConfig, config_file, overrides)
-        init_ray(address)
-        results = run_training(cfg)
-    except (ConfigError, ResourcePlanError, ManifestError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_config(TrainConfig, config_file, overrides)
+    storage.check_durable({"--out": cfg.out, "--storage-path": cfg.storage_path})
+    check_train_config(cfg)  # weight/sampler vectors against the data, before Ray starts
+    init_ray(address)
+    results = run_training(cfg)
     print("\nTest split, best checkpoint (by val " + cfg.metric + "):")
     print(per_class_table(results["class_names"], results["train_counts"], results["test"]))
-    path = write_json(f"{cfg.out}/results.json", results)
-    print(f"\nwall time {results['wall_time_s']:.1f} s; results in {path}")
+    if results["restarts"]:
+        print(f"recovered from {len(results['restarts'])} worker failure(s): resumed at epoch(s) "
+              + ", ".join(str(r["resumed_at_epoch"] + 1) for r in results["restarts"]))
+    path = storage.write_json(storage.join(storage.absolute_location(cfg.out), "results.json"),
+                              results)
+    print(f"\nwall time {results['wall_time_s']:.1f} s; results in {path}, best checkpoint in "
+          f"{results['best_checkpoint']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(lambda: _main(argv), "train")
 
 
 if __name__ == "__main__":

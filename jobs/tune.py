@@ -9,22 +9,27 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imgpipe.config import EMBEDDED_DATASETS, ConfigError, TuneJobConfig, resolve_config
-from imgpipe.data.shards import ManifestError
-from imgpipe.runtime import ResourcePlanError, init_ray
-from imgpipe.tuning.job import run_tune_job
+from imgpipe import storage
+from imgpipe.config import EMBEDDED_DATASETS, TuneJobConfig, resolve_config
+from imgpipe.errors import run_job
+from imgpipe.preflight import check_tune_config
+from imgpipe.runtime import init_ray
+from imgpipe.tuning.job import check_data_source, run_tune_job
 from imgpipe.tuning.tuner import SearchInterrupted
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config", help="YAML file (TuneJobConfig fields, `train:` and `search:`)")
-    p.add_argument("--data", help="prepared shards; the embedded dataset is prepared if missing")
+    p.add_argument("--data", help="prepared shards (default data/digits-lt, prepared there if "
+                   "missing); any other folder must hold a manifest.json")
     p.add_argument("--dataset", choices=EMBEDDED_DATASETS,
                    help="embedded dataset to prepare when --data has no shards")
-    p.add_argument("--out", help="results.json, trials.csv, best checkpoint, report")
+    p.add_argument("--out", help="results.json, trials.csv, best checkpoint, report (local "
+                   "folder or s3:// gs:// URI)")
     p.add_argument("--name", help="experiment name (resume finds it by this name)")
-    p.add_argument("--bundle-root", help="where bundles/<name>/v<N> are written")
+    p.add_argument("--bundle-root", help="where <name>/v<N> bundles are published (local "
+                   "folder or s3:// gs:// URI)")
     p.add_argument("--bundle-name")
     p.add_argument("--num-samples", type=int, help="trials to run")
     p.add_argument("--max-concurrent", type=int, help="trials at once")
@@ -41,26 +46,34 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, help="epochs before a trial may be stopped")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue the experiment --name in --storage-path/--out")
+    p.add_argument("--trial-max-failures", type=int,
+                   help="retries of a failed trial from its latest checkpoint (default 2)")
     p.add_argument("--no-report", dest="report", action="store_false", default=None)
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = vars(get_args_parser().parse_args(argv))
     config_file, address = args.pop("config"), args.pop("address")
+    tcfg = resolve_config(TuneJobConfig, config_file, args)
+    storage.check_durable({"--out": tcfg.out, "--bundle-root": tcfg.bundle_root,
+                           "--storage-path": tcfg.storage_path})
+    check_data_source(tcfg)  # a folder without shards fails before Ray starts
+    check_tune_config(tcfg)  # train/search vectors against the data's classes, before Ray
+    init_ray(address)
     try:
-        tcfg = resolve_config(TuneJobConfig, config_file, args)
-        init_ray(address)
         results = run_tune_job(tcfg)
-    except (ConfigError, ResourcePlanError, ManifestError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except SearchInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
         return 130
-    print(f"\nwall time {results['wall_time_s']:.1f} s; results in {tcfg.out}/results.json")
+    print(f"\nwall time {results['wall_time_s']:.1f} s; results in {results['results_file']}, "
+          f"bundle in {results['bundle']}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(lambda: _main(argv), "tune")
 
 
 if __name__ == "__main__":

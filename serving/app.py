@@ -30,6 +30,12 @@ from serving.errors import ApiError
 from serving.inputs import check_image_header
 from serving.live import LiveState, apply_live_config
 from serving.metrics import MetricsBuffer, PrometheusMetrics
+from serving.prediction_log import (
+    LoggedForward,
+    MonitorGauges,
+    PredictionLogger,
+    resolve_prediction_log,
+)
 from serving.schemas import MODEL_DEPLOYMENT, LiveConfig, MiB, ReplicaSettings, ServeArgs
 from serving.security import resolve_token, warn_if_exposed
 
@@ -44,15 +50,22 @@ FLUSH_INTERVAL_S = 1.0
 class MetricsStore:
     """Holds the Prometheus registry; model replicas send it their counts."""
 
-    def __init__(self, model_name: str, model_version: str) -> None:
+    def __init__(self, model_name: str, model_version: str,
+                 prediction_log: str | None = None) -> None:
         # ``*_created`` timestamp series only add noise to a dashboard; off in this process.
         disable_created_metrics()
         self._metrics = PrometheusMetrics(model_name, model_version)
+        self._monitor = MonitorGauges(self._metrics.registry, prediction_log) if prediction_log \
+            else None
 
     def record(self, delta: dict[str, Any]) -> None:
         self._metrics.apply(delta)
+        if self._monitor is not None:
+            self._monitor.apply(delta.get("prediction_log"))
 
     def render(self) -> bytes:
+        if self._monitor is not None:
+            self._monitor.refresh()
         return self._metrics.render()
 
 
@@ -79,6 +92,17 @@ class ImgpipeModel:
         self._flusher: asyncio.Task | None = None
         pre = self.bundle_meta.preprocess
         self._probe = torch.zeros(1, pre.channels, pre.image_size, pre.image_size)
+        # Prediction log (off unless configured): the forward pass also queues its logits and
+        # penultimate features for a background Parquet writer; never blocks a request.
+        self.prediction_log = PredictionLogger(settings.prediction_log) \
+            if settings.prediction_log else None
+        self._predict_logits = LoggedForward(self.predictor, self.prediction_log) \
+            if self.prediction_log else self.predictor.predict_logits
+
+    def __del__(self) -> None:
+        # Serve calls __del__ on graceful replica shutdown: flush the log's last rows.
+        if getattr(self, "prediction_log", None) is not None:
+            self.prediction_log.close()
 
     def __serve_build_asgi_app__(self):
         # Built per replica after __init__, so routes close over this replica's state.
@@ -97,6 +121,9 @@ class ImgpipeModel:
         self._batched_logits.set_max_batch_size(config.max_batch_size)
         self._batched_logits.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
         self.live = state
+        # The prediction log records the calibration in effect from the predictor's metadata
+        # (requests never read it: they use their own LiveState).
+        self.predictor.meta = state.meta
         log.info("reconfigured: %s", config.model_dump())
 
     async def check_health(self) -> None:
@@ -159,7 +186,7 @@ class ImgpipeModel:
             except ImageDecodeError as e:
                 out[i] = ApiError(400, f"{what}: {e}")
         if tensors:
-            logits = self.predictor.predict_logits(torch.cat(tensors)).numpy()
+            logits = self._predict_logits(torch.cat(tensors)).numpy()
             self.metrics.batch(len(tensors))
             for i, row in zip(good, logits, strict=True):
                 out[i] = row
@@ -176,6 +203,8 @@ class ImgpipeModel:
 
     async def flush_metrics(self) -> None:
         delta = self.metrics.take()
+        if delta is not None and self.prediction_log is not None:
+            delta["prediction_log"] = (self.prediction_log.replica, self.prediction_log.stats())
         if delta is not None:
             await self._store.record.remote(delta)
 
@@ -227,8 +256,10 @@ def build_app(args: ServeArgs) -> Application:
         max_body_bytes=args.max_body_bytes, max_images_per_request=args.max_images_per_request,
         max_image_pixels=args.max_image_pixels, token=token,
         decode_budget_bytes=args.decode_budget_bytes, decode_wait_s=args.decode_wait_s,
+        prediction_log=resolve_prediction_log(args.prediction_log),
     )
-    store = MetricsStore.bind(meta.name, str(meta.version))
+    store = MetricsStore.bind(meta.name, str(meta.version),
+                              settings.prediction_log.location if settings.prediction_log else None)
     return ImgpipeModel.options(
         autoscaling_config={
             "min_replicas": args.min_replicas, "initial_replicas": args.min_replicas,

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import zlib
 
-from PIL import Image, UnidentifiedImageError
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from imgpipe.data.decode import ImageDecodeError, ImageTooLargeError, read_image_header
 from serving.errors import ApiError
 from serving.schemas import PredictJSON
 
@@ -89,24 +88,20 @@ def decode_b64(text: str, what: str) -> bytes:
 def check_image_header(data: bytes, max_pixels: int, what: str) -> tuple[int, int] | None:
     """``(width, height)`` from the header, refusing more than ``max_pixels`` before decoding.
 
-    None when the header is unreadable: the decoder then reports it with the shared message.
+    Uses the shared decoder's guard, which never depends on warning filters, so the answer is
+    the same whatever other requests in the replica's thread pool are doing. None when the
+    header is unreadable: the decoder then reports it with the shared message.
 
     Raises:
         ApiError: 400 when the image declares more than ``max_pixels`` pixels.
     """
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
-            Image.DecompressionBombError):
+        width, height, _ = read_image_header(data, max_pixels=max_pixels)
+    except ImageTooLargeError as e:
+        raise ApiError(400, f"{what}: {e}") from None
+    except ImageDecodeError:
         return None
-    except Image.DecompressionBombWarning:  # only if some code turned warnings into errors
-        raise ApiError(400, f"{what}: image dimensions exceed the maximum of {max_pixels} "
-                            "pixels") from None
-    if w * h > max_pixels:
-        raise ApiError(400, f"{what}: image dimensions {w}x{h} exceed the maximum of "
-                            f"{max_pixels} pixels")
-    return w, h
+    return width, height
 
 
 async def images_from_v1(request: Request, body: bytes, max_images: int) -> list[bytes]:

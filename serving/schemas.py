@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from serving.prediction_log import PredictionLogSettings
+
 TOKEN_ENV = "IMGPIPE_SERVE_TOKEN"
 MODEL_DEPLOYMENT = "ImgpipeModel"  # the name config files use to override its options
 MiB = 1024 * 1024
@@ -67,6 +69,7 @@ class ServeArgs(_Strict):
     temperature: float | None = Field(None, gt=0, description="override the bundle's")
     deployment_prior: Literal["model", "balanced", "train"] | list[float] | None = None
     decision_threshold: float | None = Field(None, gt=0, lt=1)
+    prediction_log: PredictionLogSettings | None = Field(None, description="off when absent")
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeArgs:
@@ -103,6 +106,7 @@ class ReplicaSettings(_Strict):
     token: SecretStr | None
     decode_budget_bytes: int = 512 * MiB
     decode_wait_s: float = 2.0
+    prediction_log: PredictionLogSettings | None = None
 
 
 # ----- /v1 -----------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_cli_bad_config_fails_before_work(job: ModuleType, tmp_path: Path, capsy
 def test_cli_data_error_exits_nonzero(job: ModuleType, tmp_path: Path, capsys) -> None:
     code = job.main(["--dataset", "digits-lt", "--test-per-class", "170", "--out",
                      str(tmp_path / "d")])
-    assert code == 1
+    assert code == 2  # a user mistake: a message, no traceback
     assert "test_per_class" in capsys.readouterr().err
 
 

@@ -84,14 +84,32 @@ def test_bad_search_space_fails_with_field(search, field):
         resolve_config(TuneJobConfig, None, {"search": search})
 
 
-def test_missing_default_data_is_prepared(tmp_path):
+def test_missing_data_is_prepared_only_when_asked_for(tmp_path, monkeypatch):
+    from imgpipe.errors import UserError
     from imgpipe.tuning.job import resolve_data
 
     root = tmp_path / "fresh" / "digits-lt"
-    manifest = resolve_data(resolve_config(TuneJobConfig, None, {"data": str(root)}))
+    manifest = resolve_data(resolve_config(TuneJobConfig, None, {"data": str(root),
+                                                                 "dataset": "digits-lt"}))
     assert (root / "manifest.json").is_file() and manifest.num_rows["train"] == 254
-    with pytest.raises(FileNotFoundError):  # no embedded dataset named: nothing to prepare
-        resolve_data(TuneJobConfig(data=str(tmp_path / "x"), dataset=None))
+    # a folder without a manifest (a typo, or not prepared yet) is never filled with digits
+    with pytest.raises(UserError, match="prepare_data.py --image-folder PATH --out .*mine"):
+        resolve_data(TuneJobConfig(data=str(tmp_path / "data" / "mine")))
+    assert not (tmp_path / "data" / "mine").exists()
+    # the default path of a fresh clone is prepared without asking
+    monkeypatch.chdir(tmp_path)
+    assert resolve_data(TuneJobConfig()).num_rows["train"] == 254
+    assert (tmp_path / "data" / "digits-lt" / "manifest.json").is_file()
+
+
+def test_tune_job_without_manifest_exits_2_before_starting_ray(tmp_path):
+    proc = subprocess.run([sys.executable, "jobs/tune.py", "--data", str(tmp_path / "mine"),
+                           "--out", str(tmp_path / "out")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no prepared shards" in proc.stderr and "prepare_data.py" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "mine").exists()
 
 
 def test_impossible_plan_names_the_flags():

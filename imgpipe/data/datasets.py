@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from imgpipe.constants import ID, IMAGE, LABEL, LABEL_NAME, TEST, TRAIN, VAL
+from imgpipe.errors import DataSourceError
 
 Record = dict[str, Any]
 
@@ -32,6 +33,7 @@ class LabeledImages:
     skipped: list[dict[str, str]] = field(default_factory=list)
     skipped_count: int = 0
     warnings: list[str] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)  # files left out on purpose, by reason
 
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> list[int]:
@@ -81,7 +83,7 @@ def _holdout_per_class(
     need = val_per_class + test_per_class
     if counts.min() <= need:
         small = int(np.argmin(counts))
-        raise ValueError(
+        raise DataSourceError(
             f"val_per_class + test_per_class = {need} leaves no training images for class "
             f"{small} ({counts[small]} images); lower val_per_class/test_per_class"
         )

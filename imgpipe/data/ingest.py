@@ -8,46 +8,37 @@ A file that cannot be read or decoded is skipped and reported, never fatal: one 
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import posixpath
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-from PIL import Image
 
 from imgpipe.constants import LABEL, SPLITS, TEST, TRAIN, VAL
 from imgpipe.data.datasets import LabeledImages, Record, long_tail_counts, make_record
-from imgpipe.data.shards import join_location, read_bytes, resolve_filesystem
-from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image
+from imgpipe.data.decode import GREY_MODES, ImageDecodeError, decode_image, read_image_header
+from imgpipe.data.shards import read_bytes, resolve_filesystem
+from imgpipe.data.sources import (  # noqa: F401 — listing names stay importable from here
+    IMAGE_EXTENSIONS,
+    SPLIT_ALIASES,
+    SourceItem,
+    SourceListing,
+    list_image_folder,
+    list_manifest,
+    look_alike_classes,
+    sort_class_names,
+)
+from imgpipe.data.transforms import Preprocess
+from imgpipe.errors import DataSourceError
 
 log = logging.getLogger(__name__)
 
-# torchvision's ImageFolder list, lower-case; anything else in the tree is ignored, not skipped.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
-                    ".gif")
-SPLIT_ALIASES = {"train": TRAIN, "val": VAL, "valid": VAL, "validation": VAL, "test": TEST}
-_GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
 _IO_THREADS = 8  # object-store reads are latency-bound; threads overlap them
-
-
-@dataclass
-class SourceItem:
-    """One image to ingest: where it is, its class name, its split if the source fixes one."""
-
-    location: str  # local path or URI, as reported in skip messages
-    label_name: str
-    split: str | None
-    id: str
-    fs: pafs.FileSystem | None = None  # known already for folder trees
-    path: str | None = None
 
 
 @dataclass
@@ -56,113 +47,6 @@ class _Loaded:
     data: bytes | None = None
     mode: str | None = None
     error: str | None = None
-
-
-# ---------------------------------------------------------------------------------------------
-# listing sources
-# ---------------------------------------------------------------------------------------------
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def list_image_folder(root: str) -> tuple[list[SourceItem], list[str]]:
-    """``root/<class>/**/<image>`` or ``root/{train,val,test}/<class>/**/<image>`` → items.
-
-    Returns the items and warnings (ignored files). Raises ValueError for a missing root, a tree
-    with no images, or a ``train/`` folder next to folders that are not splits.
-    """
-    fs, base = resolve_filesystem(root)
-    if fs.get_file_info(base).type != pafs.FileType.Directory:
-        raise ValueError(f"image_folder: {root} is not a directory")
-    infos = [i for i in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-             if i.type == pafs.FileType.File]
-    rel = {i.path: posixpath.relpath(i.path, base).split("/") for i in infos}
-    tops = {parts[0] for parts in rel.values() if len(parts) > 1 and not parts[0].startswith(".")}
-    split_mode = TRAIN in tops
-    if split_mode and not tops <= set(SPLIT_ALIASES):
-        others = sorted(tops - set(SPLIT_ALIASES))
-        raise ValueError(f"image_folder: {root} holds train/ and also {others}; put class "
-                         "folders inside train/ (and val/, test/), or drop train/")
-    depth = 3 if split_mode else 2  # split?/class/file
-    items, ignored = [], 0
-    for path, parts in sorted(rel.items()):
-        if len(parts) < depth or not _is_image(parts[-1]) or any(p.startswith(".") for p in parts):
-            ignored += 1
-            continue
-        split = SPLIT_ALIASES[parts[0]] if split_mode else None
-        label = parts[1] if split_mode else parts[0]
-        items.append(SourceItem(join_location(root, *parts), label, split, "/".join(parts),
-                                fs=fs, path=path))
-    if not items:
-        raise ValueError(f"image_folder: no images under {root} (expected <class>/<image> with "
-                         f"extensions {', '.join(IMAGE_EXTENSIONS)})")
-    warnings = [f"ignored {ignored} file(s) that are not <class>/<image> images"] if ignored else []
-    return items, warnings
-
-
-def _read_manifest_table(location: str) -> pa.Table:
-    fs, path = resolve_filesystem(location)
-    lower = path.lower()
-    types = {"path": pa.string(), "label": pa.string(), "split": pa.string()}
-    if lower.endswith(".csv"):
-        with fs.open_input_stream(path) as f:
-            return pacsv.read_csv(f, convert_options=pacsv.ConvertOptions(column_types=types))
-    if lower.endswith((".parquet", ".pq")):
-        table = pq.read_table(path, filesystem=fs)
-        return table.cast(pa.schema([pa.field(n, types.get(n, table.schema.field(n).type))
-                                     for n in table.column_names]))
-    raise ValueError(f"manifest: {location} must end in .csv or .parquet")
-
-
-def _resolve_row_path(manifest_location: str, path: str) -> str:
-    """Relative paths are relative to the manifest's folder (local or URI)."""
-    if "://" in path or (os.path.isabs(path) and "://" not in manifest_location):
-        return path
-    if "://" in manifest_location:
-        return posixpath.join(posixpath.dirname(manifest_location), path)
-    return os.path.join(os.path.dirname(os.path.abspath(manifest_location)), path)
-
-
-def list_manifest(location: str) -> tuple[list[SourceItem], list[str]]:
-    """A CSV/Parquet manifest with columns ``path``, ``label`` (class name), optional ``split``.
-
-    Raises ValueError naming the column or row that is wrong (missing column, empty value,
-    unknown split name).
-    """
-    try:
-        table = _read_manifest_table(location)
-    except FileNotFoundError:
-        raise ValueError(f"manifest: {location} not found") from None
-    missing = [c for c in ("path", "label") if c not in table.column_names]
-    if missing:
-        raise ValueError(f"manifest: {location} lacks column(s) {missing} "
-                         f"(found {table.column_names})")
-    paths, labels = table["path"].to_pylist(), table["label"].to_pylist()
-    splits = table["split"].to_pylist() if "split" in table.column_names else [None] * len(paths)
-    splits = [s.strip().lower() if s and s.strip() else None for s in splits]
-    if any(s is not None for s in splits) and any(s is None for s in splits):
-        raise ValueError(f"manifest: {location}: column split is empty on some rows; "
-                         "fill it on every row or drop the column")
-    items, duplicates, seen = [], [], set()
-    for row, (path, label, split) in enumerate(zip(paths, labels, splits, strict=True), start=2):
-        if not path or label is None or not str(label).strip():
-            raise ValueError(f"manifest: {location} row {row}: empty path or label")
-        if split is not None and split not in SPLIT_ALIASES:
-            raise ValueError(f"manifest: {location} row {row}: unknown split {split!r} "
-                             f"(use {', '.join(SPLITS)})")
-        if path in seen:
-            duplicates.append(f"row {row}: {path}")
-            continue
-        seen.add(path)
-        items.append(SourceItem(_resolve_row_path(location, path), str(label).strip(),
-                                SPLIT_ALIASES[split] if split else None, path))
-    if not items:
-        raise ValueError(f"manifest: {location} has no rows")
-    warnings = [f"ignored {len(duplicates)} duplicate path(s), e.g. {duplicates[:3]}"
-                ] if duplicates else []
-    return items, warnings
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,10 +82,9 @@ def _read_one(item: SourceItem, filesystems: _FileSystems) -> _Loaded:
     except (OSError, pa.ArrowException, ValueError) as e:
         return _Loaded(item, error=f"cannot read file: {e}")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            mode = img.mode
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        return _Loaded(item, error=f"cannot decode image: {e}")
+        _, _, mode = read_image_header(data)
+    except ImageDecodeError as e:
+        return _Loaded(item, error=str(e))
     return _Loaded(item, data=data, mode=mode)
 
 
@@ -224,7 +107,7 @@ def load_images(items: list[SourceItem]) -> tuple[list[_Loaded], list[dict[str, 
     with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
         read = list(pool.map(lambda it: _read_one(it, filesystems), items))
         ok = [r for r in read if r.error is None]
-        mode = "L" if ok and all(r.mode in _GREY_MODES for r in ok) else "RGB"
+        mode = "L" if ok and all(r.mode in GREY_MODES for r in ok) else "RGB"
         # image_size only matters for the resize after decoding; small keeps validation cheap.
         pre = Preprocess(image_size=8, mode=mode, mean=(0.5,) * (1 if mode == "L" else 3),
                          std=(0.5,) * (1 if mode == "L" else 3))
@@ -241,13 +124,6 @@ def load_images(items: list[SourceItem]) -> tuple[list[_Loaded], list[dict[str, 
 # ---------------------------------------------------------------------------------------------
 # splits and long tail
 # ---------------------------------------------------------------------------------------------
-
-
-def sort_class_names(names: set[str]) -> list[str]:
-    """Numeric order when every name is an integer ("2" before "10"), else lexicographic."""
-    if all(n.lstrip("-").isdigit() for n in names):
-        return sorted(names, key=int)
-    return sorted(names)
 
 
 def stratified_assign(labels: np.ndarray, fractions: dict[str, float],
@@ -321,23 +197,47 @@ def _assign_splits(given: list[str | None], labels: np.ndarray, val_fraction: fl
 # ---------------------------------------------------------------------------------------------
 
 
-def _build(source: str, items: list[SourceItem], warnings: list[str], *, seed: int,
-           val_fraction: float, test_fraction: float,
-           imbalance_ratio: float | None) -> LabeledImages:
-    """Validate, split and (optionally) long-tail ``items`` into ``LabeledImages``."""
-    class_names = sort_class_names({it.label_name for it in items})
+def _refuse_missing_classes(source: str, listing: SourceListing, loaded: list[_Loaded],
+                            skipped: list[dict[str, str]]) -> None:
+    """A class the user gave (a folder, or a label in the manifest) with no usable image is an
+    error that names it and says why, never a class that silently disappears."""
+    usable = {r.item.label_name for r in loaded}
+    missing = [c for c in listing.classes if c not in usable]
+    if not missing:
+        return
+    unreadable = Counter(it.label_name for it in listing.items)
+    reasons = []
+    for c in missing:
+        why = []
+        if unreadable[c]:
+            why.append(f"{unreadable[c]} image(s), none decodable")
+        if c in listing.not_images:
+            exts = ", ".join(f"{n} {ext}" for ext, n in sorted(listing.not_images[c].items()))
+            why.append(f"only files without an image extension ({exts})")
+        reasons.append(f"{c!r} ({'; '.join(why) or 'empty folder'})")
+    raise DataSourceError(
+        f"{source}: class(es) with no usable image: {', '.join(reasons)}. Supported extensions: "
+        f"{', '.join(IMAGE_EXTENSIONS)}. Add or convert images, or remove the class"
+        + (f"; skipped files: {[s['path'] for s in skipped[:3]]}" if skipped else ""))
+
+
+def _build(source: str, listing: SourceListing, *, seed: int, val_fraction: float,
+           test_fraction: float, imbalance_ratio: float | None) -> LabeledImages:
+    """Validate, split and (optionally) long-tail ``listing`` into ``LabeledImages``."""
+    class_names = listing.classes
     if len(class_names) < 2:
-        raise ValueError(f"{source}: found {len(class_names)} class ({class_names}); "
-                         "a classifier needs at least 2")
-    loaded, skipped, mode = load_images(items)
-    if not loaded:
-        raise ValueError(f"{source}: none of the {len(items)} image(s) could be decoded, e.g. "
-                         f"{skipped[0]['path']}: {skipped[0]['reason']}")
+        raise DataSourceError(f"{source}: found {len(class_names)} class ({class_names}); "
+                              "a classifier needs at least 2")
+    loaded, skipped, mode = load_images(listing.items)
+    _refuse_missing_classes(source, listing, loaded, skipped)
+    warnings = list(listing.warnings) + [
+        f"class names that differ only in case, spacing or leading zeros: {group}"
+        for group in look_alike_classes(class_names)]
     index = {name: i for i, name in enumerate(class_names)}
     labels = np.array([index[r.item.label_name] for r in loaded], dtype=np.int64)
     splits, small, notes = _assign_splits([r.item.split for r in loaded], labels, val_fraction,
                                           test_fraction, seed)
-    warnings = warnings + notes
+    warnings += notes
     if small:
         warnings.append(f"too few images to split, all kept in train: "
                         f"{[class_names[c] for c in small]}")
@@ -357,7 +257,8 @@ def _build(source: str, items: list[SourceItem], warnings: list[str], *, seed: i
     for w in warnings:
         log.warning("%s: %s", source, w)
     return LabeledImages(source, class_names, records, mode, seed, imbalance_ratio,
-                         skipped=skipped, skipped_count=len(skipped), warnings=warnings)
+                         skipped=skipped, skipped_count=len(skipped), warnings=warnings,
+                         ignored=dict(listing.ignored))
 
 
 def ingest_image_folder(root: str, *, seed: int = 0, val_fraction: float = 0.1,
@@ -371,10 +272,10 @@ def ingest_image_folder(root: str, *, seed: int = 0, val_fraction: float = 0.1,
     class balance; a number subsamples train to that long tail. Unusable images are skipped.
 
     Raises:
-        ValueError: no images, fewer than two classes, or an ambiguous tree.
+        DataSourceError: no images, fewer than two classes, a class with no usable image, or
+            an ambiguous tree.
     """
-    items, warnings = list_image_folder(root)
-    return _build(f"image-folder:{canonical_location(root)}", items, warnings, seed=seed,
+    return _build(f"image-folder:{canonical_location(root)}", list_image_folder(root), seed=seed,
                   val_fraction=val_fraction, test_fraction=test_fraction,
                   imbalance_ratio=imbalance_ratio)
 
@@ -388,10 +289,10 @@ def ingest_manifest(location: str, *, seed: int = 0, val_fraction: float = 0.1,
     a split column are split like an image folder. Unusable images are skipped and reported.
 
     Raises:
-        ValueError: missing columns, empty values, unknown split names, fewer than two classes.
+        DataSourceError: missing columns, empty values, unknown split names, fewer than two
+            classes, a label with no usable image.
     """
-    items, warnings = list_manifest(location)
-    return _build(f"manifest:{canonical_location(location)}", items, warnings, seed=seed,
+    return _build(f"manifest:{canonical_location(location)}", list_manifest(location), seed=seed,
                   val_fraction=val_fraction, test_fraction=test_fraction,
                   imbalance_ratio=imbalance_ratio)
 

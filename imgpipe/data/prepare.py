@@ -94,7 +94,8 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     data = load_source(cfg)
     meta = {"source": data.source, "seed": data.seed, "imbalance_ratio": data.imbalance_ratio,
             "mode": data.mode, "skipped": data.skipped, "skipped_count": data.skipped_count,
-            "warnings": data.warnings, "config": cfg.model_dump(mode="json")}
+            "ignored": data.ignored, "warnings": data.warnings,
+            "config": cfg.model_dump(mode="json")}
     manifest = write_shards(cfg.out, data.splits, data.class_names, meta,
                             rows_per_shard=cfg.rows_per_shard)
     log.info("prepared %s → %s (%s)", data.source, cfg.out, manifest.num_rows)

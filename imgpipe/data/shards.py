@@ -8,7 +8,6 @@ Works on local paths and on ``s3://`` / ``gs://`` (any ``pyarrow.fs`` URI).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -20,7 +19,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from imgpipe.constants import (
@@ -32,7 +30,9 @@ from imgpipe.constants import (
     SHARD_SCHEMA_VERSION,
     TRAIN,
 )
-from imgpipe.data.transforms import Preprocess, to_mode
+from imgpipe.data.decode import GREY_MODES, ImageDecodeError, open_image, read_image_header, to_mode
+from imgpipe.data.transforms import Preprocess
+from imgpipe.errors import DataSourceError, UserError
 
 SHARD_SCHEMA = pa.schema([
     pa.field(IMAGE, pa.binary()),
@@ -44,7 +44,7 @@ MAX_SKIPPED_EXAMPLES = 20
 _PART_RE = re.compile(r"part-\d{5}\.parquet")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """A shard directory whose manifest is missing, unreadable, invalid or from another version."""
 
 
@@ -91,6 +91,9 @@ class Manifest(BaseModel):
     seed: int
     imbalance_ratio: float | None
     skipped: Skipped = Field(default_factory=Skipped)
+    ignored: dict[str, int] = Field(
+        default_factory=dict, description="files left out on purpose, by reason (os_debris, "
+        "not_an_image, outside_class_folders, duplicate_rows)")
     warnings: list[str] = Field(default_factory=list)
     config: dict[str, Any] = Field(default_factory=dict, description="resolved PrepareConfig")
     created_at: str
@@ -143,12 +146,12 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         ValueError: an empty location or a URI scheme pyarrow does not know.
     """
     if not uri:
-        raise ValueError("empty path")
+        raise DataSourceError("empty path")
     if "://" in uri:
         try:
             fs, path = pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise ValueError(f"{uri}: unsupported location ({e})") from e
+            raise DataSourceError(f"{uri}: unsupported location ({e})") from e
         return fs, path.rstrip("/") or "/"
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
 
@@ -178,12 +181,13 @@ def _image_stats(records_by_split: dict[str, list[dict]], mode: str) -> dict[str
     for split, records in records_by_split.items():
         for rec in records:
             try:
-                with Image.open(io.BytesIO(rec[IMAGE])) as img:
-                    sizes.add(img.size)
-                    if split != TRAIN:
-                        continue  # only the header is read for val/test
-                    arr = np.asarray(to_mode(img, mode), dtype=np.float64).reshape(-1, channels)
-            except (OSError, ValueError, SyntaxError):
+                w, h, _ = read_image_header(rec[IMAGE])  # the stored size, as in the file
+                sizes.add((w, h))
+                if split != TRAIN:  # only the header is read for val/test
+                    continue
+                img = open_image(rec[IMAGE])
+                arr = np.asarray(to_mode(img, mode), dtype=np.float64).reshape(-1, channels)
+            except ImageDecodeError:
                 # Shards may carry unusable images (the stream skips and counts them);
                 # statistics come from the usable ones.
                 continue
@@ -201,14 +205,13 @@ def _image_stats(records_by_split: dict[str, list[dict]], mode: str) -> dict[str
 
 def detect_mode(records: list[dict]) -> str:
     """"L" when every image is greyscale (by its header), else "RGB"."""
-    grey = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}
     for rec in records:
         try:
-            with Image.open(io.BytesIO(rec[IMAGE])) as img:
-                if img.mode not in grey:
-                    return "RGB"
-        except (OSError, ValueError, SyntaxError):
+            _, _, mode = read_image_header(rec[IMAGE])
+        except ImageDecodeError:
             continue  # an unreadable image says nothing about the mode
+        if mode not in GREY_MODES:
+            return "RGB"
     return "L"
 
 
@@ -269,8 +272,9 @@ def write_shards(out: str, records_by_split: dict[str, list[dict]], class_names:
 
     ``meta`` keys: ``source`` (required), ``seed``, ``imbalance_ratio``, ``mode`` (detected from
     the image headers when absent), ``skipped`` (list of ``{"path"|"id", "reason"}``),
-    ``skipped_count``, ``warnings``, ``config``. The manifest is written last (and an old one is
-    removed first), so a manifest always describes complete shards.
+    ``skipped_count``, ``ignored`` (reason → count), ``warnings``, ``config``. The manifest is
+    written last (and an old one is removed first), so a manifest always describes complete
+    shards.
 
     Raises:
         ValueError: a label/label_name that does not match ``class_names``, or a duplicate id.
@@ -310,6 +314,7 @@ def build_manifest(records_by_split: dict[str, list[dict]], class_names: list[st
         imbalance_ratio=meta.get("imbalance_ratio"),
         skipped=Skipped(count=int(meta.get("skipped_count", len(skipped))),
                         examples=skipped[:MAX_SKIPPED_EXAMPLES]),
+        ignored=dict(meta.get("ignored") or {}),
         warnings=list(meta.get("warnings") or []),
         config=dict(meta.get("config") or {}),
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -6,24 +6,28 @@ exactly the tensor that training saw (timm's ``resolve_data_config`` / torchvisi
 
 from __future__ import annotations
 
-import io
-import warnings
 from typing import Literal
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision.transforms import v2
 
-# Pillow's own bomb guard warns at 89M pixels and raises at 2x; we refuse far earlier because
-# nothing this product classifies needs more than a 64-megapixel source image.
-MAX_SOURCE_PIXELS = 64_000_000
-MAX_SOURCE_SIDE = 16_384
+# Decoding lives in its own module; these names stay importable from here (one preprocessing).
+from imgpipe.data.decode import (
+    MAX_SOURCE_PIXELS,
+    MAX_SOURCE_SIDE,
+    ImageDecodeError,
+    ImageTooLargeError,
+    decode_image,
+    to_mode,
+)
 
-
-class ImageDecodeError(ValueError):
-    """Bytes that are not a usable image (corrupt, truncated, bomb, absurd size)."""
+__all__ = [
+    "MAX_SOURCE_PIXELS", "MAX_SOURCE_SIDE", "Augment", "ImageDecodeError", "ImageTooLargeError",
+    "Preprocess", "augment_batch", "create_train_augment", "decode_image", "normalize",
+    "preprocess_images", "to_mode",
+]
 
 
 class Preprocess(BaseModel):
@@ -63,73 +67,6 @@ class Augment(BaseModel):
     rotation_degrees: float = Field(10.0, ge=0, le=180)
     color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast strength")
     random_erasing: float = Field(0.0, ge=0, le=1, description="probability")
-
-
-def to_mode(img: Image.Image, mode: str) -> Image.Image:
-    """Convert any Pillow image to ``mode`` the same way everywhere.
-
-    Multi-frame images use their first frame; transparency is composited on black (the
-    colour transparent pixels have in most encoders) so RGBA/LA/P-with-alpha do not depend on
-    whatever colour values hide under alpha=0; 16/32-bit greyscale is rescaled, not clipped.
-    """
-    if getattr(img, "is_animated", False):
-        img.seek(0)
-    img = ImageOps.exif_transpose(img) if img.mode in ("RGB", "L", "RGBA") else img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        img = Image.fromarray(((arr - lo) * scale).round().astype(np.uint8), mode="L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode == "CMYK":
-        img = img.convert("RGB")
-    return img.convert(mode) if img.mode != mode else img
-
-
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
-def decode_image(data: bytes, pre: Preprocess) -> np.ndarray:
-    """Encoded bytes → uint8 array ``(size, size, channels)``.
-
-    Raises:
-        ImageDecodeError: corrupt or truncated data, a decompression bomb, or absurd dimensions.
-    """
-    if not data:
-        raise ImageDecodeError("empty image data")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w < 1 or h < 1 or max(w, h) > MAX_SOURCE_SIDE or w * h > MAX_SOURCE_PIXELS:
-                raise ImageDecodeError(
-                    f"image dimensions {w}x{h} refused (max side {MAX_SOURCE_SIDE}, "
-                    f"max pixels {MAX_SOURCE_PIXELS})"
-                )
-            img.load()
-            img = _resize_center_crop(to_mode(img, pre.mode), pre.image_size)
-    except ImageDecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(f"image dimensions refused (decompression bomb): {e}") from e
-    except UnidentifiedImageError as e:
-        raise ImageDecodeError("not a recognised image format") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageDecodeError(f"cannot decode image: {e}") from e
-    arr = np.asarray(img, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
 
 
 def normalize(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:

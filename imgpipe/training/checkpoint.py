@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from imgpipe.errors import CheckpointError
+
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
@@ -41,14 +43,14 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module, meta: dict[st
 def load_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"not a checkpoint: {path} is missing")
+        raise CheckpointError(f"not a checkpoint: {path} is missing")
     return json.loads(path.read_text())
 
 
 def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"not a checkpoint: {path} is missing")
+        raise CheckpointError(f"not a checkpoint: {path} is missing")
     return load_file(str(path))
 
 

@@ -25,6 +25,7 @@ from imgpipe.metrics import classification_metrics, confusion_matrix
 from imgpipe.models import create_model, unwrap_model
 from imgpipe.training.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
+from imgpipe.training.recovery import RESUME_KEY
 
 
 def _distributed() -> bool:
@@ -92,17 +93,20 @@ def evaluate(model: torch.nn.Module, loader, pre: Preprocess, num_classes: int,
     return out
 
 
-def _restore(cfg: TrainConfig, model, optimizer, scaler) -> tuple[int, float | None, int, list]:
-    """Resume from Ray Train's latest checkpoint (a restarted run) or ``cfg.resume``."""
+def _restore(config: dict[str, Any], model, optimizer, scaler
+             ) -> tuple[int, float | None, int, list, list]:
+    """Resume from Ray Train's latest checkpoint (a restored run) or the ``--resume`` one.
+
+    The ``--resume`` folder arrives as a ``ray.train.Checkpoint`` in the run's storage
+    (``recovery.stage_resume_checkpoint``), never as a driver-local path. Returns (start epoch,
+    best score, bad epochs, history, restarts); ``restarts`` gains an entry per restore.
+    """
     ckpt = ray.train.get_checkpoint()
-    source = None
-    if ckpt is not None:
-        source = ckpt.as_directory()
-    elif cfg.resume:
-        source = nullcontext(cfg.resume)
-    if source is None:
-        return 0, None, 0, []
-    with source as d:
+    restored = ckpt is not None
+    ckpt = ckpt if restored else config.get(RESUME_KEY)
+    if ckpt is None:
+        return 0, None, 0, [], []
+    with ckpt.as_directory() as d:
         unwrap_model(model).load_state_dict(load_weights(d))
         state = load_train_state(d)
         if state is not None:
@@ -110,8 +114,12 @@ def _restore(cfg: TrainConfig, model, optimizer, scaler) -> tuple[int, float | N
             if "scaler" in state:
                 scaler.load_state_dict(state["scaler"])
         meta = load_meta(d)
-    return (int(meta[EPOCH]) + 1, meta.get("best"), int(meta.get("bad_epochs", 0)),
-            list(meta.get("history", [])))
+    start = int(meta[EPOCH]) + 1
+    restarts = list(meta.get("restarts", []))
+    if restored:
+        restarts.append({"resumed_at_epoch": start})
+    return (start, meta.get("best"), int(meta.get("bad_epochs", 0)),
+            list(meta.get("history", [])), restarts)
 
 
 def _quiet_report_log() -> None:
@@ -141,7 +149,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loss_fn = create_loss(cfg.loss, counts).to(device)
     optimizer = create_optimizer(cfg.optim, model.parameters())
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp)
-    start, best, bad_epochs, history = _restore(cfg, model, optimizer, scaler)
+    start, best, bad_epochs, history, restarts = _restore(config, model, optimizer, scaler)
+    config = {**config, "restarts": restarts}
 
     steps_est = max(1, math.ceil(config["epoch_rows"] / world / cfg.batch_size))
     key, mode = val_key(cfg.metric), "max"
@@ -182,7 +191,8 @@ def _report(metrics: dict[str, Any], history: list[dict[str, Any]], model, optim
         ray.train.report(metrics)  # every rank reports the same number of times
         return
     with tempfile.TemporaryDirectory() as tmp:
-        meta = {**{k: config[k] for k in ("train", "class_names", "train_counts", "preprocess")},
+        meta = {**{k: config[k] for k in ("train", "class_names", "train_counts", "preprocess",
+                                          "restarts")},
                 **metrics, "history": history}
         save_checkpoint(tmp, unwrap_model(model), meta, optimizer, scaler)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from imgpipe import storage
 from imgpipe.config import TrainConfig
 from imgpipe.constants import (
     ACCURACY,
@@ -41,10 +44,12 @@ from imgpipe.data.pipeline import StreamPlan, build_decoded, build_train_stream,
 from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
 from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.data.transforms import Preprocess
+from imgpipe.errors import ImgpipeFailure
 from imgpipe.evaluate import evaluate_checkpoint
 from imgpipe.runtime import plan_resources
 from imgpipe.training.checkpoint import load_meta
 from imgpipe.training.loop import train_loop_per_worker
+from imgpipe.training.recovery import RESUME_KEY, FailureNotice, stage_resume_checkpoint
 
 
 def quiet_data_progress() -> None:
@@ -105,14 +110,22 @@ def prepare_inputs(cfg: TrainConfig) -> RunInputs:
 
 def build_trainer(inputs: RunInputs, name: str, storage_path: str,
                   callbacks: list | None = None) -> TorchTrainer:
-    """A TorchTrainer for one run (the train job, or one Tune trial)."""
+    """A TorchTrainer for one run (the train job, or one Tune trial).
+
+    Worker and node failures are recovered by Ray Train itself (``FailureConfig``): it restarts
+    the worker group, which restores the latest reported checkpoint (``cfg.max_failures`` times).
+    """
     cfg = inputs.config
+    loop_config = inputs.loop_config
+    if cfg.resume:
+        loop_config = {**loop_config,
+                       RESUME_KEY: stage_resume_checkpoint(cfg.resume, storage_path, name)}
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=inputs.loop_config,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
@@ -124,10 +137,10 @@ def build_trainer(inputs: RunInputs, name: str, storage_path: str,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=val_key(cfg.metric),
                 checkpoint_score_order=METRIC_MODES[cfg.metric]),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
             # Train logs every report at INFO (the whole metrics dict, per rank).
             logging_config=LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), FailureNotice(cfg.max_failures)],
         ),
     )
 
@@ -149,8 +162,8 @@ class EpochProgress(UserCallback):
 
 def storage_for(cfg: TrainConfig) -> str:
     if cfg.storage_path:
-        return cfg.storage_path
-    return str((Path(cfg.out) / "ray_results").resolve())
+        return storage.absolute_location(cfg.storage_path)
+    return storage.join(storage.absolute_location(cfg.out), "ray_results")
 
 
 def run_training(cfg: TrainConfig) -> dict[str, Any]:
@@ -160,8 +173,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     """
     plan = plan_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.gpus_per_worker)
     started = time.perf_counter()
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = storage.absolute_location(cfg.out)
     inputs = prepare_inputs(cfg)
     try:
         trainer = build_trainer(inputs, name=f"train-{int(time.time())}",
@@ -172,13 +184,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         inputs.close()
     best = result.get_best_checkpoint(val_key(cfg.metric), METRIC_MODES[cfg.metric])
     if best is None:
-        raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
-    best_dir = out / "best"
-    shutil.rmtree(best_dir, ignore_errors=True)
-    best.to_directory(str(best_dir))
-    history = _history(result)
-    test = evaluate_checkpoint(best_dir, cfg.data, TEST)
-    val = evaluate_checkpoint(best_dir, cfg.data, VAL)
+        raise TrainingFailed(f"training produced no checkpoint (error: {result.error})")
+    with tempfile.TemporaryDirectory(prefix="imgpipe-best-") as tmp:
+        best.to_directory(tmp)
+        test = evaluate_checkpoint(tmp, cfg.data, TEST)
+        val = evaluate_checkpoint(tmp, cfg.data, VAL)
+        best_dir = _publish_best(tmp, storage.join(out, "best"))
+    history, restarts = _history(result)
     return {
         "config": cfg.model_dump(mode="json"),
         "resource_plan": plan.summary(),
@@ -188,7 +200,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "sampling_rates": inputs.loop_config["sampling_rates"],
         "corrupt_skipped": inputs.corrupt,
         "best_epoch": _best_epoch(history, cfg.metric),
-        "best_checkpoint": str(best_dir),
+        "best_checkpoint": best_dir,
+        "restarts": restarts,
         "val": val,
         "test": test,
         "history": history,
@@ -203,9 +216,30 @@ def _best_epoch(history: list[dict[str, Any]], metric: str) -> int | None:
     return int(history[int(pick(scores))]["epoch"])
 
 
-def _history(result) -> list[dict[str, Any]]:
-    """Per-epoch scalar metrics, read from the latest checkpoint's metadata."""
+def _publish_best(local_dir: str, dest: str) -> str:
+    """Replace ``dest`` (local or URI) with the best checkpoint; local folders swap by rename."""
+    if storage.is_uri(dest):
+        return storage.upload_dir(local_dir, dest)
+    dest_path = Path(dest)
+    dest_path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".best-", dir=dest_path.parent))
+    shutil.copytree(local_dir, staging, dirs_exist_ok=True)
+    old = dest_path.with_name(f".{dest_path.name}-old-{os.getpid()}")
+    if dest_path.exists():
+        os.rename(dest_path, old)
+    os.rename(staging, dest_path)
+    shutil.rmtree(old, ignore_errors=True)
+    return str(dest_path)
+
+
+class TrainingFailed(ImgpipeFailure):
+    """The run ended without a usable checkpoint."""
+
+
+def _history(result) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-epoch scalar metrics and the restores Ray Train made, from the latest checkpoint."""
     if result.checkpoint is None:
-        return []
+        return [], []
     with result.checkpoint.as_directory() as d:
-        return load_meta(d).get("history", [])
+        meta = load_meta(d)
+    return meta.get("history", []), meta.get("restarts", [])

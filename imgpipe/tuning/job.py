@@ -2,71 +2,129 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from imgpipe import storage
 from imgpipe.config import PrepareConfig, TuneJobConfig
 from imgpipe.console import format_table, write_json
 from imgpipe.constants import TEST, val_key
 from imgpipe.data.prepare import ensure_prepared
-from imgpipe.data.shards import Manifest, load_manifest
+from imgpipe.data.shards import Manifest, ManifestNotFoundError, load_manifest
 from imgpipe.report import write_report
 from imgpipe.training.checkpoint import load_meta
 from imgpipe.tuning.export import best_checkpoint_dir, export_bundle
-from imgpipe.tuning.tuner import plan_search, run_search
+from imgpipe.tuning.tuner import TuneOutcome, plan_search, run_search
+
+DEFAULT_DATASET = "digits-lt"
+_NO_SHARDS = ("{data} holds no prepared shards (no manifest.json). Prepare your images first: "
+              "python jobs/prepare_data.py --image-folder PATH --out {data} (or --manifest "
+              "FILE.csv); or pass --dataset digits-lt to fill it with the embedded demo data")
 
 
 def resolve_data(tcfg: TuneJobConfig) -> Manifest:
-    """Use the shards at ``data``; prepare the embedded dataset there when they are missing."""
+    """Load the shards at ``data``; prepare embedded data there only when that was asked for.
+
+    Embedded data is prepared into a folder without a manifest only with an explicit
+    ``dataset`` or at the default ``data`` path (a fresh clone running ``jobs/tune.py``); any
+    other folder without a manifest is a typo or an unprepared folder, and filling it with
+    digits would silently train (and name a bundle) on the wrong data.
+
+    Raises:
+        ManifestNotFoundError: no manifest and nothing to prepare; says how to prepare it.
+    """
     try:
         return load_manifest(tcfg.data)
-    except FileNotFoundError:
-        if tcfg.dataset is None:
-            raise
-    print(f"no shards at {tcfg.data}: preparing {tcfg.dataset} (seed {tcfg.seed})", flush=True)
-    return ensure_prepared(PrepareConfig(dataset=tcfg.dataset, out=tcfg.data, seed=tcfg.seed))
+    except ManifestNotFoundError:
+        dataset = tcfg.dataset or (DEFAULT_DATASET if _is_default_data(tcfg.data) else None)
+        if dataset is None:
+            raise ManifestNotFoundError(_NO_SHARDS.format(data=tcfg.data)) from None
+    print(f"no shards at {tcfg.data}: preparing {dataset} (seed {tcfg.seed})", flush=True)
+    return ensure_prepared(PrepareConfig(dataset=dataset, out=tcfg.data, seed=tcfg.seed))
+
+
+def check_data_source(tcfg: TuneJobConfig) -> None:
+    """Fail early (no Ray, nothing prepared) when ``data`` has no manifest and none may be made.
+
+    Raises:
+        ManifestNotFoundError: as ``resolve_data``.
+    """
+    if tcfg.dataset or _is_default_data(tcfg.data):
+        return
+    try:
+        load_manifest(tcfg.data)
+    except ManifestNotFoundError:
+        raise ManifestNotFoundError(_NO_SHARDS.format(data=tcfg.data)) from None
+
+
+def _is_default_data(data: str) -> bool:
+    default = TuneJobConfig.model_fields["data"].default
+    return storage.absolute_location(data) == storage.absolute_location(default)
 
 
 def run_tune_job(tcfg: TuneJobConfig) -> dict[str, Any]:
-    """Run the whole search and export; returns the results written to ``<out>/results.json``."""
+    """Run the whole search and export; returns the results written to ``<out>/results.json``.
+
+    ``out`` and ``bundle_root`` may be local folders or URIs: with a URI the job works in a
+    local temporary folder and uploads it at the end.
+    """
     started = time.perf_counter()
     plan = plan_search(tcfg)  # fail on an impossible plan before touching data
     print(f"resource plan: {plan.summary()}", flush=True)
     manifest = resolve_data(tcfg)
     outcome = run_search(tcfg, manifest)
-    out = Path(tcfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    outcome.ranking.to_csv(out / "trials.csv", index=False)
+    out = storage.absolute_location(tcfg.out)
+    with tempfile.TemporaryDirectory(prefix="imgpipe-tune-") as tmp:
+        work = Path(tmp) if storage.is_uri(out) else Path(out)
+        results = _export_and_report(tcfg, outcome, work)
+        results.update(config=tcfg.model_dump(mode="json"), resource_plan=plan.summary(),
+                       wall_time_s=round(time.perf_counter() - started, 2))
+        write_json(work / "results.json", results)
+        if storage.is_uri(out):
+            storage.upload_dir(work, out)
+    results["results_file"] = storage.join(out, "results.json")
+    return results
+
+
+def _export_and_report(tcfg: TuneJobConfig, outcome: TuneOutcome, work: Path) -> dict[str, Any]:
+    work.mkdir(parents=True, exist_ok=True)
+    outcome.ranking.to_csv(work / "trials.csv", index=False)
     print("\ntrials ranked by val " + tcfg.metric + ":")
     print(ranking_table(outcome.ranking, tcfg.metric))
+    if outcome.failed_trials:
+        print(f"{len(outcome.failed_trials)} trial(s) failed after their retries and are left "
+              f"out of the ranking: {', '.join(outcome.failed_trials)}", flush=True)
     ckpt = best_checkpoint_dir(outcome.train_storage, outcome.best_trial_id, tcfg.metric,
-                               out / "best_checkpoint")
+                               work / "best_checkpoint")
     name = tcfg.bundle_name or Path(tcfg.data.rstrip("/")).name
+    history = load_meta(ckpt).get("history", [])
+    report_dir = work / "report"
+
+    def finish(staged: Path) -> None:
+        if tcfg.report:  # calibrated and reported before publication: a version is complete
+            write_report(staged, tcfg.data, report_dir, history=history)
+
     bundle, metrics = export_bundle(ckpt, tcfg.data, tcfg.bundle_root, name,
                                     {"search_params": outcome.best_params,
-                                     "trial_id": outcome.best_trial_id})
+                                     "trial_id": outcome.best_trial_id}, finish=finish)
     print(f"\nbundle {bundle} verified: val {tcfg.metric} {metrics['val'][tcfg.metric]:.4f}, "
           f"test balanced accuracy {metrics[TEST]['balanced_accuracy']:.4f}, "
           f"test macro-F1 {metrics[TEST]['macro_f1']:.4f}", flush=True)
-    history = load_meta(ckpt).get("history", [])
-    report = _write_report(tcfg, bundle, history) if tcfg.report else None
-    results = {
-        "config": tcfg.model_dump(mode="json"),
-        "wall_time_s": round(time.perf_counter() - started, 2),
+    report = storage.join(storage.absolute_location(tcfg.out), "report", "report.html")
+    return {
         "search_wall_time_s": round(outcome.wall_time_s, 2),
-        "resource_plan": plan.summary(),
         "experiment_path": outcome.experiment_path,
         "best_trial_id": outcome.best_trial_id,
         "best_params": outcome.best_params,
-        "bundle": str(bundle),
-        "report": str(report) if report else None,
+        "bundle": bundle,
+        "report": report if tcfg.report else None,
         "num_trials": len(outcome.ranking),
+        "failed_trials": outcome.failed_trials,
         "val": metrics["val"],
         "test": metrics[TEST],
     }
-    write_json(out / "results.json", results)
-    return results
 
 
 def ranking_table(ranking, metric: str, max_rows: int = 20) -> str:
@@ -76,8 +134,3 @@ def ranking_table(ranking, metric: str, max_rows: int = 20) -> str:
     rows = ranking[cols].head(max_rows).values.tolist()
     headers = [c.removeprefix("config/") for c in cols]
     return format_table(headers, [["" if v != v else v for v in r] for r in rows])
-
-
-def _write_report(tcfg: TuneJobConfig, bundle: Path, history: list[dict]) -> Path:
-    """Calibrate the bundle on val (temperature, binary threshold) and write the report."""
-    return write_report(bundle, tcfg.data, Path(tcfg.out) / "report", history=history)

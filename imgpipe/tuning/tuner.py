@@ -19,9 +19,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search.optuna import OptunaSearch
 
+from imgpipe import storage
 from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig, resolve_config
 from imgpipe.constants import METRIC_MODES, val_key
 from imgpipe.data.shards import Manifest, load_manifest
+from imgpipe.errors import ImgpipeError, ImgpipeFailure
 from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources
 from imgpipe.training.trainer import build_trainer, prepare_inputs
 from imgpipe.tuning.space import SearchSpace, define_space, params_to_overrides
@@ -92,8 +94,21 @@ class TrialLine(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self.done += 1
-        print(f"[{self.done}/{self.total}] trial {trial.trial_id} FAILED: {trial.error_file}",
-              flush=True)
+        print(f"[{self.done}/{self.total}] trial {trial.trial_id} FAILED after its retries "
+              f"(finished trials are kept): {trial.error_file}", flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        print(f"trial {trial.trial_id} failed ({_first_line(trial)}); Tune retries it from "
+              "its latest checkpoint", flush=True)
+
+
+def _first_line(trial) -> str:
+    try:
+        with open(trial.error_file) as f:
+            lines = [x.strip() for x in f.read().splitlines() if x.strip()]
+    except (OSError, TypeError):
+        return "error"
+    return lines[-1][:200] if lines else "error"
 
 
 def build_scheduler(tcfg: TuneJobConfig):
@@ -126,10 +141,13 @@ class TuneOutcome:
     best_params: dict[str, Any]
     plan: ResourcePlan
     wall_time_s: float
+    failed_trials: list[str]
 
 
 def storage_root(tcfg: TuneJobConfig) -> str:
-    return tcfg.storage_path or str((Path(tcfg.out) / "ray_results").resolve())
+    if tcfg.storage_path:
+        return storage.absolute_location(tcfg.storage_path)
+    return storage.join(storage.absolute_location(tcfg.out), "ray_results")
 
 
 def plan_search(tcfg: TuneJobConfig) -> ResourcePlan:
@@ -166,6 +184,8 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
                 num_samples=tcfg.num_samples, max_concurrent_trials=tcfg.max_concurrent,
                 time_budget_s=tcfg.time_budget_s),
             run_config=tune.RunConfig(name=tcfg.name, storage_path=root, verbose=0,
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=tcfg.trial_max_failures),
                                       callbacks=[TrialLine(val_key(tcfg.metric),
                                                            tcfg.num_samples)]),
         )
@@ -174,16 +194,21 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
     ranking = rank_trials(results, tcfg)
     if ranking.empty:
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error][:3]
-        raise RuntimeError(f"no trial reported a result; first errors: {errors}")
+        raise SearchFailed(f"no trial reported a result; first errors: {errors}")
     best = ranking.iloc[0]
     # "name[a|b]" keys are Optuna's names for restricted choices; "name" holds the value.
     params = {k[len("config/"):]: v for k, v in best.items()
               if k.startswith("config/") and "[" not in k and pd.notna(v)}
+    failed = [r.metrics.get("trial_id") or Path(r.path).name for r in results if r.error]
     return TuneOutcome(exp_path, train_storage, ranking, str(best["trial_id"]), params, plan,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, [str(f) for f in failed])
 
 
-class SearchInterrupted(RuntimeError):
+class SearchFailed(ImgpipeFailure):
+    """Every trial failed: there is nothing to rank or export."""
+
+
+class SearchInterrupted(ImgpipeError):
     """The search stopped before all trials ended (Ctrl-C); ``--resume`` continues it."""
 
 

@@ -1,0 +1,187 @@
+"""Rank candidate checkpoints for a target dataset by transferability, before any fine-tuning.
+
+For each candidate: penultimate features of the target's train and val splits (Ray Data batch
+inference, ``extract_splits``), then every score of ``imgpipe.transfer.scores``. A candidate
+that cannot be used (missing file, architecture mismatch, corrupt weights) gets a row with
+the reason and does not stop the others. Candidates are ordered by one primary score; when
+fine-tuned results are known, Kendall's τ (SciPy) between each score and them is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from imgpipe.config import StrictModel
+from imgpipe.constants import TRAIN, VAL
+from imgpipe.transfer.candidate import CandidateError
+from imgpipe.transfer.features import extract_splits
+from imgpipe.transfer.scores import compute_scores, score_names
+
+RANKING_FILE = "ranking.json"
+OK, FAILED = "ok", "failed"
+DEFAULT_PRIMARY = "linear_probe_balanced"
+
+
+class RankConfig(StrictModel):
+    """``jobs/rank_checkpoints.py`` settings (flags override YAML, like every job)."""
+
+    data: str = Field(description="prepared target shards")
+    candidates: list[str] = Field(min_length=1, description="candidate specs (see candidate.py)")
+    out: str = "runs/rank"
+    primary: str = Field(DEFAULT_PRIMARY, description="score that orders the table")
+    scores: list[str] | None = Field(None, description="scores to compute (default: all)")
+    finetuned: str | None = Field(
+        None, description="JSON {candidate: fine-tuned test balanced accuracy} for Kendall's τ")
+    num_actors: int = Field(1, ge=1, description="actor-pool size per candidate")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    batch_size: int = Field(128, ge=1)
+    image_size: int = Field(32, ge=8, le=1024, description="for candidates without own preprocessing")
+    seed: int = 0
+    plot: bool = True
+
+    @field_validator("primary")
+    @classmethod
+    def _known_primary(cls, v: str) -> str:
+        if v not in score_names():
+            raise ValueError(f"unknown score {v!r}; valid: {', '.join(score_names())}")
+        return v
+
+    @field_validator("scores")
+    @classmethod
+    def _known_scores(cls, v: list[str] | None) -> list[str] | None:
+        bad = sorted(set(v or []) - set(score_names()))
+        if bad:
+            raise ValueError(f"unknown score(s) {bad}; valid: {', '.join(score_names())}")
+        return v
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def score_candidate(spec: str, cfg: RankConfig) -> dict[str, Any]:
+    """One candidate's row: scores and timings, or ``status: failed`` with the reason."""
+    row: dict[str, Any] = {"candidate": spec, "status": OK, "reason": None}
+    started = time.perf_counter()
+    try:
+        feats = extract_splits(spec, cfg.data, (TRAIN, VAL), num_actors=cfg.num_actors,
+                               cpus_per_actor=cfg.cpus_per_actor, batch_size=cfg.batch_size,
+                               image_size=cfg.image_size, seed=cfg.seed)
+    except CandidateError as e:
+        return {**row, "status": FAILED, "reason": str(e)}
+    except Exception as e:  # noqa: BLE001 — a ranking reports a broken candidate and goes on
+        return {**row, "status": FAILED, "reason": _first_line(e)}
+    row["extract_s"] = round(time.perf_counter() - started, 2)
+    train, val = feats[TRAIN], feats[VAL]
+    wanted = list(dict.fromkeys((cfg.scores or score_names()) + [cfg.primary]))
+    try:
+        scores, seconds = compute_scores(train, val, wanted)
+    except (ValueError, ArithmeticError, MemoryError) as e:
+        return {**row, "status": FAILED, "reason": f"scoring failed: {_first_line(e)}"}
+    row.update(feature_dim=int(train.features.shape[1]), train_rows=len(train.labels),
+               val_rows=len(val.labels), skipped=train.skipped + val.skipped,
+               has_source_head=train.source_logits is not None, scores=scores,
+               score_s=seconds, total_s=round(time.perf_counter() - started, 2))
+    return row
+
+
+def order_rows(rows: list[dict[str, Any]], primary: str) -> list[dict[str, Any]]:
+    """Usable candidates by the primary score (best first), then the failed ones; adds ``rank``."""
+
+    def key(r: dict[str, Any]) -> tuple[int, float]:
+        value = (r.get("scores") or {}).get(primary)
+        return (0, -value) if r["status"] == OK and value is not None else (1, 0.0)
+
+    ordered = sorted(rows, key=key)
+    for i, r in enumerate(ordered, 1):
+        r["rank"] = i if key(r)[0] == 0 else None
+    return ordered
+
+
+def kendall_taus(rows: list[dict[str, Any]], finetuned: dict[str, float]) -> dict[str, Any]:
+    """Kendall's τ-b (SciPy) between each score and the fine-tuned results, over candidates
+    that have both; None where fewer than 3 candidates have the score."""
+    from scipy.stats import kendalltau
+
+    taus: dict[str, Any] = {}
+    names = [n for n in score_names() if any(n in (r.get("scores") or {}) for r in rows)]
+    for name in names:
+        pairs = [(r["scores"][name], finetuned[r["candidate"]]) for r in rows
+                 if r["status"] == OK and r["scores"].get(name) is not None
+                 and r["candidate"] in finetuned]
+        if len(pairs) < 3:
+            taus[name] = None
+            continue
+        tau = kendalltau(*zip(*pairs, strict=True)).statistic
+        taus[name] = None if math.isnan(tau) else round(float(tau), 4)
+    return taus
+
+
+def load_finetuned(path: str | None) -> dict[str, float]:
+    """``{candidate: fine-tuned balanced accuracy}`` from JSON, or {} when not given.
+
+    Raises:
+        ValueError: not a JSON object of numbers.
+    """
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or not all(isinstance(v, int | float) for v in data.values()):
+        raise ValueError(f"{path}: expected a JSON object {{candidate: balanced accuracy}}")
+    return {str(k): float(v) for k, v in data.items()}
+
+
+def rank_candidates(cfg: RankConfig,
+                    progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Score every candidate, order them, write ``ranking.json`` (and the plot) into ``out``.
+
+    Returns the ranking document. Ray must be initialised (any cluster).
+    Raises:
+        ManifestError: ``cfg.data`` is not prepared shards (before any candidate is tried).
+        ValueError: a bad ``finetuned`` file.
+    """
+    from imgpipe.data.shards import load_manifest
+
+    started = time.perf_counter()
+    manifest = load_manifest(cfg.data)
+    finetuned = load_finetuned(cfg.finetuned)
+    rows = []
+    for i, spec in enumerate(cfg.candidates, 1):
+        progress(f"[{i}/{len(cfg.candidates)}] {spec}")
+        row = score_candidate(spec, cfg)
+        if spec in finetuned:
+            row["finetuned_balanced_accuracy"] = finetuned[spec]
+        progress(f"    {_summary(row, cfg.primary)}")
+        rows.append(row)
+    doc: dict[str, Any] = {
+        "config": cfg.model_dump(mode="json"),
+        "target": {"classes": manifest.class_names, "train_counts": manifest.counts_vector(TRAIN)},
+        "primary": cfg.primary,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "candidates": order_rows(rows, cfg.primary),
+    }
+    if finetuned:
+        doc["kendall_tau"] = kendall_taus(rows, finetuned)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.plot:
+        from imgpipe.transfer.plots import plot_ranking
+
+        doc["plots"] = [str(p) for p in plot_ranking(doc, out)]
+    (out / RANKING_FILE).write_text(json.dumps(doc, indent=2))
+    return doc
+
+
+def _summary(row: dict[str, Any], primary: str) -> str:
+    if row["status"] != OK:
+        return f"FAILED: {row['reason']}"
+    return (f"{primary} {row['scores'][primary]:.4f}  (D={row['feature_dim']}, "
+            f"{row['train_rows']}+{row['val_rows']} rows, {row['total_s']:.1f} s)")

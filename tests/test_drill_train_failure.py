@@ -1,0 +1,92 @@
+"""Drill: SIGKILL one Ray Train worker mid-run; the run restores itself and finishes.
+
+Also: ``--resume DIR`` reaches the workers through the run's storage, never the driver's path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _kill_a_worker_after(ray_results: Path, checkpoints: int, killed: dict,
+                         timeout_s: float = 240) -> None:
+    """Once ``checkpoints`` epochs are checkpointed, SIGKILL one live Ray Train worker."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if len(list(ray_results.glob("*/checkpoint_*"))) >= checkpoints:
+            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                           ("state", "=", "ALIVE")], raise_on_missing_output=False)
+            pids = sorted(a.pid for a in workers if a.pid)
+            if len(pids) == 2:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed["pid"] = pids[-1]
+                return
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigkilled_worker_is_restored_and_the_run_finishes(ray_session, tiny_digits, tmp_path):
+    out = tmp_path / "run"
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_a_worker_after,
+                              args=(out / "ray_results", 2, killed), daemon=True)
+    killer.start()
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--data", tiny_digits, "--epochs", "5",
+         "--num-workers", "2", "--image-size", "16", "--batch-size", "32", "--out", str(out),
+         "--address", ray_session.get_runtime_context().gcs_address],
+        cwd=REPO, capture_output=True, text=True, timeout=420)
+    killer.join(timeout=1)
+    assert killed, f"no worker was killed:\n{proc.stdout[-3000:]}"
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [h["epoch"] for h in res["history"]] == [0, 1, 2, 3, 4]
+    assert len(res["restarts"]) == 1 and res["restarts"][0]["resumed_at_epoch"] >= 2
+    assert "worker failure 1 of 3 allowed" in proc.stdout
+    assert "restoring the latest checkpoint" in proc.stdout
+    assert "recovered from 1 worker failure(s)" in proc.stdout
+    # the last line names where the results are, absolutely
+    assert proc.stdout.strip().splitlines()[-1].endswith(f"best checkpoint in {out / 'best'}")
+
+
+def test_resume_dir_is_staged_into_run_storage(tmp_path):
+    """A driver-only checkpoint folder is copied into the run storage; workers get a Checkpoint."""
+    import torch
+
+    from imgpipe.models import create_model
+    from imgpipe.training.checkpoint import load_meta, save_checkpoint
+    from imgpipe.training.recovery import stage_resume_checkpoint
+
+    driver_only = tmp_path / "driver" / "ckpt"
+    save_checkpoint(driver_only, create_model("cnn", 3, in_channels=1), {"epoch": 2},
+                    torch.optim.SGD(create_model("cnn", 3, in_channels=1).parameters(), lr=0.1))
+    storage = tmp_path / "shared-storage"
+    ckpt = stage_resume_checkpoint(str(driver_only), f"file://{storage}", "train-x")
+    assert ckpt.path.startswith(str(storage)) and str(driver_only) not in ckpt.path
+    import shutil
+
+    shutil.rmtree(driver_only)  # the workers never need it
+    with ckpt.as_directory() as d:
+        assert load_meta(d) == {"epoch": 2}
+
+
+def test_resume_of_a_folder_that_is_not_a_checkpoint_is_a_user_error(tmp_path):
+    from imgpipe.errors import UserError
+    from imgpipe.training.recovery import stage_resume_checkpoint
+
+    with pytest.raises(UserError, match="not a checkpoint"):
+        stage_resume_checkpoint(str(tmp_path), str(tmp_path / "storage"), "train-x")

@@ -1,0 +1,166 @@
+"""Data-dependent settings are checked against the data before Ray starts (issue 10, C).
+
+Every job is called in-process: the checks must fail fast, exit 2, name the field, and leave
+Ray untouched (``ray.is_initialized()`` stays False).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import make_test_bundle
+from test_evaluate import write_tiny_shards
+
+from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig
+from imgpipe.constants import TEST, TRAIN, VAL
+from imgpipe.preflight import (
+    check_evaluate_config,
+    check_search_against_classes,
+    check_serve_overrides,
+    check_train_against_counts,
+    check_tune_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TEN = [50, 40, 30, 20, 10, 8, 6, 4, 2, 1]
+
+
+def load_job(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_job_preflight", ROOT / "jobs" / f"{name}.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+@pytest.fixture(scope="module")
+def ten_class_data(tmp_path_factory) -> str:
+    """10 classes, like digits-lt (one class absent from val to exercise 'mass on absent')."""
+    return write_tiny_shards(tmp_path_factory.mktemp("ten") / "data",
+                             {TRAIN: [3] * 9 + [0], VAL: [1] * 10, TEST: [1] * 10}, size=8)
+
+
+def assert_refused_before_ray(capsys, rc: int, field: str) -> None:
+    import ray
+
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert field in err, err
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(("flags", "field"), [
+    (["--class-weights", "1,2,3"], "loss.class_weights"),  # the reported cases
+    (["--sampler", "0.5,0.5"], "sampler.strategy"),
+    (["--sampler", ",".join(["0.1"] * 10)], "sampler.strategy"),  # mass on the absent class
+    (["--class-weights", ",".join(["1"] * 11)], "loss.class_weights"),
+])
+def test_train_job_refuses_vectors_that_do_not_fit_the_data(ten_class_data, capsys, flags,
+                                                            field):
+    rc = load_job("train").main(["--data", ten_class_data, "--out", "/tmp/unused", *flags])
+    assert_refused_before_ray(capsys, rc, field)
+
+
+def test_train_yaml_is_checked_the_same_way(ten_class_data, tmp_path, capsys):
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text(yaml.safe_dump({"data": ten_class_data, "out": str(tmp_path / "o"),
+                                   "loss": {"class_weights": "1,2"}}))
+    rc = load_job("train").main(["--config", str(cfg)])
+    assert_refused_before_ray(capsys, rc, "loss.class_weights")
+
+
+def test_right_lengths_pass():
+    cfg = TrainConfig(loss={"class_weights": ",".join(["1"] * 10)},
+                      sampler={"strategy": ",".join(["0.1"] * 9 + ["0"])})
+    check_train_against_counts(cfg, TEN[:9] + [0], None)
+    cfg = TrainConfig(loss={"name": "logit-adjusted", "class_weights": "power:0.5"})
+    check_train_against_counts(cfg, TEN, None)
+
+
+@pytest.mark.parametrize(("train", "search", "field"), [
+    ({"loss": {"class_weights": "1,2,3"}}, {}, "train.loss.class_weights"),
+    ({"sampler": {"strategy": "0.5,0.5"}}, {}, "train.sampler.strategy"),
+    ({}, {"sampler": ["none", "0.5,0.5"]}, "search.sampler[1]"),
+    ({}, {"sampler": "0.5,0.5"}, "search.sampler[0]"),
+    ({}, {"sampler": ["none", "balanced"]}, "search.sampler[1]"),
+    ({}, {"loss": ["ce", "focal-ish"]}, "search.loss[1]"),
+    ({}, {"optimizer": ["lamb"]}, "search.optimizer[0]"),
+    ({}, {"weight_family": ["free", "inverse"]}, "search.weight_family[1]"),
+])
+def test_tune_job_refuses_before_ray(ten_class_data, tmp_path, capsys, train, search, field):
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text(yaml.safe_dump({"data": ten_class_data, "out": str(tmp_path / "o"),
+                                   "train": train, "search": search}))
+    rc = load_job("tune").main(["--config", str(cfg)])
+    assert_refused_before_ray(capsys, rc, field)
+
+
+def test_tune_without_prepared_data_checks_against_the_embedded_dataset(tmp_path):
+    tcfg = TuneJobConfig(data=str(tmp_path / "fresh"), dataset="digits-lt",
+                         search={"sampler": ",".join(["0.1"] * 10)})
+    check_tune_config(tcfg)  # digits-lt has 10 classes: fits
+    tcfg = TuneJobConfig(data=str(tmp_path / "fresh"), dataset="digits-lt",
+                         train={"loss": {"class_weights": "1,2"}})
+    with pytest.raises(ConfigError, match="train.loss.class_weights"):
+        check_tune_config(tcfg)
+
+
+def test_search_vector_lengths():
+    check_search_against_classes({"sampler": ["none", "0.2,0.8"]}, 2)
+    with pytest.raises(ConfigError, match=r"search.sampler\[0\].*has 3 value\(s\).*2 classes"):
+        check_search_against_classes({"sampler": "0.2,0.3,0.5"}, 2)
+
+
+@pytest.fixture(scope="module")
+def four_class(tmp_path_factory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("four")
+    data = write_tiny_shards(root / "data", {TRAIN: [3, 3, 2, 1], VAL: [1] * 4, TEST: [1] * 4},
+                             size=8)
+    bundle = make_test_bundle(root / "bundles", num_classes=4, train_class_counts=[3, 3, 2, 1])
+    return str(bundle), data
+
+
+@pytest.mark.parametrize(("prior", "field"), [("0.5,0.5", "prior"), ("1,1,1,-1", "prior"),
+                                              ("0,0,0,0", "prior"), ("uniform", "prior")])
+def test_evaluate_prior_checked_against_the_bundle(four_class, tmp_path, capsys, prior, field):
+    bundle, data = four_class
+    rc = load_job("evaluate").main(["--bundle", bundle, "--data", data, "--prior", prior,
+                                    "--out", str(tmp_path / "e")])
+    assert_refused_before_ray(capsys, rc, field)
+    assert not (tmp_path / "e").exists()  # nothing was evaluated or written
+
+
+def test_evaluate_refuses_data_with_other_classes(four_class, ten_class_data):
+    bundle, _ = four_class
+    with pytest.raises(ConfigError, match="^data: .* bundle was trained on"):
+        check_evaluate_config(bundle, ten_class_data, TEST, None)
+    with pytest.raises(ConfigError, match="^split: 'holdout'"):
+        check_evaluate_config(bundle, four_class[1], "holdout", None)
+    check_evaluate_config(bundle, four_class[1], TEST, "0.1,0.2,0.3,0.4")
+
+
+def test_serve_overrides_checked_before_ray(four_class, tmp_path, capsys):
+    bundle, _ = four_class
+    with pytest.raises(ConfigError, match="^deployment_prior: the prior has 2 value"):
+        check_serve_overrides(bundle, [0.5, 0.5], None)
+    with pytest.raises(ConfigError, match="^decision_threshold: only for binary"):
+        check_serve_overrides(bundle, None, 0.3)
+    check_serve_overrides(bundle, "balanced", None)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(yaml.safe_dump({"applications": [{"args": {
+        "bundle": bundle, "deployment_prior": [0.5, 0.5]}}]}))
+    rc = load_job("serve").main(["--config", str(cfg)])
+    assert_refused_before_ray(capsys, rc, "deployment_prior")
+
+
+def test_resume_from_a_checkpoint_of_other_classes(ten_class_data, tmp_path, capsys):
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text(json.dumps({"epoch": 3, "class_names": ["a", "b"]}))
+    rc = load_job("train").main(["--data", ten_class_data, "--resume", str(ckpt),
+                                 "--out", str(tmp_path / "o")])
+    assert_refused_before_ray(capsys, rc, "resume")
