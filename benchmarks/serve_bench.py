@@ -242,13 +242,30 @@ def format_row(r: dict[str, Any]) -> str:
             f"{b['errors']:>4} | {r['ratio_req_s']:>5.2f}")
 
 
+def start_ray(attempts: int = 3) -> None:
+    """``ray.init`` as jobs/serve.py calls it, retried: on a heavily loaded machine the raylet
+    gives up when its dashboard agent takes over ~15 s to start ("node timed out during
+    startup"), which says nothing about serving speed."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(configure_logging=False)
+            return
+        except Exception as e:  # Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+            print(f"ray.init failed ({e}); retrying", flush=True)
+            ray.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     import ray
 
     args = get_args_parser().parse_args(argv)
     rows: list[dict[str, Any]] = []
     # As jobs/serve.py does: a local Ray instance with Ray's defaults (all cores).
-    ray.init(configure_logging=False)
+    start_ray()
     try:
         ctx = multiprocessing.get_context("spawn")
         with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(1, ctx) as pool:
