@@ -434,6 +434,9 @@ class EvaluateConfig(StrictModel):
     many_threshold: int = Field(100, ge=0, description="many-shot: training count above this")
     few_threshold: int = Field(20, ge=0, description="few-shot: training count below this")
     report: bool = Field(True, description="write report.html, PNGs and model_card.md")
+    robustness: bool = Field(False, description="also score corrupted copies of the split "
+                             "(noise, blur, JPEG, brightness, contrast, rotation, occlusion)")
+    robustness_seed: int = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluateConfig:

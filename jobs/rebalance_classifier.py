@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imgpipe.bundle import BundleError
-from imgpipe.config import ConfigError, RebalanceConfig, resolve_config
+from imgpipe import storage
+from imgpipe.config import RebalanceConfig, resolve_config
 from imgpipe.console import write_json
-from imgpipe.data.shards import ManifestError
+from imgpipe.errors import run_job
 from imgpipe.runtime import init_ray
 
 
@@ -65,22 +65,25 @@ def _summary(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = vars(get_args_parser().parse_args(argv))
     config_file, address = args.pop("config"), args.pop("address")
-    try:
-        cfg = resolve_config(RebalanceConfig, config_file, args)
-        init_ray(address)
-        from imgpipe.decoupled.stage import rebalance_classifier
+    # user mistakes (ConfigError, BundleError, ManifestError, ...) are UserErrors: run_job
+    # prints them and exits 2; anything else is a bug and keeps its traceback
+    cfg = resolve_config(RebalanceConfig, config_file, args)
+    storage.check_durable({"--out": cfg.out})
+    init_ray(address)
+    from imgpipe.decoupled.stage import rebalance_classifier
 
-        res = rebalance_classifier(cfg)
-    except (ConfigError, BundleError, ManifestError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    res = rebalance_classifier(cfg)
     print(_summary(res))
     path = write_json(f"{cfg.out}/results.json", res)
-    print(f"wall time {res['timing_s']['total']:.1f} s; results in {path}")
+    print(f"wall time {res['timing_s']['total']:.1f} s; results in {path.resolve()}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(lambda: _main(argv), "rebalance_classifier")
 
 
 if __name__ == "__main__":

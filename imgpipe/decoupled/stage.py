@@ -37,6 +37,7 @@ from imgpipe.constants import ACCURACY, BALANCED_ACCURACY, MACRO_F1, TEST, TRAIN
 from imgpipe.data.shards import load_manifest
 from imgpipe.decoupled.heads import Head, fit_crt, fit_lws, metric_scorer, select_tau
 from imgpipe.decoupled.smote import oversample_features, report_dicts
+from imgpipe.errors import DataSourceError
 from imgpipe.metrics import classification_metrics, confusion_matrix
 from imgpipe.transfer.features import extract_splits
 from imgpipe.tuning.export import bundle_metrics, verify_bundle
@@ -122,7 +123,7 @@ def rebalance_classifier(cfg: RebalanceConfig) -> dict[str, Any]:
     meta, state = load_bundle(src)
     manifest = load_manifest(cfg.data)
     if list(manifest.class_names) != list(meta.class_names):
-        raise ValueError(f"data: classes {list(manifest.class_names)} differ from the bundle's "
+        raise DataSourceError(f"data: classes {list(manifest.class_names)} differ from the bundle's "
                          f"{list(meta.class_names)}")
     source = Head(state[HEAD_WEIGHT].float(), state[HEAD_BIAS].float())
     t0 = time.perf_counter()
