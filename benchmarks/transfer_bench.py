@@ -95,7 +95,8 @@ def data_sets(work: Path, seed: int) -> dict[str, str]:
 def _save(bundles: Path, name: str, state: dict, manifest: Manifest, pre: Preprocess) -> str:
     n = len(manifest.class_names)
     path = save_bundle(bundles, name, state,
-                       architecture={"model": "cnn", "num_classes": n, "in_channels": 1},
+                       architecture={"model": "cnn", "num_classes": n,
+                                     "in_channels": pre.channels},
                        preprocess=pre, class_names=list(manifest.class_names),
                        train_class_counts=manifest.counts_vector(TRAIN))
     return str(path)
@@ -120,7 +121,7 @@ def build_zoo(data: dict[str, str], bundles: Path, epochs: int, seed: int,
         pre = manifest.preprocess(size)
         x, y = load_split(data[key], TRAIN, pre)
         torch.manual_seed(seed)
-        model = create_model("cnn", len(manifest.class_names), in_channels=1)
+        model = create_model("cnn", len(manifest.class_names), in_channels=pre.channels)
         started = time.perf_counter()
         snaps = fit(model, x, y, epochs, seed, snapshots=tuple(names))
         print(f"  pretrained cnn on {source} at {size}px: {time.perf_counter() - started:.1f} s")
