@@ -91,6 +91,9 @@ class OptimConfig(StrictModel):
     beta2: float = Field(0.999, ge=0, lt=1)
     warmup_epochs: int = Field(1, ge=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor as a fraction of lr")
+    head_lr: float | None = Field(None, gt=0, le=10, description="classifier head lr (default: lr)")
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise lr decay: stage s of S gets lr * d^(S - s)")
     grad_clip: float | None = Field(5.0, gt=0)
 
 
@@ -106,6 +109,11 @@ class SamplerConfig(StrictModel):
 
         parse_sampler(v)
         return v
+
+
+ModelName = Literal["cnn", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small",
+                    "efficientnet_b0", "convnext_tiny", "vit_b_16"]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 
 class MixConfig(StrictModel):
@@ -137,10 +145,45 @@ class MixConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    name: Literal["cnn", "resnet18", "resnet34"] = "cnn"
-    cifar_stem: bool = True
-    init_checkpoint: str | None = Field(None, description="local .safetensors/.pt to start from")
-    image_size: int = Field(32, ge=8, le=1024)
+    """Architecture, starting weights and fine-tuning mode.
+
+    ``None`` for name / cifar_stem / image_size means "what the weights say" (a torchvision
+    weights name, bundle or checkpoint), else the defaults cnn / true / 32; resolved on the
+    driver before any work starts (``imgpipe.models.weights.resolve_model_config``).
+    """
+
+    name: ModelName | None = Field(None, description="architecture (default: the weights', else cnn)")
+    cifar_stem: bool | None = Field(None, description="small-image stem (ResNets, cnn)")
+    weights: str | None = Field(
+        None, description="starting weights: local .safetensors/.pt/.pth file, torchvision "
+        "weights name (resnet50.IMAGENET1K_V2, local hub cache only), bundle or checkpoint folder")
+    image_size: int | None = Field(None, ge=8, le=1024, description="default: the weights', else 32")
+    finetune: str = Field(
+        "full", description="full | linear-probe | partial:K (freeze stages < K) | bitfit | lora")
+    lora_rank: int = Field(8, ge=1, le=512, description="LoRA rank r (finetune=lora)")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (finetune=lora)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _init_checkpoint_is_weights(cls, data: Any) -> Any:
+        """``init_checkpoint`` (before --weights existed) is accepted as ``weights``."""
+        if isinstance(data, dict) and "init_checkpoint" in data:
+            data = dict(data)
+            old = data.pop("init_checkpoint")
+            if old is not None and data.get("weights") not in (None, old):
+                raise ValueError("init_checkpoint and weights both set (init_checkpoint is the "
+                                 "old name of weights; keep one)")
+            if old is not None:
+                data["weights"] = old
+        return data
+
+    @field_validator("finetune")
+    @classmethod
+    def _finetune_parses(cls, v: str) -> str:
+        from imgpipe.models.finetune import parse_finetune
+
+        parse_finetune(v)
+        return v
 
 
 class TrainConfig(StrictModel):

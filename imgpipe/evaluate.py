@@ -105,7 +105,7 @@ def load_checkpoint_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, Prepro
     pre = Preprocess.model_validate(meta["preprocess"])
     mcfg = meta["train"]["model"]
     model = create_model(mcfg["name"], len(meta["class_names"]), in_channels=pre.channels,
-                         cifar_stem=mcfg["cifar_stem"])
+                         cifar_stem=mcfg["cifar_stem"], image_size=pre.image_size)
     model.load_state_dict(load_weights(ckpt_dir))
     return model.eval(), pre, meta
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from imgpipe.config import ConfigError, resolve_config
 from imgpipe.errors import run_job
@@ -72,7 +73,8 @@ def _main(argv: list[str] | None) -> int:
     except KeyboardInterrupt:
         return 130
     print(json.dumps({"shift_detected": result["shift_detected"],
-                      "alert": result["alert"]["triggered"]}))
+                      "alert": result["alert"]["triggered"],
+                      "out": str(Path(cfg.out).resolve())}))  # where monitor.json was written
     return 0
 
 

@@ -13,6 +13,7 @@ from imgpipe.config import TrainConfig, resolve_config
 from imgpipe.console import per_class_table
 from imgpipe.errors import run_job
 from imgpipe.logs import configure_console
+from imgpipe.models.weights import add_transfer_args, check_weights
 from imgpipe.preflight import check_train_config
 from imgpipe.runtime import init_ray
 from imgpipe.training.trainer import run_training
@@ -39,9 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int,
                    help="worker/node failures recovered from the latest checkpoint (default 3; "
                    "-1 unlimited, 0 off)")
-    p.add_argument("--model", dest="model.name", choices=["cnn", "resnet18", "resnet34"])
-    p.add_argument("--image-size", dest="model.image_size", type=int)
-    p.add_argument("--init-checkpoint", dest="model.init_checkpoint")
+    add_transfer_args(p, prefix="")
     p.add_argument("--loss", dest="loss.name", choices=["ce", "focal", "logit-adjusted"])
     p.add_argument("--class-weights", dest="loss.class_weights",
                    help="none | power:BETA | effective:BETA | w1,w2,...")
@@ -78,6 +77,7 @@ def _main(argv: list[str] | None) -> int:
     cfg = resolve_config(TrainConfig, config_file, overrides)
     storage.check_durable({"--out": cfg.out, "--storage-path": cfg.storage_path})
     check_train_config(cfg)  # weight/sampler vectors against the data, before Ray starts
+    check_weights(cfg.model.weights)  # file/cache present: the weights error before Ray starts
     init_ray(address)
     results = run_training(cfg)
     print("\nTest split, best checkpoint (by val " + cfg.metric + "):")

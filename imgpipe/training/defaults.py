@@ -31,7 +31,7 @@ def resolve_input_size(cfg: TrainConfig, manifest: Manifest) -> tuple[TrainConfi
     """
     model = cfg.model
     fixed = model.model_fields_set
-    pinned = bool(model.init_checkpoint) or bool(getattr(model, "weights", None))
+    pinned = bool(model.weights)  # their size/stem come from the weights (resolve_model_config)
     side = native_side(manifest)
     update: dict[str, object] = {}
     why = "set by the user"
@@ -41,10 +41,15 @@ def resolve_input_size(cfg: TrainConfig, manifest: Manifest) -> tuple[TrainConfi
         why = f"from the data's native {manifest.image.width}x{manifest.image.height}"
     elif "image_size" not in fixed:
         why = "default (pretrained/initial weights)" if pinned else "default (mixed image sizes)"
-    size = int(update.get("image_size", model.image_size))
+    size = update.get("image_size", model.image_size)
+    if size is None and not pinned:
+        size = update["image_size"] = 32
     if "cifar_stem" not in fixed and not pinned:
         update["cifar_stem"] = size < CIFAR_STEM_BELOW
     stem = update.get("cifar_stem", model.cifar_stem)
+    if pinned and (size is None or stem is None):
+        return cfg, (f"input {f'{size}x{size} px' if size else 'size'} and stem from the weights "
+                     f"({model.weights})")
     if update:
         # model_copy keeps model_fields_set; the resolved values count as set from here on.
         model = model.model_validate({**model.model_dump(), **update})

@@ -22,7 +22,8 @@ from imgpipe.data.pipeline import set_epoch
 from imgpipe.data.transforms import Preprocess, normalize
 from imgpipe.losses import create_loss
 from imgpipe.metrics import classification_metrics, confusion_matrix
-from imgpipe.models import create_model, unwrap_model
+from imgpipe.models import create_model, load_init_checkpoint, unwrap_model
+from imgpipe.models.finetune import apply_finetune, export_state_dict
 from imgpipe.training.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 from imgpipe.training.mixing import create_batch_mixer
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
@@ -105,21 +106,40 @@ def evaluate(model: torch.nn.Module, loader, pre: Preprocess, num_classes: int,
     return out
 
 
-def _restore(config: dict[str, Any], model, optimizer, scaler
-             ) -> tuple[int, float | None, int, list, list]:
-    """Resume from Ray Train's latest checkpoint (a restored run) or the ``--resume`` one.
-
-    The ``--resume`` folder arrives as a ``ray.train.Checkpoint`` in the run's storage
-    (``recovery.stage_resume_checkpoint``), never as a driver-local path. Returns (start epoch,
-    best score, bad epochs, history, restarts); ``restarts`` gains an entry per restore.
-    """
+def _resume_checkpoint(config: dict[str, Any]):
+    """(checkpoint, restored): Ray Train's latest checkpoint of a restored run, else the
+    ``--resume`` one (a ``ray.train.Checkpoint`` staged in the run's storage by
+    ``recovery.stage_resume_checkpoint``, never a driver-local path), else None."""
     ckpt = ray.train.get_checkpoint()
     restored = ckpt is not None
-    ckpt = ckpt if restored else config.get(RESUME_KEY)
-    if ckpt is None:
+    return (ckpt if restored else config.get(RESUME_KEY)), restored
+
+
+def create_train_model(cfg: TrainConfig, num_classes: int, pre: Preprocess,
+                       init_weights: Any, resume) -> torch.nn.Module:
+    """Build the model: starting weights (an object ref from the driver), then the resumed
+    checkpoint's weights (checkpoints hold the plain architecture, LoRA merged), then the
+    fine-tuning mode (freezing, adapters)."""
+    model = create_model(cfg.model.name, num_classes, in_channels=pre.channels,
+                         cifar_stem=cfg.model.cifar_stem, image_size=pre.image_size)
+    if init_weights is not None:
+        load_init_checkpoint(model, ray.get(init_weights))
+    if resume is not None:
+        with resume.as_directory() as d:
+            model.load_state_dict(load_weights(d))
+    return apply_finetune(model, cfg.model.finetune, cfg.model.lora_rank, cfg.model.lora_alpha)
+
+
+def _restore(resume, restored: bool, optimizer, scaler
+             ) -> tuple[int, float | None, int, list, list]:
+    """Optimizer/scaler state and counters of the checkpoint the weights came from.
+
+    Returns (start epoch, best score, bad epochs, history, restarts); ``restarts`` gains an
+    entry per restore.
+    """
+    if resume is None:
         return 0, None, 0, [], []
-    with ckpt.as_directory() as d:
-        unwrap_model(model).load_state_dict(load_weights(d))
+    with resume.as_directory() as d:
         state = load_train_state(d)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -154,17 +174,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
 
-    model = create_model(cfg.model.name, len(class_names), in_channels=pre.channels,
-                         cifar_stem=cfg.model.cifar_stem, init_checkpoint=cfg.model.init_checkpoint)
-    # DDP (world > 1) broadcasts rank 0's initial weights, so all ranks start identical.
+    resume, restored = _resume_checkpoint(config)
+    model = create_train_model(cfg, len(class_names), pre, config.get("init_weights"), resume)
+    # DDP (world > 1) broadcasts rank 0's initial weights, so all ranks start identical; it
+    # only reduces gradients of trainable parameters, so frozen ones need no special case.
     model = ray.train.torch.prepare_model(model)
     loss_fn = create_loss(cfg.loss, counts).to(device)
     pool = config.get("partner_pool")
     mixer = create_batch_mixer(cfg.mix, len(class_names), cfg.seed, rank, pre, cfg.augment,
                                ray.get(pool) if pool is not None else None)
-    optimizer = create_optimizer(cfg.optim, model.parameters())
+    optimizer = create_optimizer(cfg.optim, model)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp)
-    start, best, bad_epochs, history, restarts = _restore(config, model, optimizer, scaler)
+    start, best, bad_epochs, history, restarts = _restore(resume, restored, optimizer, scaler)
     config = {**config, "restarts": restarts}
 
     steps = int(config["epoch_steps"])
@@ -218,5 +239,5 @@ def _report(metrics: dict[str, Any], history: list[dict[str, Any]], model, optim
         meta = {**{k: config[k] for k in ("train", "class_names", "train_counts", "preprocess",
                                           "restarts")},
                 **metrics, "history": history}
-        save_checkpoint(tmp, unwrap_model(model), meta, optimizer, scaler)
+        save_checkpoint(tmp, export_state_dict(model), meta, optimizer, scaler)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -53,6 +53,7 @@ from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.data.transforms import Preprocess
 from imgpipe.errors import ImgpipeFailure
 from imgpipe.evaluate import evaluate_checkpoint
+from imgpipe.models.weights import load_model_weights, resolve_model_config, target_state_dict
 from imgpipe.runtime import plan_resources
 from imgpipe.training.checkpoint import load_meta
 from imgpipe.training.defaults import resolve_input_size
@@ -97,10 +98,14 @@ class DecodedSplits:
     corrupt: dict[str, int | None]
 
 
-def build_decoded_splits(cfg: TrainConfig, manifest: Manifest) -> DecodedSplits:
-    """Decode train and val with the preprocessing ``cfg`` resolves to (cached if asked)."""
+def build_decoded_splits(cfg: TrainConfig, manifest: Manifest,
+                         pre: Preprocess | None = None) -> DecodedSplits:
+    """Decode train and val with ``pre``, by default the preprocessing ``cfg`` resolves to
+    (its weights' own, else the data's; cached if asked)."""
     quiet_data_progress()
-    pre = manifest.preprocess(cfg.model.image_size)
+    if pre is None:
+        _, pre = resolve_model_config(cfg.model, manifest.preprocess,
+                                      load_model_weights(cfg.model))
     train, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded)
     val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded)
     return DecodedSplits(pre, train, val.select_columns([PIXELS, LABEL]),
@@ -115,9 +120,11 @@ def prepare_inputs(cfg: TrainConfig, decoded: DecodedSplits | None = None) -> Ru
         # Block order otherwise depends on task timing; reproducible batches need it fixed.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     manifest = load_manifest(cfg.data)
-    if decoded is None or decoded.preprocess != manifest.preprocess(cfg.model.image_size):
-        decoded = build_decoded_splits(cfg, manifest)
-    pre = decoded.preprocess
+    weights = load_model_weights(cfg.model)
+    model_cfg, pre = resolve_model_config(cfg.model, manifest.preprocess, weights)
+    cfg = cfg.model_copy(update={"model": model_cfg})
+    if decoded is None or decoded.preprocess != pre:
+        decoded = build_decoded_splits(cfg, manifest, pre)
     counts = manifest.counts_vector(TRAIN)
     rates = sampling_rates(counts, cfg.sampler.strategy)
     epoch_rows = float(expected_epoch_counts(counts, rates).sum())
@@ -135,6 +142,10 @@ def prepare_inputs(cfg: TrainConfig, decoded: DecodedSplits | None = None) -> Ru
         "epoch_steps": steps.steps,
         "epoch_repeat": steps.repeat,
         "clock_name": clock_name,
+        # Through the object store, so workers on other nodes need no copy of the file.
+        "init_weights": ray.put(target_state_dict(weights, model_cfg.name, manifest.class_names))
+        if weights is not None else None,
+        "weights": weights.summary() if weights is not None else None,
     }
     if cfg.mix.enabled and cfg.mix.partner == "balanced":
         k = pool_per_class(counts, cfg.mix.pool_per_class, pre.image_size ** 2 * pre.channels)
@@ -237,7 +248,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         best_dir = _publish_best(tmp, storage.join(out, "best"))
     history, restarts = _history(result)
     return {
-        "config": cfg.model_dump(mode="json"),
+        "config": inputs.config.model_dump(mode="json"),
+        "weights": inputs.loop_config["weights"],
         "resource_plan": plan.summary(),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "class_names": list(inputs.manifest.class_names),

@@ -43,6 +43,14 @@ class SearchSpace(BaseModel):
     focal_gamma: FloatRange = (0.5, 4.0)
     tau: FloatRange = (0.25, 2.0)
     sampler: Choices = Field(default_factory=lambda: ["none", "oversample", "sqrt"])
+    # Fine-tuning (None: not searched, every trial uses train.model.finetune / optim):
+    # finetune choices among full | linear-probe | partial | bitfit | lora (or partial:K);
+    # "partial" searches the frozen fraction of the backbone's stages (any architecture).
+    finetune: Choices | None = None
+    freeze_fraction: FloatRange = (0.25, 0.75)
+    head_lr_ratio: FloatRange | None = Field(
+        None, description="head lr = lr * ratio, searched log-uniform (e.g. [1, 100])")
+    layer_decay: FloatRange | None = None
     # Batch mixing is pinned off by default; e.g. ``mix: [none, mixup, cutmix]`` searches it.
     mix: Choices = "none"  # none | mixup | cutmix | both (torchvision RandomChoice)
     mix_alpha: FloatRange = (0.1, 1.0)
@@ -55,6 +63,15 @@ class SearchSpace(BaseModel):
                 raise ValueError(f"search.{name}: range [{value[0]}, {value[1]}] is reversed")
             if isinstance(value, list) and not value:
                 raise ValueError(f"search.{name}: needs at least one choice")
+        if self.finetune is not None:
+            from imgpipe.models.finetune import parse_finetune
+
+            for mode in [self.finetune] if isinstance(self.finetune, str) else self.finetune:
+                if mode != "partial":
+                    try:
+                        parse_finetune(mode)
+                    except ValueError as e:
+                        raise ValueError(f"search.{e} (or partial: search the depth)") from None
         for name, allowed in (("mix", MIX_CHOICES), ("mix_partner", ("instance", "balanced"))):
             value = getattr(self, name)
             bad = sorted(set([value] if isinstance(value, str) else value) - set(allowed))
@@ -125,11 +142,23 @@ def define_space(trial, space: SearchSpace, num_classes: int) -> dict[str, Any]:
         r["focal_gamma"] = _float(trial, "focal_gamma", space.focal_gamma)
     elif loss == "logit-adjusted":
         r["tau"] = _float(trial, "tau", space.tau)
+    _define_finetune(trial, space, r)
     mix = r["mix"] = _choice(trial, "mix", space.mix)
     if mix != "none":
         r["mix_alpha"] = _float(trial, "mix_alpha", space.mix_alpha)
         r["mix_partner"] = _choice(trial, "mix_partner", space.mix_partner)
     return r
+
+
+def _define_finetune(trial, space: SearchSpace, r: dict[str, Any]) -> None:
+    if space.finetune is not None:
+        mode = r["finetune"] = _choice(trial, "finetune", space.finetune)
+        if mode == "partial":
+            r["freeze_fraction"] = _float(trial, "freeze_fraction", space.freeze_fraction)
+    if space.head_lr_ratio is not None:
+        r["head_lr_ratio"] = _float(trial, "head_lr_ratio", space.head_lr_ratio, log=True)
+    if space.layer_decay is not None:
+        r["layer_decay"] = _float(trial, "layer_decay", space.layer_decay)
 
 
 def free_weight_vector(params: dict[str, Any], num_classes: int) -> list[float]:
@@ -160,6 +189,13 @@ def params_to_overrides(params: dict[str, Any], num_classes: int) -> dict[str, A
         out["loss.focal_gamma"] = p["focal_gamma"]
     elif p["loss"] == "logit-adjusted":
         out["loss.tau"] = p["tau"]
+    if "finetune" in p:
+        out["model.finetune"] = (f"partial:{p['freeze_fraction']:.4f}" if p["finetune"] == "partial"
+                                 else p["finetune"])
+    if "head_lr_ratio" in p:
+        out["optim.head_lr"] = min(p["lr"] * p["head_lr_ratio"], 10.0)
+    if "layer_decay" in p:
+        out["optim.layer_decay"] = p["layer_decay"]
     mix = p.get("mix", "none")  # absent in searches saved before mixing existed
     if mix != "none":
         alpha = p["mix_alpha"]
