@@ -158,9 +158,9 @@ def test_crt_with_smote_publishes_a_verified_version_with_the_backbone_bit_ident
                       train_class_counts=list(manifest.counts_vector("train")))
     res = {}
     for method, extra in (("crt", {"smote": 3}), ("tau-norm", {})):
+        # the source named by version: "bundles/digits" would resolve to the newest (cRT's)
         res[method] = rebalance_classifier(RebalanceConfig(
-            bundle=str(src.parent), data=tiny_digits, method=method, epochs=3, num_actors=1,
-            **extra))
+            bundle=str(src), data=tiny_digits, method=method, epochs=3, num_actors=1, **extra))
     _, before = load_bundle(src)
     for method, version in (("crt", "v2"), ("tau-norm", "v3")):
         new_dir = Path(res[method]["bundle"])
@@ -179,3 +179,50 @@ def test_crt_with_smote_publishes_a_verified_version_with_the_backbone_bit_ident
     assert smote["rows_after"] > smote["rows_before"]
     assert all(c["real"] + c["synthetic"] + c["duplicated"] >= c["real"]
                for c in smote["per_class"])
+
+
+def _in_process_features(candidate, data_root, splits, **kw):
+    """The candidate's real forward_features on every image of the splits, without Ray."""
+    from imgpipe.constants import ID, IMAGE, LABEL
+    from imgpipe.data.shards import load_manifest, read_split_table
+    from imgpipe.data.transforms import decode_image, normalize
+    from imgpipe.transfer.candidate import load_candidate
+    from imgpipe.transfer.features import Features
+
+    cand = load_candidate(candidate, load_manifest(data_root).preprocess(kw.get("image_size", 32)))
+    out = {}
+    for split in splits:
+        t = read_split_table(data_root, split)
+        x = normalize(torch.from_numpy(np.stack([decode_image(b, cand.preprocess)
+                                                 for b in t[IMAGE].to_pylist()])), cand.preprocess)
+        f, z = cand.forward_features(x)
+        out[split] = Features(f.numpy(), t[LABEL].to_numpy().astype(np.int64),
+                              [str(i) for i in t[ID].to_pylist()], z.numpy(), 0)
+    return out
+
+
+def test_crt_keeps_the_backbone_bit_identical_without_ray(tiny_digits, tmp_path, monkeypatch):
+    """Fast lane of the stage test above: features computed in-process by the same candidate
+    code, everything else (head, staging, verification, publishing) real."""
+    import imgpipe.decoupled.stage as stage
+    from imgpipe.bundle import load_bundle, save_bundle
+    from imgpipe.data.shards import load_manifest
+    from imgpipe.models import create_model
+
+    monkeypatch.setattr(stage, "extract_splits", _in_process_features)
+    manifest = load_manifest(tiny_digits)
+    pre = manifest.preprocess(16)
+    torch.manual_seed(1)
+    net = create_model("cnn", len(manifest.class_names), in_channels=1).eval()
+    src = save_bundle(tmp_path, "d", net.state_dict(),
+                      architecture={"model": "cnn", "num_classes": len(manifest.class_names),
+                                    "in_channels": 1}, preprocess=pre,
+                      class_names=list(manifest.class_names),
+                      train_class_counts=list(manifest.counts_vector("train")))
+    res = stage.rebalance_classifier(RebalanceConfig(bundle=str(src), data=tiny_digits,
+                                                     method="crt", smote=2, epochs=2))
+    _, before = load_bundle(src)
+    _, after = load_bundle(res["bundle"])
+    assert all(torch.equal(after[k], before[k]) for k in before if not k.startswith("fc."))
+    assert not torch.equal(after["fc.weight"], before["fc.weight"])
+    assert Path(res["bundle"]).name == "v2" and res["val"]["verification"]["max_abs_diff"] <= 1e-9

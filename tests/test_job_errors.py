@@ -43,6 +43,7 @@ def _user_mistake(name: str, tmp_path: Path) -> list[str]:
         "serve": ["--bundle", str(tmp_path / "nowhere"), "--address", dead],
         "monitor": ["--config", str(tmp_path / "missing.yaml")],
         "rebalance_classifier": ["--config", str(tmp_path / "missing.yaml")],
+        "rank_checkpoints": ["--config", str(tmp_path / "missing.yaml")],
     }[name]
 
 
@@ -50,7 +51,7 @@ def _user_mistake(name: str, tmp_path: Path) -> list[str]:
 FIRST_CALL = {"prepare_data": "resolve_config", "train": "resolve_config",
               "tune": "resolve_config", "evaluate": "resolve_config",
               "serve": "resolve_serve_args", "monitor": "resolve_config",
-              "rebalance_classifier": "resolve_config"}
+              "rebalance_classifier": "resolve_config", "rank_checkpoints": "resolve_config"}
 
 
 def test_every_job_is_covered():

@@ -125,6 +125,10 @@ def rebalance_classifier(cfg: RebalanceConfig) -> dict[str, Any]:
     if list(manifest.class_names) != list(meta.class_names):
         raise DataSourceError(f"data: classes {list(manifest.class_names)} differ from the bundle's "
                          f"{list(meta.class_names)}")
+    if "rebalance" in meta.hyperparameters:
+        log.warning("%s is itself a re-balanced bundle (%s); its head is the starting point. "
+                    "Name the trained version (bundles/<name>/v<N>) to start from the original.",
+                    src, meta.hyperparameters["rebalance"].get("method"))
     source = Head(state[HEAD_WEIGHT].float(), state[HEAD_BIAS].float())
     t0 = time.perf_counter()
     feats = extract_splits(str(src), cfg.data, (TRAIN, VAL), num_actors=cfg.num_actors,
