@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from imgpipe.bundle import BundleError
 from imgpipe.config import ConfigError, resolve_config
-from imgpipe.monitoring.actions import ApplyPriorError
+from imgpipe.errors import run_job
 from imgpipe.monitoring.job import MonitorConfig, run_monitor
-from imgpipe.monitoring.reference import ReferenceError, init_reference
+from imgpipe.monitoring.reference import init_reference
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,7 +55,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = vars(get_args_parser().parse_args(argv))
     config_file, init_data = args.pop("config"), args.pop("init_reference")
     try:
@@ -67,16 +67,19 @@ def main(argv: list[str] | None = None) -> int:
             if not args.get("log"):
                 return 0
         cfg = resolve_config(MonitorConfig, config_file, args)
+        # user mistakes (ConfigError, BundleError, ReferenceError, ApplyPriorError, ...) are
+        # UserErrors: run_job prints them and exits 2; anything else is a bug with a traceback
         result = run_monitor(cfg)
-    except (ConfigError, BundleError, ReferenceError, FileNotFoundError, ApplyPriorError,
-            ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
     print(json.dumps({"shift_detected": result["shift_detected"],
-                      "alert": result["alert"]["triggered"]}))
+                      "alert": result["alert"]["triggered"],
+                      "out": str(Path(cfg.out).resolve())}))  # where monitor.json was written
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job(lambda: _main(argv), "monitor")
 
 
 if __name__ == "__main__":

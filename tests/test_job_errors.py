@@ -41,13 +41,17 @@ def _user_mistake(name: str, tmp_path: Path) -> list[str]:
         "evaluate": ["--bundle", str(tmp_path / "nowhere"), "--data", str(tmp_path),
                      "--out", str(tmp_path / "o")],
         "serve": ["--bundle", str(tmp_path / "nowhere"), "--address", dead],
+        "monitor": ["--config", str(tmp_path / "missing.yaml")],
+        "rebalance_classifier": ["--config", str(tmp_path / "missing.yaml")],
+        "rank_checkpoints": ["--config", str(tmp_path / "missing.yaml")],
     }[name]
 
 
 # The function each job calls first with the parsed arguments: a bug planted there must surface.
 FIRST_CALL = {"prepare_data": "resolve_config", "train": "resolve_config",
               "tune": "resolve_config", "evaluate": "resolve_config",
-              "serve": "resolve_serve_args"}
+              "serve": "resolve_serve_args", "monitor": "resolve_config",
+              "rebalance_classifier": "resolve_config", "rank_checkpoints": "resolve_config"}
 
 
 def test_every_job_is_covered():

@@ -31,13 +31,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from imgpipe.bundle import BundleMeta
+from imgpipe.errors import UserError
 from imgpipe.monitoring.log_reader import LogWindow
 from imgpipe.prediction_log_format import IMAGE, PREDICTED, TIME
 
 MODEL_DEPLOYMENT = "ImgpipeModel"  # serving.schemas.MODEL_DEPLOYMENT (not imported: one way)
 
 
-class ApplyPriorError(RuntimeError):
+class ApplyPriorError(UserError, RuntimeError):
     """The prior could not be pushed to the app (not found, deployed imperatively, ...)."""
 
 

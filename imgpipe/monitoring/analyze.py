@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from imgpipe.bundle import BundleMeta
+from imgpipe.errors import DataSourceError
 from imgpipe.monitoring.drift import mmd_permutation_test
 from imgpipe.monitoring.label_shift import (
     bbse_prior,
@@ -154,7 +155,7 @@ def analyze(meta: BundleMeta, ref: Reference, win: LogWindow,
     """
     s = settings or AnalysisSettings()
     if len(win) == 0:
-        raise ValueError("the window holds no rows of this bundle: nothing to monitor yet")
+        raise DataSourceError("the window holds no rows of this bundle: nothing to monitor yet")
     ref_idx = stratified_sample(ref.labels, training_prior(meta), s.seed)
     label_shift, em = _label_shift(meta, ref, win, ref_idx, s)
     drift = _drift(ref, win, ref_idx, s)

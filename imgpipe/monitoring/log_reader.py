@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from imgpipe.data.shards import resolve_filesystem
+from imgpipe.errors import DataSourceError
 from imgpipe.prediction_log_format import (
     EMBEDDING,
     ENTROPY,
@@ -58,7 +59,7 @@ def parse_window(text: str | int) -> Window:
         return Window(rows=int(s))
     m = _DURATION.match(s)
     if not m or float(m.group(1)) <= 0:
-        raise ValueError(f"window {text!r}: expected a duration like 30m, 1h, 2d or a row count "
+        raise DataSourceError(f"window {text!r}: expected a duration like 30m, 1h, 2d or a row count "
                          "like 500")
     return Window(duration=timedelta(**{_UNITS[m.group(2)]: float(m.group(1))}))
 
@@ -97,7 +98,7 @@ def _read_part(fs: pafs.FileSystem, path: str) -> pa.Table:
     table = pq.read_table(path, filesystem=fs)
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
-        raise ValueError(f"missing columns {missing}")
+        raise DataSourceError(f"missing columns {missing}")
     return table
 
 
@@ -110,7 +111,7 @@ def read_window(location: str, window: Window, model_name: str, model_version: s
     """
     fs, parts = list_parts(location)
     if not parts:
-        raise FileNotFoundError(f"{location}: no prediction log files (part-*.parquet)")
+        raise DataSourceError(f"{location}: no prediction log files (part-*.parquet)")
     now = now or datetime.now(timezone.utc)
     since = now - window.duration if window.duration else None
     tables, skipped, other, rows = [], [], 0, 0

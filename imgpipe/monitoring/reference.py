@@ -29,6 +29,7 @@ from imgpipe.bundle import BundleMeta, resolve_bundle_dir
 from imgpipe.constants import IMAGE, LABEL, VAL
 from imgpipe.data.shards import read_split_table
 from imgpipe.data.transforms import ImageDecodeError
+from imgpipe.errors import UserError
 from imgpipe.inference import Predictor
 from imgpipe.prediction_log_format import calibrated_probabilities
 
@@ -37,7 +38,7 @@ REFERENCE_FILE = "reference.parquet"
 REFERENCE_INFO = "reference.json"
 
 
-class ReferenceError(FileNotFoundError):
+class ReferenceError(UserError, FileNotFoundError):
     """The bundle has no monitor reference yet (run ``--init-reference DATA``)."""
 
 
