@@ -185,14 +185,18 @@ def imgpipe_args(config: str, bundle: Path, overrides: list[str]):
 # ----- the run -------------------------------------------------------------------------------
 
 
-def bench_model(args: argparse.Namespace, model: str, root: Path,
-                pool: ProcessPoolExecutor) -> list[dict[str, Any]]:
-    from serving.runner import shutdown_app, start_app
+def bench_model(args: argparse.Namespace, model: str, root: Path, pool: ProcessPoolExecutor,
+                serve_port: int) -> list[dict[str, Any]]:
+    from ray import serve
+
+    from serving.runner import start_app
 
     bundle = random_bundle(root, model, args.image_size)
     serve_args = imgpipe_args(args.config, bundle, args.set)
     images = pngs(64, args.image_size)
-    urls = {name: f"http://127.0.0.1:{free_port()}" for name in SERVERS}
+    # One Serve instance (one proxy, one port) for every model: restarting Serve between
+    # models only adds a proxy start-up, which a loaded machine can time out.
+    urls = {"imgpipe": f"http://127.0.0.1:{serve_port}", "plain": f"http://127.0.0.1:{free_port()}"}
     plain = start_plain(bundle, int(urls["plain"].rsplit(":", 1)[1]))
     try:
         start_app(serve_args, "127.0.0.1", int(urls["imgpipe"].rsplit(":", 1)[1]), "bench")
@@ -218,7 +222,7 @@ def bench_model(args: argparse.Namespace, model: str, root: Path,
             rows.append(row)
         return rows
     finally:
-        shutdown_app("bench")
+        serve.delete("bench")
         plain.terminate()
         plain.wait(30)
 
@@ -268,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     start_ray()
     try:
         ctx = multiprocessing.get_context("spawn")
+        serve_port = free_port()
         with tempfile.TemporaryDirectory() as tmp, ProcessPoolExecutor(1, ctx) as pool:
             print(HEADER, flush=True)
             for model in args.models.split(","):
-                rows += bench_model(args, model, Path(tmp), pool)
+                rows += bench_model(args, model, Path(tmp), pool, serve_port)
     finally:
         from ray import serve
 
