@@ -81,6 +81,13 @@ def shot_metrics(result: dict, target: str) -> dict:
     return shot_accuracy(cm, result["train_counts"])
 
 
+def _write(path: str, data: dict) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--epochs", type=int, default=12, help="fine-tuning epochs per mode")
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{mode:>12}: test bal acc {row['test_balanced_accuracy']:.4f}  few-shot "
                   f"{row['few_shot_accuracy']:.4f}  ({wall:.0f} s)", flush=True)
+            _write(args.out, {"args": vars(args), "rows": rows, "partial": True})
     table = format_table(
         ["mode", "test bal acc", "many", "medium", "few", "trainable", "wall s"],
         [[r["mode"], f"{r['test_balanced_accuracy']:.4f}", f"{r['many_shot_accuracy']:.4f}",
@@ -140,12 +148,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nfew-shot accuracy, best lightweight mode ({best_light}) minus full: "
                   f"{diff:+.4f} -> full fine-tuning {'hurts' if diff > 0 else 'does not hurt'} "
                   "the tail here (one seed; small test split: 50 images per class)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    out = _write(args.out, {
         "args": vars(args), "pretrain_test_balanced_accuracy": pre["test"][BALANCED_ACCURACY],
         "target_train_counts": target_counts, "rows": rows, "verdict": verdict,
-        "wall_time_s": round(time.perf_counter() - started, 1)}, indent=2))
+        "wall_time_s": round(time.perf_counter() - started, 1)})
     print(f"results in {out}")
     return 0
 

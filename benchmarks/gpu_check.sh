@@ -38,7 +38,7 @@ cd "$REPO"
 SYS_PY="$(command -v python3 || command -v python)"
 [ -n "$SYS_PY" ] || { echo "no python3 on this machine"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >>"$LOG" 2>&1 || true
-NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0)
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 say "python: $SYS_PY ($($SYS_PY --version 2>&1)); GPUs: $NGPU"
 VENV="$OUT/venv"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -95,25 +95,33 @@ def data_sets(work: Path, seed: int) -> dict[str, str]:
 def _save(bundles: Path, name: str, state: dict, manifest: Manifest, pre: Preprocess) -> str:
     n = len(manifest.class_names)
     path = save_bundle(bundles, name, state,
-                       architecture={"model": "cnn", "num_classes": n, "in_channels": 1},
+                       architecture={"model": "cnn", "num_classes": n,
+                                     "in_channels": pre.channels},
                        preprocess=pre, class_names=list(manifest.class_names),
                        train_class_counts=manifest.counts_vector(TRAIN))
     return str(path)
 
 
-def build_zoo(data: dict[str, str], bundles: Path, epochs: int, seed: int) -> dict[str, str]:
-    """name → bundle folder. Early checkpoints are the same run after 1 epoch."""
+def build_zoo(data: dict[str, str], bundles: Path, epochs: int, seed: int,
+              alt_size: int = 32) -> dict[str, str]:
+    """name → bundle folder. Early checkpoints are the same run after 1 epoch. Bundles already
+    in ``bundles`` (``--reuse-zoo``) are kept and not retrained."""
     zoo = {}
     runs = [("digits", "digits", IMAGE_SIZE, {1: "digits-early", epochs: "digits-late"}),
-            ("digits", "digits", 32, {epochs: "digits-32px"}),
+            ("digits", "digits", alt_size, {epochs: f"digits-{alt_size}px"}),
             ("shapes20", "shapes20", IMAGE_SIZE, {1: "shapes20-early", epochs: "shapes20-late"}),
             ("shapes3", "shapes3", IMAGE_SIZE, {epochs: "shapes3"})]
     for source, key, size, names in runs:
+        have = {n: bundles / n / "v1" for n in names.values() if (bundles / n / "v1").is_dir()}
+        if len(have) == len(names):
+            zoo.update({n: str(p) for n, p in have.items()})
+            print(f"  reusing {', '.join(have)}")
+            continue
         manifest = load_manifest(data[key])
         pre = manifest.preprocess(size)
         x, y = load_split(data[key], TRAIN, pre)
         torch.manual_seed(seed)
-        model = create_model("cnn", len(manifest.class_names), in_channels=1)
+        model = create_model("cnn", len(manifest.class_names), in_channels=pre.channels)
         started = time.perf_counter()
         snaps = fit(model, x, y, epochs, seed, snapshots=tuple(names))
         print(f"  pretrained cnn on {source} at {size}px: {time.perf_counter() - started:.1f} s")
@@ -121,6 +129,9 @@ def build_zoo(data: dict[str, str], bundles: Path, epochs: int, seed: int) -> di
             zoo[name] = _save(bundles, name, snaps[epoch], manifest, pre)
     manifest = load_manifest(data["digits"])
     torch.manual_seed(seed + 1)
+    import shutil
+
+    shutil.rmtree(bundles / "random-init", ignore_errors=True)
     zoo["random-init"] = _save(bundles, "random-init",
                                create_model("cnn", 10, in_channels=1).state_dict(), manifest,
                                manifest.preprocess(IMAGE_SIZE))
@@ -157,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=6, help="pretraining epochs")
     p.add_argument("--finetune-epochs", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--alt-size", type=int, default=32, help="the different-image-size member")
+    p.add_argument("--reuse-zoo", action="store_true",
+                   help="keep zoo bundles built by an earlier run instead of retraining them")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -166,10 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     data = data_sets(out / "data", args.seed)
     print("building the zoo ...")
     bundles = out / "bundles"
-    import shutil
+    if not args.reuse_zoo:
+        import shutil
 
-    shutil.rmtree(bundles, ignore_errors=True)
-    zoo = build_zoo(data, bundles, args.epochs, args.seed)
+        shutil.rmtree(bundles, ignore_errors=True)
+    zoo = build_zoo(data, bundles, args.epochs, args.seed, args.alt_size)
     zoo_s = time.perf_counter() - started
 
     print(f"fine-tuning {len(zoo)} candidates on digits-lt (rho=100) ...")

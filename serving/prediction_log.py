@@ -203,36 +203,68 @@ class PredictionLogger:
         self.flush()
 
 
+def _list_column(mat: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """``(N, D)`` → a list<typ> column without per-row Python objects."""
+    n, d = mat.shape
+    offsets = pa.array(np.arange(0, (n + 1) * d, d, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(mat).reshape(-1),
+                                                      type=typ))
+
+
 def rows_table(batches: list[_Batch], replica: str) -> pa.Table:
-    """Queued forward passes → a ``LOG_SCHEMA`` table (one row per image)."""
-    cols: dict[str, list[Any]] = {f.name: [] for f in LOG_SCHEMA}
+    """Queued forward passes → a ``LOG_SCHEMA`` table (one row per image).
+
+    Built column-wise from numpy (the writer thread shares the replica's CPU, so per-row
+    Python work would eat into serving throughput).
+    """
+    parts: dict[str, list[Any]] = {k: [] for k in ("time", "name", "version", "predicted",
+                                                   "index", "calibrated", "prior", "served",
+                                                   "margin", "entropy", "embedding", "image")}
     for b in batches:
-        meta = b.meta
+        meta, n = b.meta, len(b.logits)
         served = adjusted_probabilities(b.logits, meta)
-        calibrated = calibrated_probabilities(b.logits, meta.temperature)
         if meta.decision_threshold is not None:
             idx = (served[:, 1] >= meta.decision_threshold).astype(np.int64)
         else:
             idx = served.argmax(axis=1)
         margin, entropy = margin_and_entropy(served)
-        n = len(b.logits)
-        prior = json.dumps(meta.deployment_prior)
-        cols["time"] += [b.time] * n
-        cols["model_name"] += [meta.name] * n
-        cols["model_version"] += [str(meta.version)] * n
-        cols["replica"] += [replica] * n
-        cols["predicted"] += [meta.class_names[i] for i in idx]
-        cols["predicted_index"] += idx.tolist()
-        cols["probabilities"] += list(calibrated.astype(np.float32))
-        cols["deployment_prior"] += [prior] * n
-        cols["served_probability"] += served[np.arange(n), idx].tolist()
-        cols["margin"] += margin.tolist()
-        cols["entropy"] += entropy.tolist()
-        cols["embedding"] += list(b.embedding) if b.embedding is not None else [None] * n
+        parts["time"].append(np.full(n, np.datetime64(b.time.replace(tzinfo=None), "us")))
+        parts["name"] += [meta.name] * n
+        parts["version"] += [str(meta.version)] * n
+        parts["predicted"] += [meta.class_names[i] for i in idx]
+        parts["index"].append(idx)
+        parts["calibrated"].append(calibrated_probabilities(b.logits, meta.temperature))
+        parts["prior"] += [json.dumps(meta.deployment_prior)] * n
+        parts["served"].append(served[np.arange(n), idx])
+        parts["margin"].append(margin)
+        parts["entropy"].append(entropy)
+        parts["embedding"].append(b.embedding)
         pre = meta.preprocess
-        cols["image"] += ([encode_model_input(im, pre.mean, pre.std) for im in b.images]
-                          if b.images is not None else [None] * n)
-    return pa.Table.from_pydict(cols, schema=LOG_SCHEMA)
+        parts["image"] += ([encode_model_input(im, pre.mean, pre.std) for im in b.images]
+                           if b.images is not None else [None] * n)
+    n_rows = len(parts["name"])
+    embs = parts["embedding"]
+    if all(e is not None for e in embs) and len({e.shape[1] for e in embs}) == 1:
+        embedding = _list_column(np.concatenate(embs).astype(np.float16), pa.float16())
+    else:
+        rows = [None if e is None else list(r)
+                for e, b in zip(embs, batches, strict=True)
+                for r in (e if e is not None else range(len(b.logits)))]
+        embedding = pa.array(rows, pa.list_(pa.float16()))
+    cat = np.concatenate
+    columns = [
+        pa.array(cat(parts["time"]), pa.timestamp("us", tz="UTC")),
+        pa.array(parts["name"], pa.string()), pa.array(parts["version"], pa.string()),
+        pa.array([replica] * n_rows, pa.string()), pa.array(parts["predicted"], pa.string()),
+        pa.array(cat(parts["index"]).astype(np.int32)),
+        _list_column(cat(parts["calibrated"]).astype(np.float32), pa.float32()),
+        pa.array(parts["prior"], pa.string()),
+        pa.array(cat(parts["served"]).astype(np.float32)),
+        pa.array(cat(parts["margin"]).astype(np.float32)),
+        pa.array(cat(parts["entropy"]).astype(np.float32)),
+        embedding, pa.array(parts["image"], pa.binary()),
+    ]
+    return pa.Table.from_arrays(columns, schema=LOG_SCHEMA)
 
 
 class LoggedForward:

@@ -4,7 +4,10 @@ with a clear error); the retraining trigger submits a real job to a real `ray st
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,9 +15,8 @@ import httpx
 import pytest
 from helpers import make_test_bundle
 
-from imgpipe.bundle import load_bundle_meta
 from imgpipe.config import TuneJobConfig, resolve_config
-from imgpipe.monitoring.actions import ApplyPriorError, apply_prior, submit_retraining
+from imgpipe.monitoring.actions import ApplyPriorError, apply_prior
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow]
@@ -71,21 +73,29 @@ def test_apply_prior_reconfigures_the_running_app(ray_session, tmp_path):
         serve.shutdown()
 
 
-def test_trigger_submits_a_retraining_job_to_a_real_head(tmp_path, monkeypatch):
+def test_trigger_submits_a_retraining_job_to_a_real_head(tmp_path):
     from test_job_submit import local_head, wait_for_job
 
-    from imgpipe.cluster import JOB_EXCLUDES
-
     bundle = make_test_bundle(tmp_path / "bundles", name="retrain", num_classes=3, mode="L")
-    meta = load_bundle_meta(bundle)
     with local_head() as head:
-        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH"):
-            monkeypatch.setenv(key, head.env[key])
-        monkeypatch.chdir(REPO)
+        # A fresh process with the head's token settings, as a user runs the monitor (Ray's
+        # token loader caches the first token a process sees: the shared test instance's).
+        script = (
+            "import json, sys; from pathlib import Path\n"
+            "from imgpipe.bundle import load_bundle_meta\n"
+            "from imgpipe.cluster import JOB_EXCLUDES\n"
+            "from imgpipe.monitoring.actions import submit_retraining\n"
+            "b = Path(sys.argv[1]); a = sys.argv[2:]\n"
+            "info = submit_retraining(a[0], load_bundle_meta(b), b, a[1], Path(a[2]), ['--help'],\n"
+            "    {'working_dir': '.', 'excludes': list(JOB_EXCLUDES)})\n"
+            "print(json.dumps(info))\n")
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(bundle), head.address, str(tmp_path / "data"),
+             str(tmp_path / "out")], cwd=REPO, env={**head.env, "PYTHONPATH": str(REPO)},
+            capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        info = json.loads(done.stdout.strip().splitlines()[-1])
         # --help: the real entrypoint and config path run on the head without a long search.
-        info = submit_retraining(head.address, meta, bundle, str(tmp_path / "data"),
-                                 tmp_path / "out", ["--help"],
-                                 {"working_dir": ".", "excludes": list(JOB_EXCLUDES)})
         assert wait_for_job(head, info["submission_id"], 300) == "SUCCEEDED"
     assert info["entrypoint"].startswith("python jobs/tune.py --config ")
     cfg = resolve_config(TuneJobConfig, info["config"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -127,15 +128,16 @@ def test_one_row_per_served_image_and_gauges(ray_session, tmp_path):
             (location / MONITOR_DIR / MONITOR_STATUS_FILE).write_text(json.dumps({
                 "estimated_prior": {"em": {"class_0": 0.7, "class_1": 0.2, "class_2": 0.1}},
                 "drift_statistic": 0.01, "drift_p_value": 0.42, "alert": 0}))
+            logged = re.compile(r'imgpipe_prediction_log_rows\{outcome="logged",replica="[^"]+"\} 24\.0')
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 text = client.get("/metrics").text
-                if 'outcome="logged"} 24.0' in text:
+                if logged.search(text):
                     break
                 time.sleep(0.5)
             assert 'imgpipe_monitor_estimated_prior{label="class_0",method="em"} 0.7' in text
             assert "imgpipe_monitor_drift_p_value 0.42" in text
-            assert 'outcome="logged"} 24.0' in text
+            assert logged.search(text), text
     finally:
         serve.delete(APP)  # graceful replica shutdown flushes the last rows
         serve.shutdown()
