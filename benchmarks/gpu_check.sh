@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh [OUTDIR]   # there (the kit travels in .whl/)
 #
 # Stages: DDP+AMP train on shapes-lt (NCCL; 2 ranks when 2 GPUs, else 1), a one-trial GPU tune with
-# export and verification, and a CUDA serve request. Exit status: number of failed stages.
+# export and verification, CUDA inference equal to CPU, an HTTP request. Exit: failed stage count.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/gpu-check}}
@@ -40,15 +40,22 @@ stage cuda_predict 120 python3 - "$bundle" <<'PY'
 import io, sys, numpy as np, torch
 from PIL import Image
 from imgpipe.inference import Predictor
-p = Predictor.load(sys.argv[1], device="cuda")
-assert next(p.model.parameters()).is_cuda
-buf = io.BytesIO(); Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
-print("probabilities", p.predict_images([buf.getvalue()]))
+rng = np.random.default_rng(0)
+images = []
+for _ in range(8):
+    buf = io.BytesIO(); Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+    images.append(buf.getvalue())
+gpu, cpu = Predictor.load(sys.argv[1], device="cuda"), Predictor.load(sys.argv[1], device="cpu")
+assert next(gpu.model.parameters()).is_cuda
+pg, pc = gpu.predict_images(images), cpu.predict_images(images)
+print("max |p_cuda - p_cpu| =", float(np.abs(pg - pc).max()))
+assert np.allclose(pg, pc, atol=1e-3), "CUDA and CPU probabilities differ"
 PY
-stage serve_cuda 180 python3 jobs/serve.py --bundle "$bundle" --num-gpus 1 --port 8123 --smoke
+gpu_flag=(); python3 jobs/serve.py --help 2>/dev/null | grep -q -- --num-gpus && gpu_flag=(--num-gpus 1)
+stage serve_http 180 python3 jobs/serve.py --bundle "$bundle" "${gpu_flag[@]}" --port 8123 --smoke
 fails=0
 echo; echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $ngpu GPU) =="
-for k in prepare train_ddp_amp tune_export cuda_predict serve_cuda; do
+for k in prepare train_ddp_amp tune_export cuda_predict serve_http; do
   echo "  $k: ${result[$k]:-SKIPPED}"; [ "${result[$k]:-}" = PASS ] || fails=$((fails + 1))
 done
 exit $fails

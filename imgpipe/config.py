@@ -91,6 +91,9 @@ class OptimConfig(StrictModel):
     beta2: float = Field(0.999, ge=0, lt=1)
     warmup_epochs: int = Field(1, ge=0)
     min_lr_ratio: float = Field(0.01, ge=0, le=1, description="cosine floor as a fraction of lr")
+    head_lr: float | None = Field(None, gt=0, le=10, description="classifier head lr (default: lr)")
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise lr decay: stage s of S gets lr * d^(S - s)")
     grad_clip: float | None = Field(5.0, gt=0)
 
 
@@ -108,11 +111,79 @@ class SamplerConfig(StrictModel):
         return v
 
 
+ModelName = Literal["cnn", "resnet18", "resnet34", "resnet50", "mobilenet_v3_small",
+                    "efficientnet_b0", "convnext_tiny", "vit_b_16"]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+
+
+class MixConfig(StrictModel):
+    """Batch mixing: torchvision v2 MixUp / CutMix with soft targets, and the partner draw.
+
+    ``partner=instance`` mixes each image with another image of the same batch (torchvision's
+    pairing); ``balanced`` draws the second image class-balanced from a per-run pool of up to
+    ``pool_per_class`` images per class (Remix, Chou et al. 2020; Balanced-MixUp, Galdran
+    et al. 2021), so tail classes are mixed in as often as head classes.
+    """
+
+    mixup_alpha: float = Field(0.0, ge=0, le=10, description="MixUp Beta(alpha, alpha); 0 = off")
+    cutmix_alpha: float = Field(0.0, ge=0, le=10, description="CutMix Beta(alpha, alpha); 0 = off")
+    prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed")
+    partner: Literal["instance", "balanced"] = "instance"
+    pool_per_class: int = Field(32, ge=1, le=10_000,
+                                description="balanced partner: images kept per class")
+
+    @property
+    def enabled(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.prob > 0
+
+    @model_validator(mode="after")
+    def _partner_needs_mixing(self) -> MixConfig:
+        if self.partner == "balanced" and not self.enabled:
+            raise ValueError("partner: 'balanced' needs mixup_alpha or cutmix_alpha > 0 "
+                             "(and prob > 0)")
+        return self
+
+
 class ModelConfig(StrictModel):
-    name: Literal["cnn", "resnet18", "resnet34"] = "cnn"
-    cifar_stem: bool = True
-    init_checkpoint: str | None = Field(None, description="local .safetensors/.pt to start from")
-    image_size: int = Field(32, ge=8, le=1024)
+    """Architecture, starting weights and fine-tuning mode.
+
+    ``None`` for name / cifar_stem / image_size means "what the weights say" (a torchvision
+    weights name, bundle or checkpoint), else the defaults cnn / true / 32; resolved on the
+    driver before any work starts (``imgpipe.models.weights.resolve_model_config``).
+    """
+
+    name: ModelName | None = Field(None, description="architecture (default: the weights', else cnn)")
+    cifar_stem: bool | None = Field(None, description="small-image stem (ResNets, cnn)")
+    weights: str | None = Field(
+        None, description="starting weights: local .safetensors/.pt/.pth file, torchvision "
+        "weights name (resnet50.IMAGENET1K_V2, local hub cache only), bundle or checkpoint folder")
+    image_size: int | None = Field(None, ge=8, le=1024, description="default: the weights', else 32")
+    finetune: str = Field(
+        "full", description="full | linear-probe | partial:K (freeze stages < K) | bitfit | lora")
+    lora_rank: int = Field(8, ge=1, le=512, description="LoRA rank r (finetune=lora)")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha (finetune=lora)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _init_checkpoint_is_weights(cls, data: Any) -> Any:
+        """``init_checkpoint`` (before --weights existed) is accepted as ``weights``."""
+        if isinstance(data, dict) and "init_checkpoint" in data:
+            data = dict(data)
+            old = data.pop("init_checkpoint")
+            if old is not None and data.get("weights") not in (None, old):
+                raise ValueError("init_checkpoint and weights both set (init_checkpoint is the "
+                                 "old name of weights; keep one)")
+            if old is not None:
+                data["weights"] = old
+        return data
+
+    @field_validator("finetune")
+    @classmethod
+    def _finetune_parses(cls, v: str) -> str:
+        from imgpipe.models.finetune import parse_finetune
+
+        parse_finetune(v)
+        return v
 
 
 class TrainConfig(StrictModel):
@@ -122,6 +193,9 @@ class TrainConfig(StrictModel):
     out: str = "runs/train"
     epochs: int = Field(30, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, description="per worker")
+    min_steps_per_epoch: int = Field(
+        10, ge=1, description="optimizer steps per epoch at least (small data gets more "
+        "augmented passes per epoch instead of too few steps); every rank runs the same count")
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.45, gt=0)
     gpus_per_worker: float = Field(1.0, ge=0)
@@ -144,6 +218,7 @@ class TrainConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     sampler: SamplerConfig = SamplerConfig()
     augment: Augment = Augment()
+    mix: MixConfig = MixConfig()
 
     @model_validator(mode="after")
     def _sane(self) -> TrainConfig:
@@ -224,6 +299,39 @@ class TuneJobConfig(StrictModel):
                 model.model_validate(getattr(self, section))
             except ValidationError as e:
                 raise ValueError(format_validation_error(e, section)) from None
+        return self
+
+
+class RebalanceConfig(StrictModel):
+    """Decoupled classifier re-balancing of a bundle (Kang et al., ICLR 2020): frozen backbone,
+    features extracted once, a re-balanced linear head, published as a new bundle version."""
+
+    bundle: str = Field(description="source bundle: bundles/<name>/v<N> or bundles/<name> (latest)")
+    data: str = Field(description="prepared shards the bundle was trained on (train, val, test)")
+    method: Literal["crt", "tau-norm", "lws"] = "crt"
+    smote: int | None = Field(None, ge=1, le=100,
+                              description="k neighbours: oversample features before cRT")
+    smote_method: Literal["smote", "borderline", "adasyn"] = "smote"
+    out: str = Field("runs/rebalance", description="results.json goes here")
+    bundle_root: str | None = Field(None, description="default: the source bundle's root")
+    bundle_name: str | None = Field(None, description="default: the source bundle's name")
+    metric: Literal["balanced_accuracy", "macro_f1"] = Field(
+        "balanced_accuracy", description="val metric that picks tau / the best head epoch")
+    epochs: int = Field(30, ge=1, le=10_000, description="cRT / LWS epochs over the features")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.05, gt=0, le=10, description="SGD (momentum 0.9, cosine) learning rate")
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    tau_max: float = Field(2.0, gt=0, le=10, description="tau-norm: grid 0..tau_max")
+    tau_step: float = Field(0.05, gt=0, le=1)
+    seed: int = 0
+    num_actors: int = Field(2, ge=1, description="feature-extraction actors (Ray Data)")
+    cpus_per_actor: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _smote_with_crt(self) -> RebalanceConfig:
+        if self.smote is not None and self.method != "crt":
+            raise ValueError(f"smote: feature oversampling trains a new head, so it needs "
+                             f"method crt (got {self.method})")
         return self
 
 

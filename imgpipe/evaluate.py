@@ -105,7 +105,7 @@ def load_checkpoint_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, Prepro
     pre = Preprocess.model_validate(meta["preprocess"])
     mcfg = meta["train"]["model"]
     model = create_model(mcfg["name"], len(meta["class_names"]), in_channels=pre.channels,
-                         cifar_stem=mcfg["cifar_stem"])
+                         cifar_stem=mcfg["cifar_stem"], image_size=pre.image_size)
     model.load_state_dict(load_weights(ckpt_dir))
     return model.eval(), pre, meta
 
@@ -434,6 +434,9 @@ class EvaluateConfig(StrictModel):
     many_threshold: int = Field(100, ge=0, description="many-shot: training count above this")
     few_threshold: int = Field(20, ge=0, description="few-shot: training count below this")
     report: bool = Field(True, description="write report.html, PNGs and model_card.md")
+    robustness: bool = Field(False, description="also score corrupted copies of the split "
+                             "(noise, blur, JPEG, brightness, contrast, rotation, occlusion)")
+    robustness_seed: int = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluateConfig:

@@ -82,7 +82,7 @@ class Predictor:
         meta, state = load_bundle(bundle_dir)
         arch = meta.architecture
         model = create_model(arch.model, arch.num_classes, in_channels=arch.in_channels,
-                             cifar_stem=arch.cifar_stem)
+                             cifar_stem=arch.cifar_stem, image_size=meta.preprocess.image_size)
         model.load_state_dict(state, strict=True)
         return cls(meta, model, device)
 

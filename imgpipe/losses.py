@@ -1,6 +1,7 @@
 """Imbalance-aware classification losses and the ``create_loss`` factory.
 
-Every loss is an ``nn.Module`` mapping ``logits (N, C)`` and ``targets (N,)`` int64 to a scalar.
+Every loss is an ``nn.Module`` mapping ``logits (N, C)`` and ``targets (N,)`` int64 (or soft
+``(N, C)`` probabilities, below) to a scalar.
 Per-class tensors (weights, log-prior) are buffers, so ``loss.to(device)`` moves them.
 
 Reduction (all losses): torch's weighted mean ``Σ_i ℓ_i / Σ_i w_{y_i}``, where ``ℓ_i`` already
@@ -13,6 +14,12 @@ carries the weights. With label smoothing ε the per-sample term is, as in
 with the focal modulation ``m_{i,c} = (1 - p_{i,c})^γ`` (``m = 1`` for cross-entropy). Dividing
 by ``Σ w_{y_i}`` keeps the loss scale independent of the weight vector, and makes focal with
 γ=0 exactly the weighted cross-entropy. A batch whose targets all have weight 0 gives loss 0.
+
+Soft targets (MixUp / CutMix): ``targets`` may also be ``(N, C)`` class probabilities ``q``.
+The one-hot term becomes ``Σ_c q_{i,c} · w_c · m_{i,c} · (-log p_{i,c})`` and the normaliser
+``Σ_i Σ_c q_{i,c} w_c``, so a one-hot ``q`` gives exactly the hard-label loss and a MixUp
+target ``λ e_a + (1-λ) e_b`` gives ``λ ℓ(a) + (1-λ) ℓ(b)`` per sample (Zhang et al. 2018).
+Every loss (weighted CE, focal, logit-adjusted, label smoothing, DRW) takes both forms.
 
 Deferred re-weighting (Cao et al. 2019): with ``drw_epoch=k`` the weights are all 1 until
 ``set_epoch(k)``; the trainer calls ``set_epoch`` on the loss at the start of every epoch.
@@ -53,16 +60,20 @@ def imbalanced_cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | N
 
     Args:
         logits: (N, C) raw scores (any float dtype; computed in float32).
-        targets: (N,) int64 class indices.
+        targets: (N,) int64 class indices, or (N, C) class probabilities (rows sum to 1).
         weight: (C,) per-class weights, or None for all ones.
         label_smoothing: ε in [0, 1).
         gamma: focal exponent γ >= 0 (0 = cross-entropy).
     Returns:
         Scalar loss.
+    Raises:
+        ValueError: shapes that do not match, or soft targets that are not probabilities.
     """
-    if logits.ndim != 2 or targets.ndim != 1 or targets.shape[0] != logits.shape[0]:
+    soft = targets.ndim == 2
+    if targets.ndim not in (1, 2) or logits.ndim != 2 or targets.shape[0] != logits.shape[0] or (
+            soft and targets.shape != logits.shape):
         raise ValueError(
-            f"expected logits (N, C) and targets (N,), got {tuple(logits.shape)} and "
+            f"expected logits (N, C) and targets (N,) or (N, C), got {tuple(logits.shape)} and "
             f"{tuple(targets.shape)}"
         )
     num_classes = logits.shape[1]
@@ -79,11 +90,25 @@ def imbalanced_cross_entropy(logits: Tensor, targets: Tensor, weight: Tensor | N
             f"weight has shape {tuple(weight.shape)}, logits have {num_classes} classes"
         )
     per_class = per_class * weight  # (N, C)
-    loss = per_class.gather(1, targets[:, None]).squeeze(1)  # (N,)
+    if soft:
+        q = _check_soft_targets(targets)
+        loss = (per_class * q).sum(1)  # (N,)
+        norm = (q * weight).sum()
+    else:
+        loss = per_class.gather(1, targets[:, None]).squeeze(1)  # (N,)
+        norm = weight[targets].sum()
     if label_smoothing > 0:
         loss = (1 - label_smoothing) * loss + (label_smoothing / num_classes) * per_class.sum(1)
     # Σ w_y can be 0 only if every target is a zero-weight class; clamp to give loss 0, not NaN.
-    return loss.sum() / weight[targets].sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return loss.sum() / norm.clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _check_soft_targets(targets: Tensor) -> Tensor:
+    q = targets.float()
+    if not torch.isfinite(q).all() or (q < 0).any() or not torch.allclose(
+            q.sum(1), torch.ones_like(q[:, 0]), atol=1e-4):
+        raise ValueError("soft targets must be finite, >= 0, and each row must sum to 1")
+    return q
 
 
 class ImbalanceLoss(nn.Module):

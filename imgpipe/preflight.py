@@ -11,6 +11,7 @@ so a value accepted here is accepted there.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, get_args
 
 from imgpipe.bundle import PRIOR_CHOICES, BundleMeta, check_prior_vector, load_bundle_meta
@@ -26,6 +27,7 @@ from imgpipe.constants import TRAIN
 from imgpipe.data.rebalance import parse_class_weights, parse_sampler, sampling_rates
 from imgpipe.data.shards import Manifest, ManifestNotFoundError, load_manifest
 from imgpipe.losses import create_loss
+from imgpipe.training.checkpoint import META_FILE, load_meta
 from imgpipe.tuning.space import SearchSpace
 
 # Class counts of the embedded datasets, for a tune run that will prepare them (no manifest yet).
@@ -77,10 +79,17 @@ def check_train_config(cfg: TrainConfig) -> Manifest:
 
     Raises:
         ManifestError: no readable manifest at ``cfg.data``.
-        ConfigError: naming the field that does not fit the data.
+        ConfigError: naming the field that does not fit the data (``resume``: a checkpoint
+            trained on other classes).
     """
     manifest = load_manifest(cfg.data)
     check_train_against_counts(cfg, manifest.counts_vector(TRAIN), manifest.class_names)
+    if cfg.resume and "://" not in cfg.resume and (Path(cfg.resume) / META_FILE).is_file():
+        # A checkpoint of other classes would fail to load its classifier head in every worker.
+        saved = load_meta(cfg.resume).get("class_names")
+        if saved is not None and list(saved) != manifest.class_names:
+            raise _fail("resume", f"{cfg.resume} was trained on classes {saved}, but {cfg.data} "
+                                  f"has {manifest.class_names}")
     return manifest
 
 

@@ -540,6 +540,25 @@ def _fit_lines(evals: dict[str, BundleEvaluation]) -> list[str]:
             f"{fit['ece_after']:.4f}"]
 
 
+def _rebalance_lines(info: dict[str, Any] | None) -> list[str]:
+    """How a classifier-re-balanced bundle was made (``imgpipe.decoupled``), if it was."""
+    if not info:
+        return []
+    src = info.get("source_bundle", {})
+    fitted = info.get("fitted", {})
+    how = {"crt": "a new linear head trained with class-balanced sampling (cRT)",
+           "tau-norm": f"tau-normalised head weights (tau = {fitted.get('tau')}, chosen on val)",
+           "lws": "learned per-class weight scales (LWS), class-balanced sampling"}
+    lines = [f"- Classifier re-balanced from `{src.get('name')}` v{src.get('version')}: "
+             f"{how.get(info.get('method'), info.get('method'))}; backbone frozen "
+             f"({info.get('frozen', '')}); {info.get('paper', '')}"]
+    if info.get("smote"):
+        sm = info["smote"]
+        lines.append(f"- Train features oversampled with {sm['method']} (k = {sm['k']}): "
+                     f"{sm['rows_before']} → {sm['rows_after']} rows")
+    return lines
+
+
 def render_model_card(meta: BundleMeta, manifest: Manifest, evals: dict[str, BundleEvaluation],
                       main_split: str, shots: ShotThresholds) -> str:
     """``model_card.md``: model, data, class counts, metrics, calibration, limitations."""
@@ -560,6 +579,7 @@ def render_model_card(meta: BundleMeta, manifest: Manifest, evals: dict[str, Bun
         f"{meta.preprocess.image_size}, mode {meta.preprocess.mode}",
         f"- Created {meta.created_at:%Y-%m-%d %H:%M} UTC with imgpipe {meta.code_version}",
         f"- Hyperparameters: `{hp}`" if hp else "- Hyperparameters: not recorded",
+        *_rebalance_lines(hp.get("rebalance")),
         "## Data",
         f"- Source: `{manifest.source}` (seed {manifest.seed}, imbalance ratio "
         f"{_fmt(manifest.imbalance_ratio, 1)})",

@@ -56,6 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--few-threshold", type=int, help="few-shot: training count below this")
     p.add_argument("--no-report", dest="report", action="store_false", default=None,
                    help="only metrics.json and predictions.parquet")
+    p.add_argument("--robustness", action="store_true", default=None,
+                   help="balanced accuracy and per-class recall under 7 corruptions x 3\n"
+                   "severities: robustness.json, robustness.png, a table")
+    p.add_argument("--robustness-seed", type=int, help="seeds the corruptions (0)")
     return p
 
 
@@ -78,10 +82,26 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
         payload = evaluate_bundle(cfg.bundle, cfg.data, cfg.split, cfg.out, prior=prior,
                                   shot_thresholds=shots,
                                   record=prior is None and cfg.split in (VAL, TEST))
+    robustness = run_robustness(cfg, prior) if cfg.robustness else None
     return {"config": cfg.model_dump(mode="json"), "calibration": calibration,
+            "robustness": robustness,
             "wall_time_s": round(time.perf_counter() - started, 2),
             "evaluated": {k: v for k, v in payload.items() if k != "metrics"},
             cfg.split: bundle_block(payload["metrics"])}
+
+
+def run_robustness(cfg: EvaluateConfig, prior: Any) -> dict[str, Any]:
+    """Score corrupted copies of the split through the serving Predictor; write JSON + PNG."""
+    from imgpipe.evaluate import load_predictor
+    from imgpipe.robustness import evaluate_robustness, plot_robustness
+
+    result = evaluate_robustness(load_predictor(cfg.bundle, prior), cfg.data, cfg.split,
+                                 seed=cfg.robustness_seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "robustness.json", result)
+    result["plot"] = str(plot_robustness(result, out / "robustness.png"))
+    return result
 
 
 def print_summary(results: dict[str, Any], split: str) -> None:
@@ -96,6 +116,15 @@ def print_summary(results: dict[str, Any], split: str) -> None:
     print(format_table(["metric", split], rows))
     print()
     print(per_class_table(ev["class_names"], ev["train_class_counts"], m))
+    if results.get("robustness"):
+        from imgpipe.robustness import ROBUSTNESS_HEADERS, robustness_rows
+
+        rob = results["robustness"]
+        print(f"\nRobustness on {split} (balanced accuracy; worst class recall at severity 3):")
+        print(format_table(ROBUSTNESS_HEADERS, robustness_rows(rob)))
+        print(f"mean over corruptions {rob['mean_corrupted_balanced_accuracy']:.4f}; worst "
+              f"{rob['worst']['corruption']} s{rob['worst']['severity']} "
+              f"{rob['worst']['value']:.4f}; plot {rob['plot']}")
 
 
 def _main(argv: list[str] | None) -> int:

@@ -35,6 +35,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-ongoing-requests", type=float)
     p.add_argument("--num-cpus", type=float, help="logical CPUs per replica")
     p.add_argument("--max-body-bytes", type=int)
+    p.add_argument("--prediction-log", metavar="LOGDIR",
+                   help="log every served image (Parquet) under LOGDIR: local path, s3://, gs://")
+    p.add_argument("--prediction-log-sample-rate", type=float, metavar="R",
+                   help="fraction of images logged (default 1.0)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--smoke", action="store_true", help="start, check the endpoints, stop")
     return p
@@ -46,6 +50,10 @@ def _main(argv: list[str] | None) -> int:
     overrides = {k: getattr(ns, k) for k in (
         "bundle", "max_batch_size", "batch_wait_timeout_s", "min_replicas", "max_replicas",
         "target_ongoing_requests", "num_cpus", "max_body_bytes")}
+    if ns.prediction_log:
+        overrides["prediction_log"] = {"location": ns.prediction_log}
+        if ns.prediction_log_sample_rate is not None:
+            overrides["prediction_log"]["sample_rate"] = ns.prediction_log_sample_rate
     args, http = resolve_serve_args(ns.config, overrides)
     host = ns.host or http.get("host", "127.0.0.1")
     port = ns.port or int(http.get("port", 8000))

@@ -12,6 +12,8 @@ from imgpipe import storage
 from imgpipe.config import TrainConfig, resolve_config
 from imgpipe.console import per_class_table
 from imgpipe.errors import run_job
+from imgpipe.logs import configure_console
+from imgpipe.models.weights import add_transfer_args, check_weights
 from imgpipe.preflight import check_train_config
 from imgpipe.runtime import init_ray
 from imgpipe.training.trainer import run_training
@@ -38,9 +40,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int,
                    help="worker/node failures recovered from the latest checkpoint (default 3; "
                    "-1 unlimited, 0 off)")
-    p.add_argument("--model", dest="model.name", choices=["cnn", "resnet18", "resnet34"])
-    p.add_argument("--image-size", dest="model.image_size", type=int)
-    p.add_argument("--init-checkpoint", dest="model.init_checkpoint")
+    add_transfer_args(p, prefix="")
     p.add_argument("--loss", dest="loss.name", choices=["ce", "focal", "logit-adjusted"])
     p.add_argument("--class-weights", dest="loss.class_weights",
                    help="none | power:BETA | effective:BETA | w1,w2,...")
@@ -51,22 +51,33 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="deferred re-weighting: class weights from this epoch on")
     p.add_argument("--sampler", dest="sampler.strategy",
                    help="none | oversample | undersample | sqrt | p1,p2,...")
+    p.add_argument("--mixup", dest="mix.mixup_alpha", type=float, metavar="ALPHA",
+                   help="MixUp with Beta(ALPHA, ALPHA) mixing weights (torchvision v2); 0 = off")
+    p.add_argument("--cutmix", dest="mix.cutmix_alpha", type=float, metavar="ALPHA",
+                   help="CutMix with Beta(ALPHA, ALPHA) (with --mixup: one of the two per batch)")
+    p.add_argument("--mix-partner", dest="mix.partner", choices=["instance", "balanced"],
+                   help="second image: from the batch, or drawn class-balanced (Remix-style)")
+    p.add_argument("--mix-prob", dest="mix.prob", type=float, help="share of batches mixed")
     p.add_argument("--optimizer", dest="optim.name", choices=["sgd", "adam", "adamw", "rmsprop"])
     p.add_argument("--lr", dest="optim.lr", type=float)
     p.add_argument("--weight-decay", dest="optim.weight_decay", type=float)
     p.add_argument("--no-cache", dest="cache_decoded", action="store_false", default=None,
                    help="decode every epoch instead of caching decoded images")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--verbose", dest="ray_verbose", action="store_true",
+                   help="show Ray's own INFO lines and progress bars on the console")
     return p
 
 
 def _main(argv: list[str] | None) -> int:
     args = vars(get_args_parser().parse_args(argv))
     config_file, address = args.pop("config"), args.pop("address")
+    configure_console(verbose=args.pop("ray_verbose"))
     overrides = {k.replace("-", "_"): v for k, v in args.items()}
     cfg = resolve_config(TrainConfig, config_file, overrides)
     storage.check_durable({"--out": cfg.out, "--storage-path": cfg.storage_path})
     check_train_config(cfg)  # weight/sampler vectors against the data, before Ray starts
+    check_weights(cfg.model.weights)  # file/cache present: the weights error before Ray starts
     init_ray(address)
     results = run_training(cfg)
     print("\nTest split, best checkpoint (by val " + cfg.metric + "):")

@@ -12,6 +12,8 @@ import sys
 from imgpipe import storage
 from imgpipe.config import EMBEDDED_DATASETS, TuneJobConfig, resolve_config
 from imgpipe.errors import run_job
+from imgpipe.logs import configure_console
+from imgpipe.models.weights import add_transfer_args, check_weights
 from imgpipe.preflight import check_tune_config
 from imgpipe.runtime import init_ray
 from imgpipe.tuning.job import check_data_source, run_tune_job
@@ -49,18 +51,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial-max-failures", type=int,
                    help="retries of a failed trial from its latest checkpoint (default 2)")
     p.add_argument("--no-report", dest="report", action="store_false", default=None)
+    add_transfer_args(p, prefix="train.")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p.add_argument("--verbose", dest="ray_verbose", action="store_true",
+                   help="show Ray's own INFO lines and progress bars on the console")
     return p
 
 
 def _main(argv: list[str] | None) -> int:
     args = vars(get_args_parser().parse_args(argv))
     config_file, address = args.pop("config"), args.pop("address")
+    configure_console(verbose=args.pop("ray_verbose"))
     tcfg = resolve_config(TuneJobConfig, config_file, args)
     storage.check_durable({"--out": tcfg.out, "--bundle-root": tcfg.bundle_root,
                            "--storage-path": tcfg.storage_path})
     check_data_source(tcfg)  # a folder without shards fails before Ray starts
     check_tune_config(tcfg)  # train/search vectors against the data's classes, before Ray
+    model = tcfg.train.get("model") or {}
+    check_weights(model.get("weights") or model.get("init_checkpoint"))  # before Ray starts
     init_ray(address)
     try:
         results = run_tune_job(tcfg)

@@ -22,13 +22,21 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
-from imgpipe.bundle import BundleMeta, resolve_bundle_dir, validate_meta, verify_bundle
+from imgpipe.bundle import BundleMeta, resolve_bundle_dir, verify_bundle
 from imgpipe.data.transforms import ImageDecodeError
 from imgpipe.inference import Predictor
+from serving.budget import DecodeBudget, decoded_bytes
 from serving.errors import ApiError
 from serving.inputs import check_image_header
+from serving.live import LiveState, apply_live_config
 from serving.metrics import MetricsBuffer, PrometheusMetrics
-from serving.schemas import MODEL_DEPLOYMENT, LiveConfig, ReplicaSettings, ServeArgs
+from serving.prediction_log import (
+    LoggedForward,
+    MonitorGauges,
+    PredictionLogger,
+    resolve_prediction_log,
+)
+from serving.schemas import MODEL_DEPLOYMENT, LiveConfig, MiB, ReplicaSettings, ServeArgs
 from serving.security import resolve_token, warn_if_exposed
 
 log = logging.getLogger(__name__)
@@ -42,34 +50,59 @@ FLUSH_INTERVAL_S = 1.0
 class MetricsStore:
     """Holds the Prometheus registry; model replicas send it their counts."""
 
-    def __init__(self, model_name: str, model_version: str) -> None:
+    def __init__(self, model_name: str, model_version: str,
+                 prediction_log: str | None = None) -> None:
         # ``*_created`` timestamp series only add noise to a dashboard; off in this process.
         disable_created_metrics()
         self._metrics = PrometheusMetrics(model_name, model_version)
+        self._monitor = MonitorGauges(self._metrics.registry, prediction_log) if prediction_log \
+            else None
 
     def record(self, delta: dict[str, Any]) -> None:
         self._metrics.apply(delta)
+        if self._monitor is not None:
+            self._monitor.apply(delta.get("prediction_log"))
 
     def render(self) -> bytes:
+        if self._monitor is not None:
+            self._monitor.refresh()
         return self._metrics.render()
 
 
 @serve.deployment(name=MODEL_DEPLOYMENT)
 @serve.ingress()
 class ImgpipeModel:
-    """One replica: a loaded ``Predictor`` behind the HTTP API of ``serving.routes``."""
+    """One replica: a loaded ``Predictor`` behind the HTTP API of ``serving.routes``.
+
+    Per request: the route reads ``self.live`` once (an immutable ``LiveState``), reserves the
+    decode budget for its images, and sends each image into the batcher, where decoding and the
+    forward pass run together in one worker-thread hop per batch. The batcher returns logits
+    only; the request turns them into probabilities and labels with its own ``LiveState``.
+    """
 
     def __init__(self, settings: ReplicaSettings, metrics_store: DeploymentHandle) -> None:
         torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.predictor = Predictor.load(settings.bundle)
         self.bundle_meta: BundleMeta = self.predictor.meta  # as written; overrides start here
-        self.live = LiveConfig()
+        self.live = LiveState.create(self.bundle_meta, LiveConfig())
+        self.budget = DecodeBudget(settings.decode_budget_bytes, settings.decode_wait_s)
         self.metrics = MetricsBuffer()
         self._store = metrics_store
         self._flusher: asyncio.Task | None = None
         pre = self.bundle_meta.preprocess
         self._probe = torch.zeros(1, pre.channels, pre.image_size, pre.image_size)
+        # Prediction log (off unless configured): the forward pass also queues its logits and
+        # penultimate features for a background Parquet writer; never blocks a request.
+        self.prediction_log = PredictionLogger(settings.prediction_log) \
+            if settings.prediction_log else None
+        self._predict_logits = LoggedForward(self.predictor, self.prediction_log) \
+            if self.prediction_log else self.predictor.predict_logits
+
+    def __del__(self) -> None:
+        # Serve calls __del__ on graceful replica shutdown: flush the log's last rows.
+        if getattr(self, "prediction_log", None) is not None:
+            self.prediction_log.close()
 
     def __serve_build_asgi_app__(self):
         # Built per replica after __init__, so routes close over this replica's state.
@@ -77,19 +110,21 @@ class ImgpipeModel:
 
         return create_api(self)
 
-    @property
-    def meta(self) -> BundleMeta:
-        """The metadata in effect (bundle plus live overrides)."""
-        return self.predictor.meta
-
     def reconfigure(self, user_config: dict[str, Any] | None) -> None:
-        """Apply ``user_config`` (a LiveConfig); invalid values leave the replica unchanged."""
-        live = LiveConfig.model_validate(user_config or {})
-        self.predictor.meta = apply_live_config(self.bundle_meta, live)
-        self._batched_probabilities.set_max_batch_size(live.max_batch_size)
-        self._batched_probabilities.set_batch_wait_timeout_s(live.batch_wait_timeout_s)
-        self.live = live
-        log.info("reconfigured: %s", live.model_dump())
+        """Apply ``user_config`` (a LiveConfig); invalid values leave the replica unchanged.
+
+        The new ``LiveState`` is complete before it is published with one assignment, so a
+        request in flight keeps the snapshot it started with.
+        """
+        config = LiveConfig.model_validate(user_config or {})
+        state = LiveState.create(self.bundle_meta, config)
+        self._batched_logits.set_max_batch_size(config.max_batch_size)
+        self._batched_logits.set_batch_wait_timeout_s(config.batch_wait_timeout_s)
+        self.live = state
+        # The prediction log records the calibration in effect from the predictor's metadata
+        # (requests never read it: they use their own LiveState).
+        self.predictor.meta = state.meta
+        log.info("reconfigured: %s", config.model_dump())
 
     async def check_health(self) -> None:
         """Serve's periodic probe: the model still runs and gives finite logits."""
@@ -97,49 +132,69 @@ class ImgpipeModel:
         if not torch.isfinite(logits).all():
             raise RuntimeError("model produced non-finite logits on the health probe")
 
-    async def probabilities_for_images(self, images: list[bytes]) -> np.ndarray:
-        """Encoded images → adjusted probabilities ``(N, C)``; bad images → ApiError(400)."""
-        x = await asyncio.to_thread(self._preprocess, images)
-        return await self.probabilities_for_tensor(x)
+    async def logits_for_images(self, images: list[bytes], live: LiveState) -> np.ndarray:
+        """Encoded images → float32 logits ``(N, C)``.
 
-    def _preprocess(self, images: list[bytes]) -> torch.Tensor:
-        out = []
-        for i, data in enumerate(images):
-            what = f"image {i}" if len(images) > 1 else "image"
-            check_image_header(data, self.settings.max_image_pixels, what)
-            try:
-                out.append(self.predictor.preprocess([data]))  # the shared preprocessing
-            except ImageDecodeError as e:
-                raise ApiError(400, f"{what}: {e}") from None
-        return torch.cat(out)
+        Headers are checked (pixel limit) and the decode budget reserved before any pixel is
+        decoded. Raises ApiError: 400 for an unusable image, 413/503 from the budget.
+        """
+        whats = [f"image {i}" if len(images) > 1 else "image" for i in range(len(images))]
+        sizes = [check_image_header(data, self.settings.max_image_pixels, what)
+                 for data, what in zip(images, whats, strict=True)]
+        need = sum(decoded_bytes(*wh) for wh in sizes if wh is not None)
+        async with self.budget.reserve(need):
+            return await self._logits(list(zip(images, whats, strict=True)), live)
 
-    async def probabilities_for_tensor(self, x: torch.Tensor) -> np.ndarray:
-        """Preprocessed ``(N, C, S, S)`` → probabilities, batched across requests if enabled."""
-        if self.live.max_batch_size == 1:
-            logits = await asyncio.to_thread(self.predictor.predict_logits, x)
-            self.metrics.batch(len(x))
-            probs = self.predictor.probabilities(logits)
+    async def logits_for_tensor(self, x: torch.Tensor, live: LiveState) -> np.ndarray:
+        """Preprocessed ``(N, C, S, S)`` → float32 logits ``(N, C)``."""
+        return await self._logits([(row, "") for row in x], live)
+
+    async def _logits(self, items: list[tuple[bytes | torch.Tensor, str]],
+                      live: LiveState) -> np.ndarray:
+        if live.config.max_batch_size == 1:
+            rows = await asyncio.to_thread(self._forward, items)
         else:
             # One batch item per image: a request with many images fills batches like many
             # single-image requests would, and max_batch_size counts images.
-            rows = await asyncio.gather(*(self._batched_probabilities(img) for img in x))
-            probs = np.stack(rows)
-        self.metrics.predictions(self.labels(probs))
-        return probs
+            rows = await asyncio.gather(*(self._batched_logits(item) for item in items))
+        for row in rows:
+            if isinstance(row, ApiError):
+                raise row
+        return np.stack(rows)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def _batched_probabilities(self, images: list[torch.Tensor]) -> list[np.ndarray]:
-        x = torch.stack(images)
-        # The forward pass runs off the event loop, so requests keep arriving (and queueing
-        # for the next batch) while this one computes.
-        logits = await asyncio.to_thread(self.predictor.predict_logits, x)
-        self.metrics.batch(len(images))
-        return list(self.predictor.probabilities(logits))
+    async def _batched_logits(self, items: list[tuple[bytes | torch.Tensor, str]]
+                              ) -> list[np.ndarray | ApiError]:
+        # Decode and forward run off the event loop in ONE thread hop per batch, so requests
+        # keep arriving (and queueing for the next batch) while this one computes.
+        return await asyncio.to_thread(self._forward, items)
 
-    def labels(self, probs: np.ndarray) -> list[str]:
-        """The decision per row: argmax, or the binary threshold when the bundle has one."""
-        names = self.meta.class_names
-        return [names[i] for i in self.predictor.predict_labels(probs)]
+    def _forward(self, items: list[tuple[bytes | torch.Tensor, str]]
+                 ) -> list[np.ndarray | ApiError]:
+        """Decode (bytes) or take (tensors) each item, one forward pass over the usable ones;
+        an unusable image yields its ApiError(400) in its slot (only its request fails)."""
+        out: list[np.ndarray | ApiError | None] = [None] * len(items)
+        good, tensors = [], []
+        for i, (item, what) in enumerate(items):
+            if isinstance(item, torch.Tensor):
+                tensors.append(item.unsqueeze(0))
+                good.append(i)
+                continue
+            try:
+                tensors.append(self.predictor.preprocess([item]))  # the shared preprocessing
+                good.append(i)
+            except ImageDecodeError as e:
+                out[i] = ApiError(400, f"{what}: {e}")
+        if tensors:
+            logits = self._predict_logits(torch.cat(tensors)).numpy()
+            self.metrics.batch(len(tensors))
+            for i, row in zip(good, logits, strict=True):
+                out[i] = row
+        return out
+
+    def observe_predictions(self, live: LiveState, probs: np.ndarray, labels: list[str]) -> None:
+        """Called once per answered inference request (the per-request hook: metrics now)."""
+        self.metrics.predictions(labels)
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.metrics.request(endpoint, method, status, seconds)
@@ -148,6 +203,8 @@ class ImgpipeModel:
 
     async def flush_metrics(self) -> None:
         delta = self.metrics.take()
+        if delta is not None and self.prediction_log is not None:
+            delta["prediction_log"] = (self.prediction_log.replica, self.prediction_log.stats())
         if delta is not None:
             await self._store.record.remote(delta)
 
@@ -163,20 +220,6 @@ class ImgpipeModel:
                 await self.flush_metrics()
             except Exception as e:  # a lost delta is better than a dead replica
                 log.warning("could not ship metrics to %s: %s", METRICS_DEPLOYMENT, e)
-
-
-def apply_live_config(meta: BundleMeta, live: LiveConfig) -> BundleMeta:
-    """The bundle's metadata with the live calibration overrides applied (validated).
-
-    Raises BundleError when an override does not fit the bundle (e.g. a prior of the wrong
-    length, a threshold on a multi-class model).
-    """
-    fields = meta.model_dump()
-    for key in ("temperature", "deployment_prior", "decision_threshold"):
-        value = getattr(live, key)
-        if value is not None:
-            fields[key] = value
-    return validate_meta(fields, f"{meta.name} v{meta.version} with user_config")
 
 
 def _serve_http_host() -> str | None:
@@ -212,8 +255,11 @@ def build_app(args: ServeArgs) -> Application:
         bundle=str(bundle_dir), torch_threads=args.torch_threads,
         max_body_bytes=args.max_body_bytes, max_images_per_request=args.max_images_per_request,
         max_image_pixels=args.max_image_pixels, token=token,
+        decode_budget_bytes=args.decode_budget_bytes, decode_wait_s=args.decode_wait_s,
+        prediction_log=resolve_prediction_log(args.prediction_log),
     )
-    store = MetricsStore.bind(meta.name, str(meta.version))
+    store = MetricsStore.bind(meta.name, str(meta.version),
+                              settings.prediction_log.location if settings.prediction_log else None)
     return ImgpipeModel.options(
         autoscaling_config={
             "min_replicas": args.min_replicas, "initial_replicas": args.min_replicas,
@@ -222,7 +268,8 @@ def build_app(args: ServeArgs) -> Application:
         },
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
-        ray_actor_options={"num_cpus": args.num_cpus},
+        ray_actor_options={"num_cpus": args.num_cpus, "memory": args.replica_memory_mb * MiB},
+        logging_config={"enable_access_log": args.access_log},
         user_config=live.model_dump(),
         health_check_period_s=args.health_check_period_s,
         health_check_timeout_s=args.health_check_timeout_s,

@@ -85,18 +85,23 @@ def decode_b64(text: str, what: str) -> bytes:
         raise ApiError(400, f"{what}: invalid base64: {e}") from None
 
 
-def check_image_header(data: bytes, max_pixels: int, what: str) -> None:
-    """Refuse images whose header declares more than ``max_pixels`` (before decoding any).
+def check_image_header(data: bytes, max_pixels: int, what: str) -> tuple[int, int] | None:
+    """``(width, height)`` from the header, refusing more than ``max_pixels`` before decoding.
 
     Uses the shared decoder's guard, which never depends on warning filters, so the answer is
-    the same whatever other requests in the replica's thread pool are doing.
+    the same whatever other requests in the replica's thread pool are doing. None when the
+    header is unreadable: the decoder then reports it with the shared message.
+
+    Raises:
+        ApiError: 400 when the image declares more than ``max_pixels`` pixels.
     """
     try:
-        read_image_header(data, max_pixels=max_pixels)
+        width, height, _ = read_image_header(data, max_pixels=max_pixels)
     except ImageTooLargeError as e:
         raise ApiError(400, f"{what}: {e}") from None
     except ImageDecodeError:
-        return  # not readable at all: decode_image reports it with the shared message
+        return None
+    return width, height
 
 
 async def images_from_v1(request: Request, body: bytes, max_images: int) -> list[bytes]:

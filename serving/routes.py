@@ -17,12 +17,15 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swagger_ui_bundle import swagger_ui_path
 
 import imgpipe
 from serving import v2
 from serving.errors import ApiError, error_response, install_error_handlers
 from serving.inputs import images_from_v1, read_body
+from serving.live import LiveState
+from serving.openapi import install_contract
 from serving.schemas import (
     Calibration,
     ImagePrediction,
@@ -30,7 +33,6 @@ from serving.schemas import (
     ModelCard,
     ModelsResponse,
     PredictResponse,
-    V2Error,
     V2InferenceRequest,
     V2InferenceResponse,
     V2ModelMetadata,
@@ -52,7 +54,6 @@ PREDICT_BODY_DOC = {"requestBody": {"required": True, "content": {
             "type": "array", "items": {"type": "object", "required": ["b64"],
                                        "properties": {"b64": {"type": "string"}}}}}}},
 }}}
-V2_ERRORS = {400: {"model": V2Error}, 404: {"model": V2Error}, 413: {"model": V2Error}}
 
 
 def create_api(model: ImgpipeModel) -> FastAPI:
@@ -66,10 +67,11 @@ def create_api(model: ImgpipeModel) -> FastAPI:
     )
     _add_offline_docs(api)
     install_error_handlers(api)
-    _add_middleware(api, model)
+    api.add_middleware(AuthAndObserve, model=model)
     _add_v1_routes(api, model)
     _add_v2_routes(api, model)
     _add_ops_routes(api, model)
+    install_contract(api, PUBLIC_PATHS, V2_REQUEST_COMPONENTS)
     return api
 
 
@@ -90,45 +92,70 @@ def _add_offline_docs(api: FastAPI) -> None:
             swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
 
 
-def _add_middleware(api: FastAPI, model: ImgpipeModel) -> None:
-    @api.middleware("http")
-    async def auth_and_observe(request: Request, call_next):
+class AuthAndObserve:
+    """Pure ASGI middleware: bearer token check (not on the health probes) and request counts.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs
+    every request through an extra task and memory streams, which showed in the profile.
+    """
+
+    def __init__(self, app: ASGIApp, model: ImgpipeModel) -> None:
+        self.app = app
+        self.model = model
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         start = time.perf_counter()
-        path = request.url.path
+        path = scope["path"]
         status = 500
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            if path in PUBLIC_PATHS or authorized(request.headers.get("authorization"),
-                                                  model.settings.token):
-                response = await call_next(request)
+            if path in PUBLIC_PATHS or authorized(_header(scope, b"authorization"),
+                                                  self.model.settings.token):
+                await self.app(scope, receive, send_observed)
             else:
                 response = error_response(path, 401, "missing or invalid bearer token",
                                           {"WWW-Authenticate": "Bearer"})
-            status = response.status_code
-            return response
+                await response(scope, receive, send_observed)
         finally:
             # Route templates, not raw paths, keep label cardinality bounded.
-            route = request.scope.get("route")
-            endpoint = getattr(route, "path", None) or "(unmatched)"
-            model.observe_request(endpoint, request.method, status, time.perf_counter() - start)
+            endpoint = getattr(scope.get("route"), "path", None) or "(unmatched)"
+            self.model.observe_request(endpoint, scope["method"], status,
+                                       time.perf_counter() - start)
 
 
-def v1_predictions(model: ImgpipeModel, probs: np.ndarray, top_k: int) -> PredictResponse:
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def v1_predictions(live: LiveState, probs: np.ndarray, labels: list[str],
+                   top_k: int) -> PredictResponse:
     """Top-k ``{label, probability}`` per image plus the decision label."""
-    names = model.meta.class_names
+    names = live.meta.class_names
     k = min(top_k, len(names))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-    decisions = model.labels(probs)
     preds = [
         ImagePrediction(label=decision, top_k=[
             LabelProbability(label=names[j], probability=float(row[j])) for j in idx])
-        for row, idx, decision in zip(probs, order, decisions, strict=True)
+        for row, idx, decision in zip(probs, order, labels, strict=True)
     ]
-    return PredictResponse(model_name=model.meta.name, model_version=str(model.meta.version),
+    return PredictResponse(model_name=live.meta.name, model_version=str(live.meta.version),
                            predictions=preds)
 
 
-def model_card(model: ImgpipeModel) -> ModelCard:
-    m = model.meta
+def model_card(live: LiveState) -> ModelCard:
+    m = live.meta
     prior = m.deployment_prior
     return ModelCard(
         name=m.name, version=str(m.version), class_names=m.class_names,
@@ -142,6 +169,15 @@ def model_card(model: ImgpipeModel) -> ModelCard:
     )
 
 
+def _answer(model: ImgpipeModel, live: LiveState, logits: np.ndarray
+            ) -> tuple[np.ndarray, list[str]]:
+    """Probabilities and decisions with the request's own live settings; the hook sees them."""
+    probs = live.probabilities(logits)
+    labels = live.labels(probs)
+    model.observe_predictions(live, probs, labels)
+    return probs, labels
+
+
 def _add_v1_routes(api: FastAPI, model: ImgpipeModel) -> None:
     settings = model.settings
 
@@ -150,19 +186,21 @@ def _add_v1_routes(api: FastAPI, model: ImgpipeModel) -> None:
     async def predict(request: Request,
                       top_k: int = Query(5, ge=1, le=100_000, description="capped at the "
                                          "number of classes")) -> PredictResponse:
+        live = model.live  # one snapshot for the whole request
         body = await read_body(request, settings.max_body_bytes)
         images = await images_from_v1(request, body, settings.max_images_per_request)
-        probs = await model.probabilities_for_images(images)
-        return v1_predictions(model, probs, top_k)
+        logits = await model.logits_for_images(images, live)
+        probs, labels = _answer(model, live, logits)
+        return v1_predictions(live, probs, labels, top_k)
 
     @api.get("/v1/models", response_model=ModelsResponse,
              summary="Classes, version, metrics and calibration of the served bundle")
     async def models() -> ModelsResponse:
-        return ModelsResponse(models=[model_card(model)])
+        return ModelsResponse(models=[model_card(model.live)])
 
 
-def _check_model(model: ImgpipeModel, name: str, version: str | None) -> None:
-    meta = model.meta
+def _check_model(live: LiveState, name: str, version: str | None) -> None:
+    meta = live.meta
     if name != meta.name:
         raise ApiError(404, f"model {name!r} not found; this server serves {meta.name!r}")
     if version is not None and version.removeprefix("v") != str(meta.version):
@@ -170,17 +208,18 @@ def _check_model(model: ImgpipeModel, name: str, version: str | None) -> None:
                             f"available: {[str(meta.version)]}")
 
 
-async def _infer(model: ImgpipeModel, request: Request) -> Response:
-    settings, pre = model.settings, model.meta.preprocess
+async def _infer(model: ImgpipeModel, live: LiveState, request: Request) -> Response:
+    settings, pre = model.settings, live.meta.preprocess
     body = await read_body(request, settings.max_body_bytes)
     req, tail = v2.parse_request(body, request.headers.get(v2.HEADER_LENGTH))
     inputs = v2.decode_inputs(req, tail, pre.channels, pre.image_size,
                               settings.max_images_per_request)
     if inputs.images is not None:
-        probs = await model.probabilities_for_images(inputs.images)
+        logits = await model.logits_for_images(inputs.images, live)
     else:
-        probs = await model.probabilities_for_tensor(torch.from_numpy(inputs.pixels))
-    content, headers, media_type = v2.encode_response(req, model.meta, probs, model.labels(probs))
+        logits = await model.logits_for_tensor(torch.from_numpy(inputs.pixels), live)
+    probs, labels = _answer(model, live, logits)
+    content, headers, media_type = v2.encode_response(req, live.meta, probs, labels)
     return Response(content, media_type=media_type, headers=headers)
 
 
@@ -204,35 +243,37 @@ def _add_v2_routes(api: FastAPI, model: ImgpipeModel) -> None:
 def _add_v2_model_routes(api: FastAPI, model: ImgpipeModel) -> None:
     """Model metadata / ready / infer, each with and without ``/versions/{version}``."""
     base, versioned = "/v2/models/{name}", "/v2/models/{name}/versions/{version}"
-    infer_doc = {"responses": {200: {"model": V2InferenceResponse}, **V2_ERRORS},
+    infer_doc = {"responses": {200: {"model": V2InferenceResponse}},
                  "openapi_extra": {"requestBody": {"required": True, "content": {
-                     "application/json": {"schema": _v2_request_schema(api)}}}}}
+                     "application/json": {"schema": V2_REQUEST_SCHEMA}}}}}
 
     def metadata(name: str, version: str | None = None) -> V2ModelMetadata:
-        _check_model(model, name, version)
-        return v2.model_metadata(model.meta)
+        live = model.live
+        _check_model(live, name, version)
+        return v2.model_metadata(live.meta)
 
     def model_ready(name: str, version: str | None = None) -> dict[str, str | bool]:
-        _check_model(model, name, version)
+        _check_model(model.live, name, version)
         return {"name": name, "ready": True}
 
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        _check_model(model, name, version)
-        return await _infer(model, request)
+        live = model.live  # one snapshot for the whole request
+        _check_model(live, name, version)
+        return await _infer(model, live, request)
 
-    @api.get(base, response_model=V2ModelMetadata, responses=V2_ERRORS, tags=["v2"])
+    @api.get(base, response_model=V2ModelMetadata, tags=["v2"])
     async def get_metadata(name: str) -> V2ModelMetadata:
         return metadata(name)
 
-    @api.get(versioned, response_model=V2ModelMetadata, responses=V2_ERRORS, tags=["v2"])
+    @api.get(versioned, response_model=V2ModelMetadata, tags=["v2"])
     async def get_version_metadata(name: str, version: str) -> V2ModelMetadata:
         return metadata(name, version)
 
-    @api.get(base + "/ready", responses=V2_ERRORS, tags=["v2"])
+    @api.get(base + "/ready", tags=["v2"])
     async def get_ready(name: str) -> dict[str, str | bool]:
         return model_ready(name)
 
-    @api.get(versioned + "/ready", responses=V2_ERRORS, tags=["v2"])
+    @api.get(versioned + "/ready", tags=["v2"])
     async def get_version_ready(name: str, version: str) -> dict[str, str | bool]:
         return model_ready(name, version)
 
@@ -245,21 +286,14 @@ def _add_v2_model_routes(api: FastAPI, model: ImgpipeModel) -> None:
         return await infer(request, name, version)
 
 
-def _v2_request_schema(api: FastAPI) -> dict:
-    """JSON schema of the infer body; its nested models are added to the OpenAPI components
-    (the handler reads the raw body itself, for the binary extension, so FastAPI cannot)."""
+def _v2_request_schema() -> tuple[dict, dict]:
+    """JSON schema of the infer body and its nested models, for the OpenAPI components (the
+    handler reads the raw body itself, for the binary extension, so FastAPI cannot)."""
     schema = V2InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    nested = schema.pop("$defs", {})
-    original = api.openapi
+    return schema, schema.pop("$defs", {})
 
-    def openapi() -> dict:
-        if api.openapi_schema is None:
-            spec = original()
-            spec.setdefault("components", {}).setdefault("schemas", {}).update(nested)
-        return api.openapi_schema
 
-    api.openapi = openapi
-    return schema
+V2_REQUEST_SCHEMA, V2_REQUEST_COMPONENTS = _v2_request_schema()
 
 
 def _add_ops_routes(api: FastAPI, model: ImgpipeModel) -> None:

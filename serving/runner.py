@@ -79,16 +79,11 @@ def run_foreground(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
     ``smoke=True`` checks the endpoints once and returns instead of waiting.
     """
     import ray
-    from ray import serve
 
-    from serving.app import build_app
-
-    # The builder warns if ``host`` is not loopback and no token is set (it sees Serve's host).
     if not ray.is_initialized():
         ray.init(configure_logging=False)
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(build_app(args), name=app_name, route_prefix="/")
+        start_app(args, host, port, app_name)
         base_url = f"http://{host}:{port}"
         card = smoke_check(base_url, args)
         print(f"serving {card['name']} v{card['version']} at {base_url} "
@@ -100,6 +95,21 @@ def run_foreground(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
         print("shutting down ...", flush=True)
         shutdown_app(app_name)
         ray.shutdown()
+
+
+def start_app(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
+              app_name: str = DEFAULT_APP_NAME) -> None:
+    """Start Serve's HTTP proxy on ``host:port`` and deploy the app (Ray must be initialised).
+
+    The builder warns if ``host`` is not loopback and no token is set (it sees Serve's host).
+    """
+    from ray import serve
+
+    from serving.app import build_app
+
+    serve.start(http_options={"host": host, "port": port},
+                logging_config={"enable_access_log": args.access_log})
+    serve.run(build_app(args), name=app_name, route_prefix="/")
 
 
 def shutdown_app(app_name: str) -> None:

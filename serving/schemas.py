@@ -8,13 +8,16 @@ spec field for field.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from serving.prediction_log import PredictionLogSettings
 
 TOKEN_ENV = "IMGPIPE_SERVE_TOKEN"
 MODEL_DEPLOYMENT = "ImgpipeModel"  # the name config files use to override its options
 MiB = 1024 * 1024
+DECODED_BYTES_PER_PIXEL = 8  # peak while decoding + converting: see serving.budget
 
 
 class _Strict(BaseModel):
@@ -45,8 +48,17 @@ class ServeArgs(_Strict):
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
     max_ongoing_requests: int = Field(32, ge=1, description="per replica, HTTP requests")
-    max_queued_requests: int = Field(-1, ge=-1, description="-1: unbounded; else 503 beyond")
+    max_queued_requests: int = Field(64, ge=-1, description="per caller (proxy): requests "
+                                     "waiting for a replica; beyond → 503. -1: unbounded")
     num_cpus: float = Field(0.25, gt=0, description="logical CPUs per replica (fractional ok)")
+    replica_memory_mb: int = Field(2048, ge=256, description="memory Ray reserves per replica "
+                                   "(ray_actor_options.memory); the decode budget derives from it")
+    decode_memory_fraction: float = Field(0.25, gt=0, le=0.9, description="share of "
+                                          "replica_memory_mb for decoded pixels in flight")
+    decode_wait_s: float = Field(2.0, ge=0, description="how long a request waits for decode "
+                                 "budget before 503 + Retry-After")
+    access_log: bool = Field(False, description="Serve's per-request access log lines (proxy "
+                             "and replica); /metrics counts every request either way")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per replica")
     max_body_bytes: int = Field(10 * MiB, ge=1024)
     max_images_per_request: int = Field(64, ge=1)
@@ -57,6 +69,7 @@ class ServeArgs(_Strict):
     temperature: float | None = Field(None, gt=0, description="override the bundle's")
     deployment_prior: Literal["model", "balanced", "train"] | list[float] | None = None
     decision_threshold: float | None = Field(None, gt=0, lt=1)
+    prediction_log: PredictionLogSettings | None = Field(None, description="off when absent")
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeArgs:
@@ -64,7 +77,18 @@ class ServeArgs(_Strict):
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})"
             )
+        one_image = self.max_image_pixels * DECODED_BYTES_PER_PIXEL
+        if self.decode_budget_bytes < one_image:
+            raise ValueError(
+                f"decode budget (replica_memory_mb x decode_memory_fraction = "
+                f"{self.decode_budget_bytes // MiB} MiB) cannot hold one image of "
+                f"max_image_pixels ({one_image // MiB} MiB decoded)")
         return self
+
+    @property
+    def decode_budget_bytes(self) -> int:
+        """Decoded pixel bytes one replica may hold in flight."""
+        return int(self.replica_memory_mb * MiB * self.decode_memory_fraction)
 
     def live_config(self) -> LiveConfig:
         """The ``user_config`` part of these args."""
@@ -80,6 +104,9 @@ class ReplicaSettings(_Strict):
     max_images_per_request: int
     max_image_pixels: int
     token: SecretStr | None
+    decode_budget_bytes: int = 512 * MiB
+    decode_wait_s: float = 2.0
+    prediction_log: PredictionLogSettings | None = None
 
 
 # ----- /v1 -----------------------------------------------------------------------------------
@@ -141,23 +168,49 @@ class ModelsResponse(BaseModel):
 Parameters = dict[str, str | int | float | bool]
 
 
-class V2RequestInput(BaseModel):
-    name: str
-    shape: list[int]
-    datatype: str
+class _V2Request(BaseModel):
+    # Strict: JSON "2" is not the integer 2 (the schema says integer; so does the server).
+    model_config = ConfigDict(strict=True)
+
+
+_Dim = Annotated[int, Field(gt=0)]  # a tensor dimension
+
+
+class _V2Input(_V2Request):
     parameters: Parameters | None = None
     data: list[Any] | None = None  # absent when sent as binary (binary_data_size)
 
 
-class V2RequestOutput(BaseModel):
-    name: str
+class V2ImagesInput(_V2Input):
+    """Encoded image files: BYTES, shape ``[N]`` or ``[N, 1]``, base64 strings in JSON."""
+
+    name: Literal["images"]
+    shape: list[_Dim] = Field(min_length=1, max_length=2, description="[N] or [N, 1]")
+    datatype: Literal["BYTES"]
+
+
+class V2PixelsInput(_V2Input):
+    """Preprocessed pixels: FP32, shape ``[N, C, S, S]`` as ``/v2/models/{name}`` says."""
+
+    name: Literal["pixels"]
+    shape: list[_Dim] = Field(min_length=4, max_length=4, description="[N, C, S, S]")
+    datatype: Literal["FP32"]
+
+
+# This model takes one of two inputs; the schema refuses anything else, as the server does.
+V2RequestInput = Annotated[V2ImagesInput | V2PixelsInput, Field(discriminator="name")]
+
+
+class V2RequestOutput(_V2Request):
+    name: Literal["probabilities", "labels"]
     parameters: Parameters | None = None
 
 
-class V2InferenceRequest(BaseModel):
+class V2InferenceRequest(_V2Request):
     id: str | None = None
     parameters: Parameters | None = None
-    inputs: list[V2RequestInput] = Field(min_length=1)
+    inputs: list[V2RequestInput] = Field(min_length=1, max_length=1,
+                                         description="exactly one: images or pixels")
     outputs: list[V2RequestOutput] | None = None
 
 
@@ -198,4 +251,12 @@ class V2ServerMetadata(BaseModel):
 
 
 class V2Error(BaseModel):
+    """Open Inference Protocol error body (every /v2 error)."""
+
     error: str
+
+
+class ErrorDetail(BaseModel):
+    """Error body of /v1 and the ops routes (FastAPI's shape)."""
+
+    detail: str

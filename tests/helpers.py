@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +49,12 @@ def encode_image(seed: int = 0, size: tuple[int, int] = (20, 24), mode: str = "R
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width x height`` (the pixel data stays tiny): a
+    decompression-bomb probe that costs nothing to send."""
+    data = bytearray(encode_image(0, size=(1, 1), mode="L"))
+    struct.pack_into(">II", data, 16, width, height)  # IHDR data starts at byte 16
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    return bytes(data)

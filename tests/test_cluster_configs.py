@@ -557,3 +557,110 @@ def test_wait_for_resources_times_out_and_still_releases_the_request():
 def test_scale_up_cli_refuses_a_nonsense_request_before_connecting(capsys):
     assert _load_script("scale_up").main(["--gpus", "0"]) == 2
     assert "--gpus must be >= 1" in capsys.readouterr().err
+
+
+# --- KubeRay: security defaults (token auth, NetworkPolicy) -------------------------------------
+
+NETWORKPOLICY = CLUSTER / "kuberay" / "networkpolicy.yaml"
+RAY_POD_LABELS = {"app.kubernetes.io/name": "imgpipe", "app.kubernetes.io/component": "ray"}
+DASHBOARD_PORT = 8265
+
+
+def _cluster_spec(doc: dict) -> dict:
+    return doc["spec"]["rayClusterSpec" if doc["kind"] == "RayJob" else "rayClusterConfig"]
+
+
+def _pod_templates(doc: dict) -> list[dict]:
+    spec = _cluster_spec(doc)
+    return [spec["headGroupSpec"]["template"], *(g["template"] for g in spec["workerGroupSpecs"])]
+
+
+@pytest.mark.parametrize("path", [RAYJOB, RAYSERVICE], ids=lambda p: p.name)
+def test_kuberay_clusters_use_ray_token_auth(path):
+    """KubeRay's authOptions (>= 1.5.1) generate a token Secret and set RAY_AUTH_MODE=token and
+    RAY_AUTH_TOKEN on every Ray container; it needs Ray >= 2.52 (token auth's first release)."""
+    doc = cl.load_yaml(path)
+    spec = _cluster_spec(doc)
+    assert spec.get("authOptions", {}).get("mode") == "token"
+    major, minor, *_ = (int(x) for x in spec["rayVersion"].split("."))
+    assert (major, minor) >= (2, 52)
+    # Nobody switches it off per container, and no token is written into the file.
+    for template in _pod_templates(doc):
+        for c in template["spec"]["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env.get("RAY_AUTH_MODE", {}).get("value", "token") == "token"
+            assert "value" not in env.get("RAY_AUTH_TOKEN", {})
+
+
+def test_installed_ray_supports_token_auth():
+    """The auth mode the manifests turn on exists in the Ray version the image pins."""
+    import ray
+
+    src = Path(ray.__file__).parent
+    hits = [p for p in src.rglob("*.py") if "RAY_AUTH_MODE" in p.read_text(errors="ignore")]
+    assert hits, "this Ray has no RAY_AUTH_MODE: token authentication is not supported"
+
+
+@pytest.fixture(scope="module")
+def networkpolicy():
+    return cl.load_yaml(NETWORKPOLICY)
+
+
+def test_networkpolicy_selects_every_ray_pod(networkpolicy):
+    assert networkpolicy["apiVersion"] == "networking.k8s.io/v1"
+    assert networkpolicy["kind"] == "NetworkPolicy"
+    selector = networkpolicy["spec"]["podSelector"]["matchLabels"]
+    assert selector == RAY_POD_LABELS
+    assert "Ingress" in networkpolicy["spec"]["policyTypes"]
+    for path in (RAYJOB, RAYSERVICE):
+        for template in _pod_templates(cl.load_yaml(path)):
+            labels = template.get("metadata", {}).get("labels", {})
+            assert RAY_POD_LABELS.items() <= labels.items(), f"{path.name}: pod not selected"
+
+
+def _open_to_all(rule: dict) -> bool:
+    sources = rule.get("from")
+    return not sources or any(s == {} or s.get("ipBlock", {}).get("cidr") == "0.0.0.0/0"
+                              for s in sources)
+
+
+def test_networkpolicy_keeps_the_dashboard_closed(networkpolicy):
+    rules = networkpolicy["spec"]["ingress"]
+    for rule in rules:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        reaches_dashboard = not ports or DASHBOARD_PORT in ports
+        assert not (reaches_dashboard and _open_to_all(rule)), rule
+        if reaches_dashboard:  # only Ray's own pods or the KubeRay operator
+            for source in rule["from"]:
+                labels = source.get("podSelector", {}).get("matchLabels", {})
+                assert labels == RAY_POD_LABELS or (
+                    labels.get("app.kubernetes.io/name") == "kuberay-operator"
+                    and "namespaceSelector" in source), source
+
+
+def test_rayjob_submits_from_the_head_pod():
+    """The sidecar submitter talks to the dashboard over localhost: no pod needs the port."""
+    assert cl.load_yaml(RAYJOB)["spec"]["submissionMode"] == "SidecarMode"
+
+
+@pytest.mark.parametrize("case", ["no-auth", "auth-disabled", "unselected-pod", "open-dashboard"])
+def test_security_checks_fail_on_broken_copies(case, networkpolicy):
+    """The checks above can fail: each broken copy trips one of them."""
+    job = copy.deepcopy(cl.load_yaml(RAYJOB))
+    policy = copy.deepcopy(networkpolicy)
+    spec = job["spec"]["rayClusterSpec"]
+    if case == "no-auth":
+        del spec["authOptions"]
+    elif case == "auth-disabled":
+        spec["authOptions"]["mode"] = "disabled"
+    elif case == "unselected-pod":
+        spec["workerGroupSpecs"][0]["template"]["metadata"]["labels"] = {}
+    else:
+        policy["spec"]["ingress"].append({"ports": [{"protocol": "TCP", "port": DASHBOARD_PORT}]})
+    auth_ok = spec.get("authOptions", {}).get("mode") == "token"
+    selected = all(RAY_POD_LABELS.items() <= t.get("metadata", {}).get("labels", {}).items()
+                   for t in _pod_templates(job))
+    closed = not any(_open_to_all(r) and (not r.get("ports") or DASHBOARD_PORT in
+                                          {p["port"] for p in r["ports"]})
+                     for r in policy["spec"]["ingress"])
+    assert not (auth_ok and selected and closed)

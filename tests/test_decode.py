@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -20,6 +22,12 @@ def encode(img: Image.Image, fmt: str, **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk (length, type, body, CRC)."""
+    return (struct.pack(">I", len(body)) + kind + body
+            + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
 
 
 def luma(rgb: tuple[int, int, int]) -> int:
@@ -96,6 +104,8 @@ CASES = [
     ("I;16 PNG + tRNS key", lambda: encode(u16(1000), "PNG", transparency=1000), "I;16",
      (0, 0, 0)),
     ("I;16 TIFF 32896", lambda: encode(u16(32896), "TIFF"), "I;16", (128, 128, 128)),
+    ("I;16 TIFF 32895", lambda: encode(u16(32895), "TIFF"), "I;16", (128, 128, 128)),
+    ("I;16 TIFF 32767", lambda: encode(u16(32767), "TIFF"), "I;16", (127, 127, 127)),
     ("I;16B TIFF white", lambda: encode(u16b(65535), "TIFF"), "I;16B",
      (255, 255, 255)),
     ("I;16B TIFF 15000", lambda: encode(u16b(15000), "TIFF"), "I;16B",
@@ -128,7 +138,7 @@ def test_mode_table(source, native, rgb):
 
 def test_sixteen_bit_maps_by_bit_depth_not_per_image():
     ramp16 = np.linspace(0, 15000, 64).round().astype(np.uint16).reshape(8, 8)
-    ramp8 = ((ramp16.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    ramp8 = (ramp16 >> 8).astype(np.uint8)  # what Pillow keeps of 16-bit colour files
     out16 = decode_image(encode(Image.fromarray(ramp16), "PNG"), L8)[..., 0]
     out8 = decode_image(encode(Image.fromarray(ramp8), "PNG"), L8)[..., 0]
     assert int(out16.min()) == 0 and int(out16.max()) == 58  # not stretched to 0..255
@@ -141,6 +151,18 @@ def test_two_exposures_stay_different():
     four = decode_image(encode(Image.fromarray(scene * 4), "PNG"), L8).astype(int)
     assert (four > once).all()
     np.testing.assert_allclose(four, 4 * once, atol=3)
+
+
+def test_sixteen_bit_grey_agrees_with_sixteen_bit_colour():
+    """Pillow reads 16-bit RGB PNGs itself (keeping the high byte); grey must agree."""
+    grey = np.arange(0, 65536, 1021, dtype=np.uint16)[:64].reshape(8, 8)
+    png16_rgb = b"\x89PNG\r\n\x1a\n"  # built by hand: Pillow cannot write 16-bit RGB
+    rows = b"".join(b"\x00" + np.repeat(r, 3).astype(">u2").tobytes() for r in grey)
+    png16_rgb += chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 16, 2, 0, 0, 0))
+    png16_rgb += chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    colour = decode_image(png16_rgb, RGB8)[..., 0]
+    np.testing.assert_array_equal(decode_image(encode(Image.fromarray(grey), "PNG"), L8)[..., 0],
+                                  colour)
 
 
 def test_all_white_sixteen_bit_is_white():

@@ -19,22 +19,40 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _kill_a_worker_after(ray_results: Path, checkpoints: int, killed: dict,
-                         timeout_s: float = 240) -> None:
-    """Once ``checkpoints`` epochs are checkpointed, SIGKILL one live Ray Train worker."""
-    from ray.util.state import list_actors
+def _train_worker_pids() -> list[int]:
+    """Live Ray Train workers (``ray::RayTrainWorker...``) of the Ray instance this process started.
 
+    Read from the process table rather than Ray's State API: polling the dashboard is too slow
+    on a loaded host to catch a 2-worker run between two epochs. Only descendants of this
+    process count: other Ray instances on a shared machine are never touched.
+    """
+    import psutil
+
+    me = os.getpid()
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if cmd.startswith("ray::RayTrainWorker") and any(
+                    p.pid == me for p in proc.parents()):
+                pids.append(proc.info["pid"])
+        except psutil.Error:
+            continue
+    return sorted(pids)
+
+
+def _kill_a_worker_after(ray_results: Path, checkpoints: int, killed: dict,
+                         timeout_s: float = 900) -> None:
+    """Once ``checkpoints`` epochs are checkpointed, SIGKILL one live Ray Train worker."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if len(list(ray_results.glob("*/checkpoint_*"))) >= checkpoints:
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                           ("state", "=", "ALIVE")], raise_on_missing_output=False)
-            pids = sorted(a.pid for a in workers if a.pid)
-            if len(pids) == 2:
+            pids = _train_worker_pids()
+            if len(pids) >= 2:
                 os.kill(pids[-1], signal.SIGKILL)
                 killed["pid"] = pids[-1]
                 return
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 @pytest.mark.slow
@@ -43,19 +61,19 @@ def test_sigkilled_worker_is_restored_and_the_run_finishes(ray_session, tiny_dig
     out = tmp_path / "run"
     killed: dict = {}
     killer = threading.Thread(target=_kill_a_worker_after,
-                              args=(out / "ray_results", 2, killed), daemon=True)
+                              args=(out / "ray_results", 1, killed), daemon=True)
     killer.start()
     proc = subprocess.run(
         [sys.executable, "jobs/train.py", "--data", tiny_digits, "--epochs", "5",
          "--num-workers", "2", "--image-size", "16", "--batch-size", "32", "--out", str(out),
          "--address", ray_session.get_runtime_context().gcs_address],
-        cwd=REPO, capture_output=True, text=True, timeout=420)
+        cwd=REPO, capture_output=True, text=True, timeout=900)
     killer.join(timeout=1)
     assert killed, f"no worker was killed:\n{proc.stdout[-3000:]}"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert [h["epoch"] for h in res["history"]] == [0, 1, 2, 3, 4]
-    assert len(res["restarts"]) == 1 and res["restarts"][0]["resumed_at_epoch"] >= 2
+    assert len(res["restarts"]) == 1 and res["restarts"][0]["resumed_at_epoch"] >= 1
     assert "worker failure 1 of 3 allowed" in proc.stdout
     assert "restoring the latest checkpoint" in proc.stdout
     assert "recovered from 1 worker failure(s)" in proc.stdout

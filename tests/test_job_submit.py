@@ -160,13 +160,17 @@ def local_head() -> Iterator[Head]:
 
 
 def _job_chain(work: Path) -> str:
-    """The README's three steps, sized for one CPU-only machine (no scale_up: no autoscaler)."""
-    data, out = work / "data" / "digits-lt", "runs/e2e"
+    """The README's three steps, sized for one CPU-only machine (no scale_up: no autoscaler).
+
+    Outputs go to durable absolute locations: relative ones would land in Ray's temporary copy
+    of the working dir (the jobs refuse them, see the test below).
+    """
+    data, out, bundles = work / "data" / "digits-lt", str(work / "runs" / "e2e"), str(work / "b")
     tune = ["python", "jobs/tune.py", "--data", str(data), "--dataset", "digits-lt",
             *TINY_TUNE, "--storage-path", str(work / "ray-results"), "--out", out,
-            "--bundle-root", "bundles"]
+            "--bundle-root", bundles]
     publish = ["python", "cluster/publish.py", "--dest", str(work / "published"),
-               "--runs", out, "--bundles", "bundles"]
+               "--runs", out, "--bundles", bundles]
     prepare = ["python", "jobs/prepare_data.py", "--dataset", "digits-lt", "--out", str(data)]
     return " && ".join(shlex.join(c) for c in (prepare, tune, publish))
 
@@ -211,9 +215,16 @@ def test_tune_job_submitted_to_a_local_head_publishes_a_loadable_bundle(tmp_path
     from imgpipe.bundle import load_bundle
 
     with local_head() as head:
+        # Relative outputs would vanish with the session: refused at once, with the fix.
+        lost = submit(head, shlex.join(["python", "jobs/tune.py", *TINY_TUNE]))
+        assert wait_for_job(head, lost) == "FAILED"
+        assert "would be lost" in _logs(head, lost) and "s3://" in _logs(head, lost)
         job = submit(head, _job_chain(tmp_path))
         status = wait_for_job(head, job)
         assert status == "SUCCEEDED", _logs(head, job)
+        # the tune job's last line names the absolute location it wrote
+        assert f"results in {tmp_path / 'runs' / 'e2e' / 'results.json'}" in _logs(head, job)
+    assert (tmp_path / "runs" / "e2e" / "results.json").is_file()  # in the user's folder
 
     stamps = list((tmp_path / "published").iterdir())
     assert len(stamps) == 1, stamps

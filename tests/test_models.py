@@ -11,7 +11,19 @@ from safetensors.torch import save_file
 from torch import nn
 
 from imgpipe.config import ModelConfig
-from imgpipe.models import create_model, list_models, load_init_checkpoint, unwrap_model
+from imgpipe.models import (
+    HEAD,
+    create_model,
+    feature_dim,
+    forward_features,
+    get_classifier,
+    get_model_spec,
+    list_models,
+    load_init_checkpoint,
+    parameter_stages,
+    reset_classifier,
+    unwrap_model,
+)
 
 
 def _images(channels: int = 3, size: int = 32, n: int = 2) -> torch.Tensor:
@@ -22,19 +34,42 @@ def _save_safetensors(model: nn.Module, path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
-@pytest.mark.parametrize("in_channels", [1, 3])
+FEATURE_DIMS = {"cnn": 128, "resnet18": 512, "resnet34": 512, "resnet50": 2048,
+                "mobilenet_v3_small": 1024, "efficientnet_b0": 1280, "convnext_tiny": 768,
+                "vit_b_16": 768}
+
+
 @pytest.mark.parametrize("name", list_models())
-def test_every_model_gives_logits(name, in_channels):
-    model = create_model(name, num_classes=10, in_channels=in_channels).eval()
+def test_every_model_gives_logits_features_and_stages(name):
+    # Grey input into every architecture, a tiny forward only (ViT at 32 px: 4 patches).
+    model = create_model(name, num_classes=10, in_channels=1, image_size=32).eval()
+    x = _images(1)
     with torch.no_grad():
-        out = model(_images(in_channels))
+        out = model(x)
     assert out.shape == (2, 10) and torch.isfinite(out).all()
-    assert model.fc.out_features == 10
+    assert get_classifier(model).out_features == 10
+    feats = forward_features(model, x)
+    assert feats.shape == (2, FEATURE_DIMS[name]) == (2, feature_dim(model))
+    stages = parameter_stages(model)  # raises if a parameter belongs to no stage
+    head = {n for n, s in stages.items() if s == HEAD}
+    assert head == {f"{get_model_spec(name).head}.weight", f"{get_model_spec(name).head}.bias"}
+    assert set(stages.values()) == {HEAD, *range(len(get_model_spec(name).stages))}
+
+
+def test_rgb_models_and_reset_classifier():
+    model = create_model("resnet18", num_classes=10, in_channels=3).eval()
+    x = _images(3)
+    with torch.no_grad():
+        feats = forward_features(model, x)
+        reset_classifier(model, 0)  # timm's convention: the model now returns features
+        torch.testing.assert_close(model(x), feats)
+        reset_classifier(model, 4)
+        assert model(x).shape == (2, 4)
 
 
 def test_registry_matches_config_choices():
-    choices = typing.get_args(ModelConfig.model_fields["name"].annotation)
-    assert set(list_models()) == set(choices)
+    literal, _none = typing.get_args(ModelConfig.model_fields["name"].annotation)
+    assert set(list_models()) == set(typing.get_args(literal)) == set(FEATURE_DIMS)
 
 
 def _final_feature_size(model: nn.Module, block: nn.Module) -> tuple[int, int]:
@@ -138,5 +173,5 @@ def test_unwrap_model():
 
 
 def test_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="nope.*cnn, resnet18, resnet34"):
+    with pytest.raises(ValueError, match="nope.*cnn, convnext_tiny, .*resnet50, vit_b_16"):
         create_model("nope", 10)

@@ -153,3 +153,14 @@ def test_serve_overrides_checked_before_ray(four_class, tmp_path, capsys):
         "bundle": bundle, "deployment_prior": [0.5, 0.5]}}]}))
     rc = load_job("serve").main(["--config", str(cfg)])
     assert_refused_before_ray(capsys, rc, "deployment_prior")
+
+
+def test_resume_from_a_checkpoint_of_other_classes(ten_class_data, tmp_path, capsys):
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "meta.json").write_text(json.dumps({"epoch": 3, "class_names": ["a", "b"]}))
+    rc = load_job("train").main(["--data", ten_class_data, "--resume", str(ckpt),
+                                 "--out", str(tmp_path / "o")])
+    assert_refused_before_ray(capsys, rc, "resume")

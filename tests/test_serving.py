@@ -383,7 +383,14 @@ def test_docs_page_and_openapi(server):
         assert a.status_code == 200 and len(a.content) > 10_000, asset
     spec = server.client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/models", "/v2/models/{name}/infer", "/metrics"} <= set(spec["paths"])
-    assert "V2RequestInput" in spec["components"]["schemas"]
+    assert {"V2ImagesInput", "V2PixelsInput", "ErrorDetail", "V2Error"} <= set(
+        spec["components"]["schemas"])
+    # every status the app answers is documented with its body; FastAPI's unused 422 is not
+    predict = spec["paths"]["/v1/predict"]["post"]["responses"]
+    assert {"200", "400", "401", "413", "415", "503"} <= set(predict) and "422" not in predict
+    assert "Retry-After" in predict["503"]["headers"]
+    infer = spec["paths"]["/v2/models/{name}/infer"]["post"]["responses"]
+    assert infer["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/V2Error")
 
 
 def _mp(files: int) -> dict:

@@ -182,3 +182,29 @@ def test_manifest_json_records_what_was_ignored(tmp_path):
     m = load_manifest(str(tmp_path / "out"))
     assert m.ignored == {"os_debris": 1, "not_an_image": 1}
     assert m.class_names == ["cat", "dog"] and m.num_rows[TRAIN] > 0
+
+
+def test_split_folder_names_in_any_case_and_jpeg_aliases(tmp_path):
+    """"Train/" and "VAL/" are split folders (else they would become two classes holding every
+    image), and .jfif/.jpe files (Windows downloads) are JPEGs, not ignored."""
+    images(tmp_path, "Train/cat", 4, 1)
+    images(tmp_path, "Train/dog", 4, 2)
+    images(tmp_path, "VAL/cat", 1, 3)
+    images(tmp_path, "VAL/dog", 1, 4)
+    buf = io.BytesIO()
+    Image.new("RGB", (6, 6), (200, 10, 10)).save(buf, format="JPEG")
+    put(tmp_path, "Train/dog/photo.JFIF", buf.getvalue())
+    put(tmp_path, "Train/dog/photo2.jpe", buf.getvalue())
+    data = ingest_image_folder(str(tmp_path))
+    assert data.class_names == ["cat", "dog"] and totals(data) == {"cat": 5, "dog": 7}
+    assert len(data.splits[VAL]) == 2 and not data.ignored
+
+
+def test_manifest_duplicates_are_found_through_path_spelling(tmp_path):
+    images(tmp_path, "cat", 3, 1)
+    images(tmp_path, "dog", 3, 2)
+    rows = [f"cat/img{i}.png,cat" for i in range(3)] + [f"dog/img{i}.png,dog" for i in range(3)]
+    rows += ["./cat/img0.png,cat", "dog//img1.png,dog", "cat/../cat/img2.png,cat"]
+    (tmp_path / "m.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    data = ingest_manifest(str(tmp_path / "m.csv"))
+    assert totals(data) == {"cat": 3, "dog": 3} and data.ignored == {"duplicate_rows": 3}

@@ -13,9 +13,11 @@ answer everywhere:
   ``ImageOps.exif_transpose``), before any conversion drops the metadata.
 - **Bit depth.** High-bit-depth samples map to 8 bits by their bit depth, the same for every
   image (never per-image min–max): 16-bit integer modes (``I;16*``, and ``I``, which Pillow
-  uses for 16-bit PGM/PNG data) as ``round(v * 255 / 65535)`` (the PNG specification's sample
-  scaling; values outside 0..65535 are clipped); 32-bit float ``F`` as ``[0, 1] → 0..255``
-  (torchvision's ``to_dtype(..., scale=True)`` convention for float images; clipped).
+  uses for 16-bit PGM/TIFF data) keep their high byte, ``v >> 8`` — what Pillow itself does
+  when it reads 16-bit RGB/RGBA/LA files and what torchvision's ``to_dtype(uint16 → uint8,
+  scale=True)`` does, so a 16-bit grey image and a 16-bit colour one agree (values outside
+  0..65535 are clipped); 32-bit float ``F`` as ``[0, 1] → 0..255`` (torchvision's convention
+  for float images; clipped, rounded).
 - **Transparency.** Alpha (``LA``, ``PA``, ``RGBA``, a ``P``/``L``/``RGB`` transparency key) is
   composited on black, so output does not depend on the colour values hidden under alpha 0;
   premultiplied modes (``La``, ``RGBa``) already hold that composite.
@@ -165,8 +167,7 @@ def _sixteen_bit_to_l(img: Image.Image) -> tuple[Image.Image, np.ndarray | None]
     arr = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
     key = img.info.get("transparency")
     alpha = None if not isinstance(key, int) else np.where(arr == key, 0, 255).astype(np.uint8)
-    # round(v * 255 / 65535) in integers: exact, and no ties (65535 is odd)
-    return Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8)), alpha
+    return Image.fromarray((arr >> 8).astype(np.uint8)), alpha
 
 
 def _float_to_l(img: Image.Image) -> Image.Image:

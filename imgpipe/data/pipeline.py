@@ -17,15 +17,10 @@ import ray
 import torch
 
 from imgpipe.constants import CORRUPT, ID, IMAGE, LABEL, PIXELS
+from imgpipe.data.augment import augment_batch
 from imgpipe.data.rebalance import id_hashes, repeat_counts, row_uniforms
 from imgpipe.data.shards import split_files
-from imgpipe.data.transforms import (
-    Augment,
-    ImageDecodeError,
-    Preprocess,
-    augment_batch,
-    decode_image,
-)
+from imgpipe.data.transforms import Augment, ImageDecodeError, Preprocess, decode_image
 
 ID_HASH = "id_hash"
 
@@ -95,13 +90,15 @@ def resample_and_augment(batch: dict[str, np.ndarray], plan: StreamPlan) -> dict
     """Repeat each row ``floor(r) + Bernoulli(frac r)`` times, then augment every copy afresh."""
     epoch = ray.get(ray.get_actor(plan.clock_name).get.remote()) if plan.clock_name else 0
     copies = repeat_counts(batch[LABEL], batch[ID_HASH], np.asarray(plan.rates), plan.seed, epoch)
+    # Seed from the rows in the batch (order-independent), the run seed and the epoch.
+    key = np.bitwise_xor.reduce(batch[ID_HASH]) if len(batch[ID_HASH]) else np.uint64(0)
+    u = row_uniforms(np.asarray([key], dtype=np.uint64), plan.seed, epoch + 7_919)[0]
+    gen = torch.Generator().manual_seed(int(u * 2**62))
+    # Copies of a row would sit side by side (and land in one SGD batch): spread them out.
     idx = np.repeat(np.arange(len(copies)), copies)
+    idx = idx[torch.randperm(len(idx), generator=gen).numpy()]
     out = {PIXELS: batch[PIXELS][idx], LABEL: batch[LABEL][idx]}
     if plan.augment is not None and len(idx):
-        # Seed from the rows in the batch (order-independent), the run seed and the epoch.
-        key = np.bitwise_xor.reduce(batch[ID_HASH]) if len(batch[ID_HASH]) else np.uint64(0)
-        u = row_uniforms(np.asarray([key], dtype=np.uint64), plan.seed, epoch + 7_919)[0]
-        gen = torch.Generator().manual_seed(int(u * 2**62))
         out[PIXELS] = augment_batch(out[PIXELS], plan.augment, plan.preprocess, gen)
     return out
 

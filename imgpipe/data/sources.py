@@ -25,15 +25,21 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from PIL import Image
 
 from imgpipe.constants import SPLITS, TEST, TRAIN, VAL
+from imgpipe.data.decode import IMAGE_FORMATS
 from imgpipe.data.shards import join_location, resolve_filesystem
 from imgpipe.errors import DataSourceError
 
-# torchvision's ImageFolder list, lower-case; anything else in the tree is ignored, not skipped.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
-                    ".gif")
-SPLIT_ALIASES = {"train": TRAIN, "val": VAL, "valid": VAL, "validation": VAL, "test": TEST}
+# torchvision's ImageFolder list plus every extension Pillow registers for the formats the
+# decoder opens (.jfif, .jpe, .pnm, ...), lower-case; anything else is ignored and counted.
+IMAGE_EXTENSIONS = tuple(sorted(
+    {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"}
+    | {ext for ext, fmt in Image.registered_extensions().items() if fmt in IMAGE_FORMATS}))
+# Split folder names, compared case-insensitively ("Train/", "VAL/" are splits too).
+SPLIT_ALIASES = {"train": TRAIN, "training": TRAIN, "val": VAL, "valid": VAL,
+                 "validation": VAL, "dev": VAL, "test": TEST, "testing": TEST}
 # Folders and files that operating systems, archivers and notebooks leave behind (compared
 # case-insensitively; every name starting with "." is debris too).
 DEBRIS_NAMES = frozenset({
@@ -124,9 +130,9 @@ def list_image_folder(root: str) -> SourceListing:
     is_file = {i.path: i.type == pafs.FileType.File for i in infos}
     debris = {p for p, parts in rel.items() if any(is_debris(x) for x in parts)}
     tops = {parts[0] for p, parts in rel.items() if p not in debris and not is_file[p]}
-    split_mode = TRAIN in tops
-    if split_mode and not tops <= set(SPLIT_ALIASES):
-        others = sorted(tops - set(SPLIT_ALIASES))
+    split_mode = any(SPLIT_ALIASES.get(t.lower()) == TRAIN for t in tops)
+    if split_mode and not all(t.lower() in SPLIT_ALIASES for t in tops):
+        others = sorted(t for t in tops if t.lower() not in SPLIT_ALIASES)
         raise DataSourceError(f"image_folder: {root} holds train/ and also {others}; put "
                               "class folders inside train/ (and val/, test/), or drop train/")
     depth = 3 if split_mode else 2  # split?/class/file
@@ -148,7 +154,7 @@ def list_image_folder(root: str) -> SourceListing:
             listing.ignored["not_an_image"] += 1
             listing.not_images.setdefault(label, Counter())[_extension(parts[-1])] += 1
             continue
-        split = SPLIT_ALIASES[parts[0]] if split_mode else None
+        split = SPLIT_ALIASES[parts[0].lower()] if split_mode else None
         listing.items.append(SourceItem(join_location(root, *parts), label, split,
                                         "/".join(parts), fs=fs, path=path))
     listing.classes = sort_class_names(classes)
@@ -228,11 +234,13 @@ def list_manifest(location: str) -> SourceListing:
         if _is_debris_path(path):
             ignored["os_debris"] += 1
             continue
-        if path in seen:
+        resolved = _resolve_row_path(location, path)
+        key = resolved if "://" in resolved else os.path.normpath(resolved)
+        if key in seen:  # "cat/a.png" and "./cat/a.png" are one file
             duplicates.append(f"row {row}: {path}")
             continue
-        seen.add(path)
-        items.append(SourceItem(_resolve_row_path(location, path), class_name(str(label).strip()),
+        seen.add(key)
+        items.append(SourceItem(resolved, class_name(str(label).strip()),
                                 SPLIT_ALIASES[split] if split else None, path))
     ignored["duplicate_rows"] = len(duplicates)
     if not items:

@@ -91,7 +91,7 @@ def preprocess_images(images: list[bytes], pre: Preprocess) -> torch.Tensor:
     return normalize(torch.from_numpy(arr), pre)
 
 
-def create_train_augment(aug: Augment, pre: Preprocess) -> v2.Compose:
+def create_train_augment(aug: Augment, pre: Preprocess) -> v2.Transform:
     """Random augmentation on a uint8 NCHW batch (each image drawn independently)."""
     ops: list[v2.Transform] = []
     if aug.rotation_degrees > 0:
@@ -102,7 +102,8 @@ def create_train_augment(aug: Augment, pre: Preprocess) -> v2.Compose:
         ops.append(v2.RandomHorizontalFlip())
     if aug.color_jitter > 0:
         ops.append(v2.ColorJitter(brightness=aug.color_jitter, contrast=aug.color_jitter))
-    return v2.Compose(ops)
+    # v2.Compose refuses an empty list: augmentation switched off entirely is the identity.
+    return v2.Compose(ops) if ops else v2.Identity()
 
 
 def augment_batch(pixels: np.ndarray, aug: Augment, pre: Preprocess,

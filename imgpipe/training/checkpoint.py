@@ -9,6 +9,7 @@ Layout of a checkpoint directory:
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,16 @@ STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
 
 
-def save_checkpoint(directory: str | Path, model: torch.nn.Module, meta: dict[str, Any],
-                    optimizer: torch.optim.Optimizer | None = None,
+def save_checkpoint(directory: str | Path, model: torch.nn.Module | Mapping[str, torch.Tensor],
+                    meta: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
                     scaler: torch.amp.GradScaler | None = None) -> Path:
-    """Write a checkpoint of an already unwrapped ``model`` into ``directory``."""
+    """Write a checkpoint of an already unwrapped ``model`` (or its state dict, e.g. with LoRA
+    merged) into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    tensors = model if isinstance(model, Mapping) else model.state_dict()
     # safetensors refuses shared/non-contiguous storage; clone to plain CPU tensors.
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     save_file(state, str(directory / WEIGHTS_FILE))
     if optimizer is not None:
         train_state = {"optimizer": optimizer.state_dict()}

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
 import tempfile
+import time
 from contextlib import nullcontext
 from typing import Any
 
@@ -22,10 +22,13 @@ from imgpipe.data.pipeline import set_epoch
 from imgpipe.data.transforms import Preprocess, normalize
 from imgpipe.losses import create_loss
 from imgpipe.metrics import classification_metrics, confusion_matrix
-from imgpipe.models import create_model, unwrap_model
+from imgpipe.models import create_model, load_init_checkpoint, unwrap_model
+from imgpipe.models.finetune import apply_finetune, export_state_dict
 from imgpipe.training.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
+from imgpipe.training.mixing import create_batch_mixer
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
 from imgpipe.training.recovery import RESUME_KEY
+from imgpipe.training.steps import exact_batches
 
 
 def _distributed() -> bool:
@@ -48,18 +51,28 @@ def _broadcast(obj: Any) -> Any:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig,
-                    pre: Preprocess, epoch: int, steps_est: int, device) -> tuple[float, int]:
-    """One pass over this rank's shard; returns (mean loss over all ranks, rows seen by all)."""
+                    pre: Preprocess, epoch: int, steps: int, device,
+                    mixer=None) -> tuple[float, int]:
+    """One epoch of ``steps`` optimizer steps (``loader`` yields exactly that many batches on
+    every rank, see ``steps.exact_batches``); returns (mean loss over all ranks, rows seen by
+    all). The lr follows warm-up + cosine over optimizer steps (``epoch + i / steps``).
+
+    ``mixer`` (``training.mixing.create_batch_mixer``) turns the batch into MixUp/CutMix
+    images with soft targets; the loss takes either form.
+    """
     model.train()
     loss_sum, rows = 0.0, 0
     amp = torch.autocast("cuda", dtype=torch.float16) if cfg.amp else nullcontext()
     for i, batch in enumerate(loader):
-        set_lr(optimizer, cfg.optim.lr, lr_factor(epoch + min(i / steps_est, 1.0), cfg.epochs,
+        set_lr(optimizer, cfg.optim.lr, lr_factor(epoch + min(i / steps, 1.0), cfg.epochs,
                                                    cfg.optim))
         x = normalize(batch[PIXELS].to(device, non_blocking=True), pre)
         y = batch[LABEL].to(device, non_blocking=True)
+        target = y
+        if mixer is not None:
+            x, target = mixer(x, y)
         with amp:
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(x), target)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.optim.grad_clip:
@@ -93,21 +106,40 @@ def evaluate(model: torch.nn.Module, loader, pre: Preprocess, num_classes: int,
     return out
 
 
-def _restore(config: dict[str, Any], model, optimizer, scaler
-             ) -> tuple[int, float | None, int, list, list]:
-    """Resume from Ray Train's latest checkpoint (a restored run) or the ``--resume`` one.
-
-    The ``--resume`` folder arrives as a ``ray.train.Checkpoint`` in the run's storage
-    (``recovery.stage_resume_checkpoint``), never as a driver-local path. Returns (start epoch,
-    best score, bad epochs, history, restarts); ``restarts`` gains an entry per restore.
-    """
+def _resume_checkpoint(config: dict[str, Any]):
+    """(checkpoint, restored): Ray Train's latest checkpoint of a restored run, else the
+    ``--resume`` one (a ``ray.train.Checkpoint`` staged in the run's storage by
+    ``recovery.stage_resume_checkpoint``, never a driver-local path), else None."""
     ckpt = ray.train.get_checkpoint()
     restored = ckpt is not None
-    ckpt = ckpt if restored else config.get(RESUME_KEY)
-    if ckpt is None:
+    return (ckpt if restored else config.get(RESUME_KEY)), restored
+
+
+def create_train_model(cfg: TrainConfig, num_classes: int, pre: Preprocess,
+                       init_weights: Any, resume) -> torch.nn.Module:
+    """Build the model: starting weights (an object ref from the driver), then the resumed
+    checkpoint's weights (checkpoints hold the plain architecture, LoRA merged), then the
+    fine-tuning mode (freezing, adapters)."""
+    model = create_model(cfg.model.name, num_classes, in_channels=pre.channels,
+                         cifar_stem=cfg.model.cifar_stem, image_size=pre.image_size)
+    if init_weights is not None:
+        load_init_checkpoint(model, ray.get(init_weights))
+    if resume is not None:
+        with resume.as_directory() as d:
+            model.load_state_dict(load_weights(d))
+    return apply_finetune(model, cfg.model.finetune, cfg.model.lora_rank, cfg.model.lora_alpha)
+
+
+def _restore(resume, restored: bool, optimizer, scaler
+             ) -> tuple[int, float | None, int, list, list]:
+    """Optimizer/scaler state and counters of the checkpoint the weights came from.
+
+    Returns (start epoch, best score, bad epochs, history, restarts); ``restarts`` gains an
+    entry per restore.
+    """
+    if resume is None:
         return 0, None, 0, [], []
-    with ckpt.as_directory() as d:
-        unwrap_model(model).load_state_dict(load_weights(d))
+    with resume.as_directory() as d:
         state = load_train_state(d)
         if state is not None:
             optimizer.load_state_dict(state["optimizer"])
@@ -138,34 +170,44 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     class_names: list[str] = config["class_names"]
     counts: list[int] = config["train_counts"]
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
 
-    model = create_model(cfg.model.name, len(class_names), in_channels=pre.channels,
-                         cifar_stem=cfg.model.cifar_stem, init_checkpoint=cfg.model.init_checkpoint)
-    # DDP (world > 1) broadcasts rank 0's initial weights, so all ranks start identical.
+    resume, restored = _resume_checkpoint(config)
+    model = create_train_model(cfg, len(class_names), pre, config.get("init_weights"), resume)
+    # DDP (world > 1) broadcasts rank 0's initial weights, so all ranks start identical; it
+    # only reduces gradients of trainable parameters, so frozen ones need no special case.
     model = ray.train.torch.prepare_model(model)
     loss_fn = create_loss(cfg.loss, counts).to(device)
-    optimizer = create_optimizer(cfg.optim, model.parameters())
+    pool = config.get("partner_pool")
+    mixer = create_batch_mixer(cfg.mix, len(class_names), cfg.seed, rank, pre, cfg.augment,
+                               ray.get(pool) if pool is not None else None)
+    optimizer = create_optimizer(cfg.optim, model)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp)
-    start, best, bad_epochs, history, restarts = _restore(config, model, optimizer, scaler)
+    start, best, bad_epochs, history, restarts = _restore(resume, restored, optimizer, scaler)
     config = {**config, "restarts": restarts}
 
-    steps_est = max(1, math.ceil(config["epoch_rows"] / world / cfg.batch_size))
+    steps = int(config["epoch_steps"])
     key, mode = val_key(cfg.metric), "max"
     train_shard = ray.train.get_dataset_shard(TRAIN)
     val_shard = ray.train.get_dataset_shard(VAL) if rank == 0 else None
 
+    last_end = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         set_epoch(config["clock_name"], epoch)
         loss_fn.set_epoch(epoch)
-        loader = train_shard.iter_torch_batches(
+        if mixer is not None:
+            mixer.set_epoch(epoch)
+        stream = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 1000 + epoch) if cfg.shuffle_buffer else None,
             dtypes={PIXELS: torch.uint8, LABEL: torch.int64})
+        # Same step count on every rank, whatever the stream's batch boundaries.
+        loader = exact_batches(stream, steps, cfg.batch_size,
+                               seed=(cfg.seed * 1_000_003 + epoch) * 97 + rank)
         train_loss, rows = train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg, pre,
-                                           epoch, steps_est, device)
+                                           epoch, steps, device, mixer)
         metrics: dict[str, Any] | None = None
         if rank == 0:
             val = evaluate(unwrap_model(model), val_shard.iter_torch_batches(
@@ -173,7 +215,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 pre, len(class_names), device)
             metrics = {val_key(k) if k != VAL_LOSS else k: v for k, v in val.items()}
             metrics.update({EPOCH: epoch, TRAIN_LOSS: train_loss, "train_rows": rows,
-                            "lr": optimizer.param_groups[0]["lr"]})
+                            "train_steps": steps, "lr": optimizer.param_groups[0]["lr"],
+                            # wall time of one epoch cycle: train, val, previous report
+                            "epoch_s": time.perf_counter() - last_end})
+            last_end = time.perf_counter()
         metrics = _broadcast(metrics)
         improved = best is None or (metrics[key] > best if mode == "max" else metrics[key] < best)
         best = metrics[key] if improved else best
@@ -194,5 +239,5 @@ def _report(metrics: dict[str, Any], history: list[dict[str, Any]], model, optim
         meta = {**{k: config[k] for k in ("train", "class_names", "train_counts", "preprocess",
                                           "restarts")},
                 **metrics, "history": history}
-        save_checkpoint(tmp, unwrap_model(model), meta, optimizer, scaler)
+        save_checkpoint(tmp, export_state_dict(model), meta, optimizer, scaler)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

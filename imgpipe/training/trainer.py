@@ -40,16 +40,26 @@ from imgpipe.constants import (
     VAL_LOSS,
     val_key,
 )
-from imgpipe.data.pipeline import StreamPlan, build_decoded, build_train_stream, start_epoch_clock
+from imgpipe.data.partner_pool import build_partner_pool, pool_per_class
+from imgpipe.data.pipeline import (
+    ID_HASH,
+    StreamPlan,
+    build_decoded,
+    build_train_stream,
+    start_epoch_clock,
+)
 from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
 from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.data.transforms import Preprocess
 from imgpipe.errors import ImgpipeFailure
 from imgpipe.evaluate import evaluate_checkpoint
+from imgpipe.models.weights import load_model_weights, resolve_model_config, target_state_dict
 from imgpipe.runtime import plan_resources
 from imgpipe.training.checkpoint import load_meta
+from imgpipe.training.defaults import resolve_input_size
 from imgpipe.training.loop import train_loop_per_worker
 from imgpipe.training.recovery import RESUME_KEY, FailureNotice, stage_resume_checkpoint
+from imgpipe.training.steps import plan_epoch_steps
 
 
 def quiet_data_progress() -> None:
@@ -78,34 +88,72 @@ class RunInputs:
             self.clock = None
 
 
-def prepare_inputs(cfg: TrainConfig) -> RunInputs:
-    """Read the manifest, decode (and cache) train/val, and plan the per-epoch resampling."""
+@dataclass
+class DecodedSplits:
+    """Train and val decoded once (and cached); shareable by every trial of a search."""
+
+    preprocess: Preprocess
+    train: ray.data.Dataset
+    val: ray.data.Dataset
+    corrupt: dict[str, int | None]
+
+
+def build_decoded_splits(cfg: TrainConfig, manifest: Manifest,
+                         pre: Preprocess | None = None) -> DecodedSplits:
+    """Decode train and val with ``pre``, by default the preprocessing ``cfg`` resolves to
+    (its weights' own, else the data's; cached if asked)."""
+    quiet_data_progress()
+    if pre is None:
+        _, pre = resolve_model_config(cfg.model, manifest.preprocess,
+                                      load_model_weights(cfg.model))
+    train, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded)
+    val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded)
+    return DecodedSplits(pre, train, val.select_columns([PIXELS, LABEL]),
+                         {TRAIN: train_bad, VAL: val_bad})
+
+
+def prepare_inputs(cfg: TrainConfig, decoded: DecodedSplits | None = None) -> RunInputs:
+    """Read the manifest, decode (and cache) train/val unless ``decoded`` is given, and plan
+    the per-epoch resampling and the optimizer steps per epoch."""
     quiet_data_progress()
     if cfg.deterministic:
         # Block order otherwise depends on task timing; reproducible batches need it fixed.
         ray.data.DataContext.get_current().execution_options.preserve_order = True
     manifest = load_manifest(cfg.data)
-    pre = manifest.preprocess(cfg.model.image_size)
+    weights = load_model_weights(cfg.model)
+    model_cfg, pre = resolve_model_config(cfg.model, manifest.preprocess, weights)
+    cfg = cfg.model_copy(update={"model": model_cfg})
+    if decoded is None or decoded.preprocess != pre:
+        decoded = build_decoded_splits(cfg, manifest, pre)
     counts = manifest.counts_vector(TRAIN)
     rates = sampling_rates(counts, cfg.sampler.strategy)
-    train_decoded, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded)
-    val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded)
+    epoch_rows = float(expected_epoch_counts(counts, rates).sum())
+    steps = plan_epoch_steps(epoch_rows, cfg.num_workers, cfg.batch_size, cfg.min_steps_per_epoch)
     clock_name, clock = start_epoch_clock()
-    plan = StreamPlan(rates=tuple(float(r) for r in rates), seed=cfg.seed, clock_name=clock_name,
-                      augment=cfg.augment, preprocess=pre)
+    plan = StreamPlan(rates=tuple(float(r) * steps.repeat for r in rates), seed=cfg.seed,
+                      clock_name=clock_name, augment=cfg.augment, preprocess=pre)
     loop_config = {
         "train": cfg.model_dump(mode="json"),
         "preprocess": pre.model_dump(mode="json"),
         "class_names": list(manifest.class_names),
         "train_counts": [int(c) for c in counts],
-        "sampling_rates": list(plan.rates),
-        "epoch_rows": float(expected_epoch_counts(counts, rates).sum()),
+        "sampling_rates": [float(r) for r in rates],
+        "epoch_rows": epoch_rows * steps.repeat,
+        "epoch_steps": steps.steps,
+        "epoch_repeat": steps.repeat,
         "clock_name": clock_name,
+        # Through the object store, so workers on other nodes need no copy of the file.
+        "init_weights": ray.put(target_state_dict(weights, model_cfg.name, manifest.class_names))
+        if weights is not None else None,
+        "weights": weights.summary() if weights is not None else None,
     }
+    if cfg.mix.enabled and cfg.mix.partner == "balanced":
+        k = pool_per_class(counts, cfg.mix.pool_per_class, pre.image_size ** 2 * pre.channels)
+        loop_config["partner_pool"] = ray.put(
+            build_partner_pool(decoded.train, counts, k, cfg.seed, ID_HASH))
     return RunInputs(cfg, manifest, pre,
-                     {TRAIN: build_train_stream(train_decoded, plan),
-                      VAL: val.select_columns([PIXELS, LABEL])},
-                     loop_config, {TRAIN: train_bad, VAL: val_bad}, clock)
+                     {TRAIN: build_train_stream(decoded.train, plan), VAL: decoded.val},
+                     loop_config, dict(decoded.corrupt), clock)
 
 
 def build_trainer(inputs: RunInputs, name: str, storage_path: str,
@@ -156,7 +204,8 @@ class EpochProgress(UserCallback):
         print(f"epoch {m[EPOCH] + 1:>3}/{self.epochs}  train_loss {m[TRAIN_LOSS]:.4f}  "
               f"val_loss {m[VAL_LOSS]:.4f}  val_acc {m[val_key(ACCURACY)]:.4f}  "
               f"val_bal_acc {m[val_key(BALANCED_ACCURACY)]:.4f}  "
-              f"val_macro_f1 {m[val_key(MACRO_F1)]:.4f}  rows {m['train_rows']}"
+              f"val_macro_f1 {m[val_key(MACRO_F1)]:.4f}  rows {m['train_rows']}  "
+              f"{m.get('epoch_s', float('nan')):.1f}s"
               f"{'  *best' if m['is_best'] else ''}", flush=True)
 
 
@@ -174,7 +223,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     plan = plan_resources(cfg.num_workers, cfg.cpus_per_worker, cfg.use_gpu, cfg.gpus_per_worker)
     started = time.perf_counter()
     out = storage.absolute_location(cfg.out)
+    cfg, size_line = resolve_input_size(cfg, load_manifest(cfg.data))
     inputs = prepare_inputs(cfg)
+    if cfg.verbose:
+        steps, repeat = inputs.loop_config["epoch_steps"], inputs.loop_config["epoch_repeat"]
+        passes = f" ({repeat} augmented passes)" if repeat > 1 else ""
+        print(f"{cfg.model.name}: {size_line}; {cfg.num_workers} worker(s) x batch "
+              f"{cfg.batch_size}, {steps} steps per epoch{passes}, {cfg.epochs} epochs",
+              flush=True)
     try:
         trainer = build_trainer(inputs, name=f"train-{int(time.time())}",
                                 storage_path=storage_for(cfg),
@@ -192,7 +248,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         best_dir = _publish_best(tmp, storage.join(out, "best"))
     history, restarts = _history(result)
     return {
-        "config": cfg.model_dump(mode="json"),
+        "config": inputs.config.model_dump(mode="json"),
+        "weights": inputs.loop_config["weights"],
         "resource_plan": plan.summary(),
         "wall_time_s": round(time.perf_counter() - started, 2),
         "class_names": list(inputs.manifest.class_names),

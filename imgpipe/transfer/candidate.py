@@ -84,7 +84,7 @@ def _build(spec: str, arch: str, num_classes: int, in_channels: int, cifar_stem:
         model = create_model(arch, num_classes, in_channels=in_channels, cifar_stem=cifar_stem)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0][:300]
+        first = " ".join(str(e).split())[:300]  # torch's message spans lines; keep its gist
         raise CandidateError(f"{spec}: weights do not fit architecture {arch!r}: {first}") from None
     return model.eval()
 

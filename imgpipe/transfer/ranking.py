@@ -20,8 +20,8 @@ from pydantic import Field, field_validator
 
 from imgpipe.config import StrictModel
 from imgpipe.constants import TRAIN, VAL
-from imgpipe.transfer.candidate import CandidateError
-from imgpipe.transfer.features import extract_splits
+from imgpipe.transfer.candidate import CandidateError, load_candidate
+from imgpipe.transfer.features import extract_many, extract_splits
 from imgpipe.transfer.scores import compute_scores, score_names
 
 RANKING_FILE = "ranking.json"
@@ -67,19 +67,53 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
 
 
-def score_candidate(spec: str, cfg: RankConfig) -> dict[str, Any]:
-    """One candidate's row: scores and timings, or ``status: failed`` with the reason."""
+def _extract_kwargs(cfg: RankConfig) -> dict[str, Any]:
+    return {"num_actors": cfg.num_actors, "cpus_per_actor": cfg.cpus_per_actor,
+            "batch_size": cfg.batch_size, "image_size": cfg.image_size, "seed": cfg.seed}
+
+
+def _loadable(specs: list[str], cfg: RankConfig) -> tuple[list[str], dict[str, str]]:
+    """Try every candidate on the driver: (loadable specs, {bad spec: reason})."""
+    from imgpipe.data.shards import load_manifest
+
+    target = load_manifest(cfg.data).preprocess(cfg.image_size)
+    good, bad = [], {}
+    for spec in specs:
+        try:
+            load_candidate(spec, target, seed=cfg.seed)
+            good.append(spec)
+        except CandidateError as e:
+            bad[spec] = str(e)
+        except Exception as e:  # noqa: BLE001 — a broken candidate must not stop the ranking
+            bad[spec] = _first_line(e)
+    return good, bad
+
+
+def extract_all(specs: list[str], cfg: RankConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """Features of every loadable candidate in one Ray Data pass: ({spec: split → Features},
+    {spec: failure reason}). If the shared pass fails, each candidate is retried alone so one
+    broken candidate cannot take the others down."""
+    good, bad = _loadable(specs, cfg)
+    if not good:
+        return {}, bad
+    try:
+        feats = extract_many(good, cfg.data, (TRAIN, VAL), **_extract_kwargs(cfg))
+        return dict(zip(good, feats, strict=True)), bad
+    except Exception:  # noqa: BLE001 — isolate the culprit below
+        pass
+    out = {}
+    for spec in good:
+        try:
+            out[spec] = extract_splits(spec, cfg.data, (TRAIN, VAL), **_extract_kwargs(cfg))
+        except Exception as e:  # noqa: BLE001
+            bad[spec] = _first_line(e)
+    return out, bad
+
+
+def score_candidate(spec: str, feats: dict[str, Any], cfg: RankConfig) -> dict[str, Any]:
+    """One candidate's row from its train/val features: scores and timings."""
     row: dict[str, Any] = {"candidate": spec, "status": OK, "reason": None}
     started = time.perf_counter()
-    try:
-        feats = extract_splits(spec, cfg.data, (TRAIN, VAL), num_actors=cfg.num_actors,
-                               cpus_per_actor=cfg.cpus_per_actor, batch_size=cfg.batch_size,
-                               image_size=cfg.image_size, seed=cfg.seed)
-    except CandidateError as e:
-        return {**row, "status": FAILED, "reason": str(e)}
-    except Exception as e:  # noqa: BLE001 — a ranking reports a broken candidate and goes on
-        return {**row, "status": FAILED, "reason": _first_line(e)}
-    row["extract_s"] = round(time.perf_counter() - started, 2)
     train, val = feats[TRAIN], feats[VAL]
     wanted = list(dict.fromkeys((cfg.scores or score_names()) + [cfg.primary]))
     try:
@@ -153,19 +187,25 @@ def rank_candidates(cfg: RankConfig,
     started = time.perf_counter()
     manifest = load_manifest(cfg.data)
     finetuned = load_finetuned(cfg.finetuned)
+    progress(f"extracting features of {len(cfg.candidates)} candidate(s) (Ray Data, one pass)")
+    feats, bad = extract_all(cfg.candidates, cfg)
+    extract_s = round(time.perf_counter() - started, 2)
     rows = []
-    for i, spec in enumerate(cfg.candidates, 1):
-        progress(f"[{i}/{len(cfg.candidates)}] {spec}")
-        row = score_candidate(spec, cfg)
+    for spec in cfg.candidates:
+        if spec in bad:
+            row = {"candidate": spec, "status": FAILED, "reason": bad[spec]}
+        else:
+            row = score_candidate(spec, feats[spec], cfg)
         if spec in finetuned:
             row["finetuned_balanced_accuracy"] = finetuned[spec]
-        progress(f"    {_summary(row, cfg.primary)}")
+        progress(f"  {spec}: {_summary(row, cfg.primary)}")
         rows.append(row)
     doc: dict[str, Any] = {
         "config": cfg.model_dump(mode="json"),
         "target": {"classes": manifest.class_names, "train_counts": manifest.counts_vector(TRAIN)},
         "primary": cfg.primary,
         "wall_time_s": round(time.perf_counter() - started, 2),
+        "extract_s": extract_s,
         "candidates": order_rows(rows, cfg.primary),
     }
     if finetuned:
@@ -183,5 +223,7 @@ def rank_candidates(cfg: RankConfig,
 def _summary(row: dict[str, Any], primary: str) -> str:
     if row["status"] != OK:
         return f"FAILED: {row['reason']}"
-    return (f"{primary} {row['scores'][primary]:.4f}  (D={row['feature_dim']}, "
-            f"{row['train_rows']}+{row['val_rows']} rows, {row['total_s']:.1f} s)")
+    value = row["scores"].get(primary)
+    shown = "n/a" if value is None else f"{value:.4f}"
+    return (f"{primary} {shown}  (D={row['feature_dim']}, {row['train_rows']}+"
+            f"{row['val_rows']} rows, scores in {row['total_s']:.1f} s)")

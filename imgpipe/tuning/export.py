@@ -34,6 +34,7 @@ from imgpipe.errors import ImgpipeFailure
 from imgpipe.evaluate import score_split
 from imgpipe.inference import Predictor
 from imgpipe.training.checkpoint import load_meta, load_weights
+from imgpipe.training.mixing import mixed_target_prior
 
 VERIFIED_METRICS = (ACCURACY, BALANCED_ACCURACY, MACRO_F1)
 
@@ -58,7 +59,13 @@ def model_prior_for(cfg: TrainConfig, counts: list[int]) -> np.ndarray:
     rates = sampling_rates(counts, cfg.sampler.strategy)
     weights = class_weights(counts, cfg.loss.class_weights)
     tau = cfg.loss.tau if cfg.loss.name == "logit-adjusted" else 0.0
-    return effective_prior(counts, rates, weights, tau)
+    if not (cfg.mix.enabled and cfg.mix.partner == "balanced"):
+        return effective_prior(counts, rates, weights, tau)
+    # Balanced partners move part of every target towards uniform before weights/τ act.
+    n = np.asarray(counts, dtype=np.float64)
+    q = mixed_target_prior(effective_prior(counts, rates), cfg.mix) * weights
+    q = q * np.where(n > 0, np.maximum(n, 1.0) ** -tau, 0.0)
+    return q / q.sum()
 
 
 def bundle_metrics(bundle_dir: Path, data_root: str, split: str) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 FloatRange = float | tuple[float, float]
 Choices = str | list[str]
 FREE_VECTOR_MAX_CLASSES = 20
+MIX_CHOICES = ("none", "mixup", "cutmix", "both")
 
 
 class SearchSpace(BaseModel):
@@ -22,7 +23,13 @@ class SearchSpace(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lr: FloatRange = (3e-4, 3e-2)
+    lr: FloatRange | None = Field(
+        None, description="one lr range for every optimizer (overrides the per-optimizer ones)")
+    # SGD wants ~10-100x the lr of the Adam family; one shared range makes many trials diverge
+    # (too high for Adam) or crawl (too low for SGD), and ASHA wastes its rungs on them.
+    lr_sgd: FloatRange = (1e-2, 3e-1)
+    lr_adam: FloatRange = Field((3e-4, 1e-2), description="adam and adamw")
+    lr_rmsprop: FloatRange = (1e-4, 3e-3)
     optimizer: Choices = Field(default_factory=lambda: ["sgd", "adam", "adamw", "rmsprop"])
     momentum: FloatRange = (0.8, 0.99)
     beta1: FloatRange = (0.8, 0.95)
@@ -36,6 +43,18 @@ class SearchSpace(BaseModel):
     focal_gamma: FloatRange = (0.5, 4.0)
     tau: FloatRange = (0.25, 2.0)
     sampler: Choices = Field(default_factory=lambda: ["none", "oversample", "sqrt"])
+    # Fine-tuning (None: not searched, every trial uses train.model.finetune / optim):
+    # finetune choices among full | linear-probe | partial | bitfit | lora (or partial:K);
+    # "partial" searches the frozen fraction of the backbone's stages (any architecture).
+    finetune: Choices | None = None
+    freeze_fraction: FloatRange = (0.25, 0.75)
+    head_lr_ratio: FloatRange | None = Field(
+        None, description="head lr = lr * ratio, searched log-uniform (e.g. [1, 100])")
+    layer_decay: FloatRange | None = None
+    # Batch mixing is pinned off by default; e.g. ``mix: [none, mixup, cutmix]`` searches it.
+    mix: Choices = "none"  # none | mixup | cutmix | both (torchvision RandomChoice)
+    mix_alpha: FloatRange = (0.1, 1.0)
+    mix_partner: Choices = "instance"  # instance | balanced
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> SearchSpace:
@@ -44,6 +63,20 @@ class SearchSpace(BaseModel):
                 raise ValueError(f"search.{name}: range [{value[0]}, {value[1]}] is reversed")
             if isinstance(value, list) and not value:
                 raise ValueError(f"search.{name}: needs at least one choice")
+        if self.finetune is not None:
+            from imgpipe.models.finetune import parse_finetune
+
+            for mode in [self.finetune] if isinstance(self.finetune, str) else self.finetune:
+                if mode != "partial":
+                    try:
+                        parse_finetune(mode)
+                    except ValueError as e:
+                        raise ValueError(f"search.{e} (or partial: search the depth)") from None
+        for name, allowed in (("mix", MIX_CHOICES), ("mix_partner", ("instance", "balanced"))):
+            value = getattr(self, name)
+            bad = sorted(set([value] if isinstance(value, str) else value) - set(allowed))
+            if bad:
+                raise ValueError(f"search.{name}: unknown {bad}; choose from {list(allowed)}")
         return self
 
 
@@ -67,6 +100,14 @@ def _choice(trial, name: str, value: Choices, allowed: list[str] | None = None) 
     return trial.suggest_categorical(key, options)
 
 
+def _lr(trial, space: SearchSpace, optimizer: str) -> float:
+    """The lr, searched on a log scale in the range that fits ``optimizer``."""
+    if space.lr is not None:
+        return _float(trial, "lr", space.lr, log=True)
+    family = "adam" if optimizer in ("adam", "adamw") else optimizer
+    return _float(trial, f"lr_{family}", getattr(space, f"lr_{family}"), log=True)
+
+
 def define_space(trial, space: SearchSpace, num_classes: int) -> dict[str, Any]:
     """Optuna define-by-run: conditional parameters only appear when they matter.
 
@@ -74,8 +115,8 @@ def define_space(trial, space: SearchSpace, num_classes: int) -> dict[str, Any]:
     Ray merges the returned dict with what Optuna sampled.
     """
     r: dict[str, Any] = {}
-    r["lr"] = _float(trial, "lr", space.lr, log=True)
     r["optimizer"] = _choice(trial, "optimizer", space.optimizer)
+    r["lr"] = _lr(trial, space, r["optimizer"])
     r["weight_decay"] = _float(trial, "weight_decay", space.weight_decay, log=True)
     if r["optimizer"] in ("sgd", "rmsprop"):
         r["momentum"] = _float(trial, "momentum", space.momentum)
@@ -101,7 +142,23 @@ def define_space(trial, space: SearchSpace, num_classes: int) -> dict[str, Any]:
         r["focal_gamma"] = _float(trial, "focal_gamma", space.focal_gamma)
     elif loss == "logit-adjusted":
         r["tau"] = _float(trial, "tau", space.tau)
+    _define_finetune(trial, space, r)
+    mix = r["mix"] = _choice(trial, "mix", space.mix)
+    if mix != "none":
+        r["mix_alpha"] = _float(trial, "mix_alpha", space.mix_alpha)
+        r["mix_partner"] = _choice(trial, "mix_partner", space.mix_partner)
     return r
+
+
+def _define_finetune(trial, space: SearchSpace, r: dict[str, Any]) -> None:
+    if space.finetune is not None:
+        mode = r["finetune"] = _choice(trial, "finetune", space.finetune)
+        if mode == "partial":
+            r["freeze_fraction"] = _float(trial, "freeze_fraction", space.freeze_fraction)
+    if space.head_lr_ratio is not None:
+        r["head_lr_ratio"] = _float(trial, "head_lr_ratio", space.head_lr_ratio, log=True)
+    if space.layer_decay is not None:
+        r["layer_decay"] = _float(trial, "layer_decay", space.layer_decay)
 
 
 def free_weight_vector(params: dict[str, Any], num_classes: int) -> list[float]:
@@ -132,4 +189,17 @@ def params_to_overrides(params: dict[str, Any], num_classes: int) -> dict[str, A
         out["loss.focal_gamma"] = p["focal_gamma"]
     elif p["loss"] == "logit-adjusted":
         out["loss.tau"] = p["tau"]
+    if "finetune" in p:
+        out["model.finetune"] = (f"partial:{p['freeze_fraction']:.4f}" if p["finetune"] == "partial"
+                                 else p["finetune"])
+    if "head_lr_ratio" in p:
+        out["optim.head_lr"] = min(p["lr"] * p["head_lr_ratio"], 10.0)
+    if "layer_decay" in p:
+        out["optim.layer_decay"] = p["layer_decay"]
+    mix = p.get("mix", "none")  # absent in searches saved before mixing existed
+    if mix != "none":
+        alpha = p["mix_alpha"]
+        out["mix.mixup_alpha"] = alpha if mix in ("mixup", "both") else 0.0
+        out["mix.cutmix_alpha"] = alpha if mix in ("cutmix", "both") else 0.0
+        out["mix.partner"] = p["mix_partner"]
     return out

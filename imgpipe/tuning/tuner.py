@@ -7,6 +7,7 @@ Each trial is a Tune *function* that builds and fits a TorchTrainer; metrics flo
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -25,7 +26,13 @@ from imgpipe.constants import METRIC_MODES, val_key
 from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.errors import ImgpipeError, ImgpipeFailure
 from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources
-from imgpipe.training.trainer import build_trainer, prepare_inputs
+from imgpipe.training.defaults import resolve_input_size
+from imgpipe.training.trainer import (
+    DecodedSplits,
+    build_decoded_splits,
+    build_trainer,
+    prepare_inputs,
+)
 from imgpipe.tuning.space import SearchSpace, define_space, params_to_overrides
 
 
@@ -65,11 +72,15 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], num_classes: int,
-              train_storage: str) -> None:
-    """One Tune trial: build and fit a TorchTrainer; metrics reach Tune via the callback."""
+              train_storage: str, decoded: DecodedSplits | None = None) -> None:
+    """One Tune trial: build and fit a TorchTrainer; metrics reach Tune via the callback.
+
+    ``decoded`` is the search's shared decoded train/val (built once by ``run_search``); a
+    trial only adds its own resampling and augmentation on top.
+    """
     cfg = trial_config(base, params, num_classes)
     trial_id = tune.get_context().get_trial_id()
-    inputs = prepare_inputs(cfg)
+    inputs = prepare_inputs(cfg, decoded)
     try:
         trainer = build_trainer(inputs, name=f"train-{trial_id}", storage_path=train_storage,
                                 callbacks=[TuneReportCallback()])
@@ -124,11 +135,17 @@ def build_scheduler(tcfg: TuneJobConfig):
 
 def build_searcher(tcfg: TuneJobConfig, num_classes: int) -> OptunaSearch:
     space = SearchSpace.model_validate(tcfg.search)
+    with warnings.catch_warnings():  # Optuna flags group=True as experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=tcfg.seed, multivariate=True, group=True)
     # metric/mode must sit on OptunaSearch itself with a define-by-run space.
     return OptunaSearch(
         space=partial(define_space, space=space, num_classes=num_classes),
         metric=val_key(tcfg.metric), mode=METRIC_MODES[tcfg.metric],
-        sampler=optuna.samplers.TPESampler(seed=tcfg.seed, multivariate=True),
+        # group=True: multivariate TPE on a conditional (define-by-run) space models each
+        # group of co-occurring parameters jointly instead of falling back to independent
+        # sampling for most draws.
+        sampler=sampler,
     )
 
 
@@ -161,13 +178,17 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
     plan = plan_search(tcfg)
     manifest = manifest or load_manifest(tcfg.data)
     num_classes = len(manifest.class_names)
-    base = base_train_config(tcfg).model_dump(mode="json")
+    base_cfg, size_line = resolve_input_size(base_train_config(tcfg), manifest)
+    print(f"{base_cfg.model.name}: {size_line}", flush=True)
+    base = base_cfg.model_dump(mode="json")
     root = storage_root(tcfg)
     exp_path = f"{root.rstrip('/')}/{tcfg.name}"
     train_storage = f"{root.rstrip('/')}/{tcfg.name}-trials"
+    # Decode once per search: every trial reads the same cached blocks from the object store.
+    decoded = build_decoded_splits(base_cfg, manifest)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, num_classes=num_classes,
-                             train_storage=train_storage),
+                             train_storage=train_storage, decoded=decoded),
         {"CPU": DRIVER_CPU})
     if tcfg.resume and tune.Tuner.can_restore(exp_path):
         print(f"resuming {exp_path}", flush=True)

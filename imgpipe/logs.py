@@ -1,0 +1,51 @@
+"""A readable console: Ray's internal INFO lines stay in Ray's log files, not on the screen.
+
+Jobs print one line per epoch/trial; Ray Data's per-dataset lines ("Dataset … execution
+finished", "Registered dataset logger", operator plans) and its progress bars flood it from
+inside every train worker. Ray Data reads its logging set-up from ``RAY_DATA_LOGGING_CONFIG``
+(a YAML dictConfig, ray/data/_internal/logging.py) in every process it runs in, so the driver
+sets it before Ray starts and the workers inherit it: the file handler (``ray-data.log`` in the
+session's log folder) keeps everything, the console handler only warnings. ``verbose`` puts
+Ray's default behaviour back.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import yaml
+
+_DATA_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"ray": {"format": "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- "
+                                     "%(message)s"}},
+    "filters": {"console_filter": {"()": "ray.data._internal.logging.HiddenRecordFilter"}},
+    "handlers": {
+        "file": {"class": "ray.data._internal.logging.SessionFileHandler", "formatter": "ray",
+                 "filename": "ray-data.log"},
+        "console": {"class": "ray._private.log.PlainRayHandler", "formatter": "ray",
+                    "level": "WARNING", "filters": ["console_filter"]},
+    },
+    "loggers": {"ray.data": {"level": "DEBUG", "handlers": ["file", "console"],
+                             "propagate": False}},
+}
+
+
+def configure_console(verbose: bool = False) -> None:
+    """Call before ``ray.init``: quiet Ray Data's console (unless ``verbose``); files keep all."""
+    if verbose:
+        return
+    path = Path(tempfile.gettempdir()) / f"imgpipe-ray-data-logging-{os.getuid()}.yaml"
+    text = yaml.safe_dump(_DATA_CONFIG)
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(path))
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    # Library deprecation notices are for developers; they stay visible with --verbose.
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)

@@ -1,0 +1,36 @@
+"""Input size and stem derived from the data unless the user fixed them."""
+
+from __future__ import annotations
+
+from imgpipe.config import TrainConfig
+from imgpipe.data.shards import ImageInfo, load_manifest
+from imgpipe.training.defaults import resolve_input_size
+
+
+def _manifest(root: str, w: int | None, h: int | None):
+    m = load_manifest(root)
+    return m.model_copy(update={"image": ImageInfo(height=h, width=w, mode=m.image.mode)})
+
+
+def test_size_and_stem_follow_native_images(tiny_digits):
+    cfg = TrainConfig(data=tiny_digits)
+    photo, line = resolve_input_size(cfg, _manifest(tiny_digits, 160, 120))
+    assert photo.model.image_size == 120 and photo.model.cifar_stem is False
+    assert "160x120" in line and "ImageNet stem" in line
+    tiny, _ = resolve_input_size(cfg, _manifest(tiny_digits, 8, 8))  # upsampled to the floor
+    assert tiny.model.image_size == 32 and tiny.model.cifar_stem is True
+    huge, _ = resolve_input_size(cfg, _manifest(tiny_digits, 4000, 3000))
+    assert huge.model.image_size == 224
+    mixed, line = resolve_input_size(cfg, _manifest(tiny_digits, None, None))
+    assert mixed.model.image_size == 32 and "mixed" in line
+
+
+def test_user_choice_wins(tiny_digits):
+    cfg = TrainConfig(data=tiny_digits, model={"image_size": 48, "cifar_stem": True})
+    got, line = resolve_input_size(cfg, _manifest(tiny_digits, 160, 120))
+    assert got.model.image_size == 48 and got.model.cifar_stem is True and "user" in line
+    init = TrainConfig(data=tiny_digits, model={"init_checkpoint": "w.pt"})
+    got, _ = resolve_input_size(init, _manifest(tiny_digits, 160, 120))
+    # the starting weights fix the input: left unset here, resolve_model_config fills it
+    # from the weights (a bare file: 32)
+    assert got.model.image_size is None and got.model.cifar_stem is None
