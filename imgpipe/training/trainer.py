@@ -228,7 +228,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     if cfg.verbose:
         steps, repeat = inputs.loop_config["epoch_steps"], inputs.loop_config["epoch_repeat"]
         passes = f" ({repeat} augmented passes)" if repeat > 1 else ""
-        print(f"{cfg.model.name}: {size_line}; {cfg.num_workers} worker(s) x batch "
+        # the architecture is known only once the weights are resolved (prepare_inputs)
+        print(f"{inputs.config.model.name}: {size_line}; {cfg.num_workers} worker(s) x batch "
               f"{cfg.batch_size}, {steps} steps per epoch{passes}, {cfg.epochs} epochs",
               flush=True)
     try:
