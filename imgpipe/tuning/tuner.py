@@ -179,7 +179,9 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
     manifest = manifest or load_manifest(tcfg.data)
     num_classes = len(manifest.class_names)
     base_cfg, size_line = resolve_input_size(base_train_config(tcfg), manifest)
-    print(f"{base_cfg.model.name}: {size_line}", flush=True)
+    model = base_cfg.model
+    arch = model.name or (f"the architecture of {model.weights}" if model.weights else "cnn")
+    print(f"{arch}: {size_line}", flush=True)
     base = base_cfg.model_dump(mode="json")
     root = storage_root(tcfg)
     exp_path = f"{root.rstrip('/')}/{tcfg.name}"
