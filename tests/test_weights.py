@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_test_bundle
 from safetensors.torch import save_file
 
 from imgpipe.config import ConfigError, ModelConfig, TrainConfig
@@ -21,7 +22,6 @@ from imgpipe.models import (
     torchvision_cache_path,
 )
 from imgpipe.models.weights import check_weights, resolve_model_config, target_state_dict
-from tests.helpers import make_test_bundle
 
 TV_SPEC = "mobilenet_v3_small.IMAGENET1K_V1"  # the smallest registered torchvision net (6 MB)
 
