@@ -175,7 +175,7 @@ def _checkpoint(tiny_digits: str, dest: Path, **reported_shift: float) -> Path:
 
     manifest = load_manifest(tiny_digits)
     pre = manifest.preprocess(16)
-    cfg = TrainConfig(data=tiny_digits, model={"image_size": 16})
+    cfg = TrainConfig(data=tiny_digits, model={"name": "cnn", "image_size": 16, "cifar_stem": True})
     torch.manual_seed(0)
     meta = {"train": cfg.model_dump(mode="json"), "preprocess": pre.model_dump(mode="json"),
             "class_names": list(manifest.class_names),

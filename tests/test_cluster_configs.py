@@ -241,7 +241,7 @@ def test_rayjob_commands_parse_with_the_scripts_own_parsers(rayjob):
         args = vars(_load_script(Path(script).stem, REPO / script).get_args_parser()
                     .parse_args(argv))
         if script == "jobs/tune.py":  # what tune.py's main() does before it starts Ray
-            args.pop("config"), args.pop("address")
+            args.pop("config"), args.pop("address"), args.pop("ray_verbose")
             assert resolve_config(TuneJobConfig, None, args).use_gpu is True
 
 
