@@ -55,13 +55,16 @@ def _kill_a_worker_after(ray_results: Path, checkpoints: int, killed: dict,
         time.sleep(0.05)
 
 
+@pytest.mark.unverified
 @pytest.mark.slow
 @pytest.mark.ray
 def test_sigkilled_worker_is_restored_and_the_run_finishes(ray_session, tiny_digits, tmp_path):
     out = tmp_path / "run"
     killed: dict = {}
+    # Two checkpoint folders on disk: by then the first is registered with Train, so the
+    # restore has a checkpoint to resume from (a folder can exist before its report lands).
     killer = threading.Thread(target=_kill_a_worker_after,
-                              args=(out / "ray_results", 1, killed), daemon=True)
+                              args=(out / "ray_results", 2, killed), daemon=True)
     killer.start()
     proc = subprocess.run(
         [sys.executable, "jobs/train.py", "--data", tiny_digits, "--epochs", "5",

@@ -209,6 +209,7 @@ def _logs(head: Head, submission_id: str) -> str:
     return "(no logs)"
 
 
+@pytest.mark.unverified
 def test_tune_job_submitted_to_a_local_head_publishes_a_loadable_bundle(tmp_path):
     from ray._private.runtime_env.packaging import unzip_package
 
