@@ -88,6 +88,7 @@ def test_two_ddp_workers_hold_identical_parameters(ray_session, tiny_digits, tmp
     assert got["diff"] == 0.0 and got["norm"] > 0
 
 
+@pytest.mark.unverified
 def test_train_end_to_end_with_corrupt_images_and_resume(ray_session, corrupt_digits, tmp_path):
     from imgpipe.training.trainer import run_training
 
