@@ -46,11 +46,14 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
         RayUnreachableError: the address asked for does not answer.
     """
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    if ray.is_initialized():
-        return
     address = address or os.environ.get("RAY_ADDRESS")
+    # The probe comes first even when this process is already connected: a dead address the
+    # user asked for must fail, not silently run on whatever instance happens to be up.
     if address and address != "local":
         check_reachable(address, connect_timeout_s)
+    if ray.is_initialized():
+        return
+    if address and address != "local":
         ray.init(address=address)
         return
     ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4),

@@ -24,6 +24,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ray)
 
 
+@pytest.fixture(autouse=True)
+def _no_leaked_ray():
+    """A test that starts Ray in this process (a job's ``main`` run in-process) must not leave it
+    up: later tests assert that preflight errors come before Ray starts. Session-scoped
+    ``ray_session`` is set up before this fixture, so the shared instance is left alone."""
+    import ray
+
+    was_up = ray.is_initialized()
+    yield
+    if not was_up and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Start (once) and yield the shared local Ray instance; shut it down at the end."""

@@ -29,7 +29,7 @@ def make_test_bundle(root: str | Path, name: str = "test-model", num_classes: in
     torch.manual_seed(seed)
     pre = Preprocess(image_size=image_size, mode=mode, mean=(0.5,) * (1 if mode == "L" else 3),
                      std=(0.25,) * (1 if mode == "L" else 3))
-    net = create_model(model, num_classes, in_channels=pre.channels).eval()
+    net = create_model(model, num_classes, in_channels=pre.channels, image_size=image_size).eval()
     counts = train_class_counts or [max(1, 100 >> i) for i in range(num_classes)]
     return save_bundle(
         root, name, net.state_dict(),

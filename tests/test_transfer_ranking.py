@@ -58,6 +58,40 @@ def test_candidate_features_are_the_head_input(zoo):
     assert not load_candidate(zoo["random"], TARGET).has_source_head
 
 
+def test_torchvision_weights_name_is_a_candidate_read_from_the_local_cache(tmp_path,
+                                                                           monkeypatch):
+    """Offline: a mobilenet_v3_small state dict written where torchvision's
+    own loader looks ($TORCH_HOME/hub/checkpoints) is ranked like any other candidate."""
+    import torchvision
+
+    from imgpipe.models import forward_features
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    spec = "mobilenet_v3_small.IMAGENET1K_V1"
+    with pytest.raises(CandidateError, match=r"(?s)mobilenet_v3_small-047dcff4\.pth.*python -c"):
+        load_candidate(spec, TARGET)  # not cached: the path and the fetch command, no download
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    path = tmp_path / "home" / "hub" / "checkpoints" / "mobilenet_v3_small-047dcff4.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), path)
+    cand = load_candidate(spec, TARGET)
+    assert (cand.kind, cand.architecture, cand.has_source_head, cand.source_classes) == (
+        "torchvision", "mobilenet_v3_small", True, 1000)
+    assert cand.preprocess.mode == "RGB" and cand.preprocess.image_size == 224
+    x = torch.randn(2, 3, 64, 64)
+    feats, logits = cand.forward_features(x)
+    with torch.no_grad():
+        assert torch.allclose(logits, reference(x), atol=1e-5)  # the same network, strictly
+    assert torch.allclose(feats, forward_features(cand.model, x), atol=1e-6)
+    assert feats.shape == (2, 1024)
+
+
+def test_a_weights_file_of_another_architecture_is_named(zoo):
+    with pytest.raises(CandidateError, match="unknown architecture 'resnet9'"):
+        load_candidate(zoo["file"].replace("cnn=", "resnet9="), TARGET)
+
+
 @pytest.mark.unverified
 @pytest.mark.ray
 def test_extract_features_matches_a_direct_forward_pass(ray_session, tiny_digits, zoo):

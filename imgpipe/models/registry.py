@@ -30,6 +30,7 @@ class ModelSpec:
             name prefixes; every non-head parameter belongs to exactly one stage.
         torchvision_name: the torchvision builder whose weights fit (``None``: imgpipe's own).
         cifar_stem: whether ``cifar_stem`` changes the network (ResNets and the small CNN).
+        min_image_size: the smallest input side (px) the network accepts.
     """
 
     builder: ModelBuilder
@@ -37,20 +38,22 @@ class ModelSpec:
     stages: tuple[tuple[str, ...], ...]
     torchvision_name: str | None = None
     cifar_stem: bool = False
+    min_image_size: int = 8
 
 
 _MODELS: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, head: str, stages: tuple[tuple[str, ...], ...],
-                   torchvision_name: str | None = None,
-                   cifar_stem: bool = False) -> Callable[[ModelBuilder], ModelBuilder]:
+                   torchvision_name: str | None = None, cifar_stem: bool = False,
+                   min_image_size: int = 8) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator adding ``builder`` under ``name`` with its head path and stages."""
 
     def add(builder: ModelBuilder) -> ModelBuilder:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = ModelSpec(builder, head, stages, torchvision_name, cifar_stem)
+        _MODELS[name] = ModelSpec(builder, head, stages, torchvision_name, cifar_stem,
+                                  min_image_size)
         return builder
 
     return add
@@ -193,7 +196,9 @@ def _efficientnet_b0(num_classes: int, in_channels: int, cifar_stem: bool,
 
 @register_model("convnext_tiny", head="classifier.2", torchvision_name="convnext_tiny",
                 stages=(("features.0", "features.1"), ("features.2", "features.3"),
-                        ("features.4", "features.5"), ("features.6", "features.7", "classifier.0")))
+                        ("features.4", "features.5"), ("features.6", "features.7", "classifier.0")),
+                # 4x stem and three 2x2 stride-2 downsamples: the last needs 2 px left
+                min_image_size=32)
 def _convnext_tiny(num_classes: int, in_channels: int, cifar_stem: bool,
                    image_size: int | None) -> nn.Module:
     return _torchvision("convnext_tiny", num_classes, in_channels, "features.0.0")
@@ -205,7 +210,8 @@ VIT_PATCH = 16
 @register_model("vit_b_16", head="heads.head", torchvision_name="vit_b_16",
                 stages=(("conv_proj", "class_token", "encoder.pos_embedding"),
                         *((f"encoder.layers.encoder_layer_{i}",) for i in range(11)),
-                        ("encoder.layers.encoder_layer_11", "encoder.ln")))
+                        ("encoder.layers.encoder_layer_11", "encoder.ln")),
+                min_image_size=16)
 def _vit_b_16(num_classes: int, in_channels: int, cifar_stem: bool,
               image_size: int | None) -> nn.Module:
     size = image_size or 224

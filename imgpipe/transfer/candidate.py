@@ -1,17 +1,20 @@
 """A candidate checkpoint for transfer: a model in eval mode, its preprocessing, and a tap on
 its penultimate layer.
 
-``load_candidate(spec)`` is the only place that knows how a candidate is written on the
-command line, so swapping in the project-wide weights resolver is a change in one function:
+Every form ``--weights`` accepts (``imgpipe.models.resolve_weights``) is a candidate, plus two
+ranking-only forms:
 
 - a bundle folder (``bundles/<name>/v<N>`` or ``bundles/<name>`` for the latest version);
-- a training checkpoint folder (``meta.json`` + ``model.safetensors``);
+- a training checkpoint folder (``meta.json`` + ``model.safetensors``, or a run folder);
+- a torchvision weights name read from the local torch hub cache
+  (``resnet50.IMAGENET1K_V2``; never downloaded);
 - ``ARCH=PATH``: a local weights file (``.safetensors``, or ``.pt``/``.pth`` loaded
   weights-only) for a registered architecture, e.g. ``cnn=zoo/shapes.safetensors``;
 - ``random:ARCH``: a seeded random initialisation (the baseline every ranking should beat).
 
-Bundles, checkpoints and weight files that carry a classifier head keep it as the *source head*
-(LEEP and NCE need the source model's class probabilities).
+Candidates that carry a classifier head keep it as the *source head* (LEEP and NCE need the
+source model's class probabilities). The model is built strictly, so weights of another
+architecture are reported, never half-loaded.
 """
 
 from __future__ import annotations
@@ -23,14 +26,17 @@ import torch
 from torch import Tensor, nn
 
 from imgpipe.data.transforms import Preprocess
-from imgpipe.models import create_model, load_state_dict_file, unwrap_model
+from imgpipe.models import create_model, get_model_spec, list_models, resolve_weights
+from imgpipe.models.heads import model_spec_of
+from imgpipe.models.state import unwrap_model
+from imgpipe.models.weights import ResolvedWeights, WeightsNotCachedError
 
-HEAD = "fc"  # every registered model calls its classifier head ``fc`` (imgpipe.models)
 RANDOM_PREFIX = "random:"
 
 
 class CandidateError(ValueError):
-    """A candidate that cannot be used: missing file, architecture mismatch, corrupt weights.
+    """A candidate that cannot be used: missing file, architecture mismatch, corrupt weights,
+    torchvision weights not in the local cache.
 
     The message says which candidate and why; a ranking reports it and goes on with the others.
     """
@@ -42,7 +48,7 @@ class Candidate:
 
     Attributes:
         spec: the string it was loaded from (its name in rankings).
-        kind: ``bundle`` | ``checkpoint`` | ``file`` | ``random``.
+        kind: ``bundle`` | ``checkpoint`` | ``file`` | ``torchvision`` | ``random``.
         architecture: registered model name (``cnn``, ``resnet18``, ...).
         model: the network in eval mode on CPU.
         preprocess: how target images are decoded for it (its own size, mode, mean/std).
@@ -62,26 +68,26 @@ class Candidate:
     def forward_features(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """float ``(N, C, S, S)`` → (penultimate features ``(N, D)``, source logits ``(N, K)``).
 
-        The features are the input of the classifier head ``fc`` (after global pooling, before
-        dropout in eval mode), read with a forward hook so no architecture is special-cased.
+        The features are the input of the registered classifier head (after global pooling,
+        before dropout in eval mode), read with a forward pre-hook so no architecture is
+        special-cased; see ``imgpipe.models.forward_features``.
         """
         model = unwrap_model(self.model)
-        head = getattr(model, HEAD, None)
-        if not isinstance(head, nn.Module):
-            raise CandidateError(f"{self.spec}: model has no {HEAD!r} head to tap")
+        head = model.get_submodule(model_spec_of(model).head)
         seen: list[Tensor] = []
-        hook = head.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0]))
+        hook = head.register_forward_pre_hook(lambda _m, inp: seen.append(inp[0]))
         try:
             logits = model(x)
         finally:
             hook.remove()
-        return seen[0].flatten(1).float(), logits.float()
+        return seen[-1].flatten(1).float(), logits.float()
 
 
 def _build(spec: str, arch: str, num_classes: int, in_channels: int, cifar_stem: bool,
-           state: dict[str, Tensor]) -> nn.Module:
+           image_size: int, state: dict[str, Tensor]) -> nn.Module:
     try:
-        model = create_model(arch, num_classes, in_channels=in_channels, cifar_stem=cifar_stem)
+        model = create_model(arch, num_classes, in_channels=in_channels, cifar_stem=cifar_stem,
+                             image_size=image_size)
         model.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as e:
         first = " ".join(str(e).split())[:300]  # torch's message spans lines; keep its gist
@@ -89,54 +95,20 @@ def _build(spec: str, arch: str, num_classes: int, in_channels: int, cifar_stem:
     return model.eval()
 
 
-def _from_bundle(spec: str, path: Path) -> Candidate:
-    from imgpipe.bundle import BundleError, load_bundle
+def _resolve(spec: str, ref: str) -> ResolvedWeights:
+    from safetensors import SafetensorError
 
     try:
-        meta, state = load_bundle(path)
-    except BundleError as e:
+        return resolve_weights(ref)
+    except WeightsNotCachedError as e:
         raise CandidateError(f"{spec}: {e}") from None
-    a = meta.architecture
-    model = _build(spec, a.model, a.num_classes, a.in_channels, a.cifar_stem, state)
-    return Candidate(spec, "bundle", a.model, model, meta.preprocess, True, a.num_classes)
-
-
-def _from_checkpoint(spec: str, path: Path) -> Candidate:
-    from safetensors import SafetensorError
-
-    from imgpipe.training.checkpoint import load_meta, load_weights
-
-    try:
-        meta = load_meta(path)
-        pre = Preprocess.model_validate(meta["preprocess"])
-        mcfg = meta["train"]["model"]
-        num_classes = len(meta["class_names"])
-        state = load_weights(path)
-    except (KeyError, TypeError, ValueError, SafetensorError, OSError) as e:
-        raise CandidateError(f"{spec}: unreadable checkpoint: {type(e).__name__}: {e}") from None
-    model = _build(spec, mcfg["name"], num_classes, pre.channels, mcfg["cifar_stem"], state)
-    return Candidate(spec, "checkpoint", mcfg["name"], model, pre, True, num_classes)
-
-
-def _from_file(spec: str, arch: str, path: str, target: Preprocess) -> Candidate:
-    from safetensors import SafetensorError
-
-    try:
-        state = load_state_dict_file(path)
     except FileNotFoundError:
-        raise CandidateError(f"{spec}: file not found: {path}") from None
+        raise CandidateError(f"{spec}: no such file or folder") from None
     except (ValueError, OSError, RuntimeError, SafetensorError) as e:
         raise CandidateError(f"{spec}: corrupt or unreadable weights: {e}") from None
-    head = state.get(f"{HEAD}.weight")
-    if head is None or head.ndim != 2:
-        raise CandidateError(f"{spec}: no {HEAD}.weight in the file; is {arch!r} its architecture?")
-    conv1 = next((v for k, v in state.items() if v.ndim == 4), None)
-    in_channels = int(conv1.shape[1]) if conv1 is not None else target.channels
-    # A stem with a 3x3 first conv is the small-image (CIFAR) variant of the ResNets.
-    cifar_stem = arch == "cnn" or (conv1 is not None and conv1.shape[-1] == 3)
-    model = _build(spec, arch, int(head.shape[0]), in_channels, cifar_stem, state)
-    pre = _preprocess_for(target, in_channels)
-    return Candidate(spec, "file", arch, model, pre, True, int(head.shape[0]))
+    except Exception as e:  # noqa: BLE001 — unpickling a damaged .pt raises many types
+        raise CandidateError(f"{spec}: corrupt or unreadable weights: "
+                             f"{type(e).__name__}: {e}") from None
 
 
 def _preprocess_for(target: Preprocess, in_channels: int) -> Preprocess:
@@ -149,10 +121,39 @@ def _preprocess_for(target: Preprocess, in_channels: int) -> Preprocess:
     return Preprocess(image_size=target.image_size, mode=mode, mean=mean, std=std)
 
 
+def _from_weights(spec: str, arch: str | None, w: ResolvedWeights,
+                  target: Preprocess) -> Candidate:
+    if arch is not None and arch not in list_models():
+        raise CandidateError(f"{spec}: unknown architecture {arch!r}; registered: "
+                             f"{', '.join(list_models())}")
+    if arch and w.model and arch != w.model:
+        raise CandidateError(f"{spec}: weights do not fit architecture {arch!r}: they are a "
+                             f"{w.model}")
+    name = arch or w.model
+    if name is None:
+        raise CandidateError(f"{spec}: a weights file needs its architecture: write "
+                             f"ARCH={spec} (e.g. cnn=model.safetensors)")
+    head = w.state_dict.get(f"{get_model_spec(name).head}.weight")
+    if head is None or head.ndim != 2:
+        raise CandidateError(f"{spec}: no {get_model_spec(name).head}.weight in the weights; "
+                             f"is {name!r} their architecture?")
+    conv1 = next((v for v in w.state_dict.values() if v.ndim == 4), None)
+    in_channels = w.in_channels or (int(conv1.shape[1]) if conv1 is not None else target.channels)
+    if w.cifar_stem is not None:
+        cifar_stem = w.cifar_stem
+    else:  # a bare file: a 3x3 first conv is the small-image (CIFAR) variant of the ResNets
+        cifar_stem = name == "cnn" or (conv1 is not None and conv1.shape[-1] == 3)
+    pre = w.preprocess or _preprocess_for(target, in_channels)
+    model = _build(spec, name, int(head.shape[0]), in_channels, cifar_stem, pre.image_size,
+                   w.state_dict)
+    return Candidate(spec, w.kind, name, model, pre, True, int(head.shape[0]))
+
+
 def _random(spec: str, arch: str, target: Preprocess, seed: int) -> Candidate:
     torch.manual_seed(seed)
     try:
-        model = create_model(arch, 2, in_channels=target.channels).eval()
+        model = create_model(arch, 2, in_channels=target.channels,
+                             image_size=target.image_size).eval()
     except ValueError as e:
         raise CandidateError(f"{spec}: {e}") from None
     return Candidate(spec, "random", arch, model, target, False, 0)
@@ -168,19 +169,12 @@ def load_candidate(spec: str, target: Preprocess, seed: int = 0) -> Candidate:
         seed: seeds a ``random:ARCH`` initialisation.
     Raises:
         CandidateError: missing file, weights that do not fit the architecture, corrupt or
-            unreadable weights, unknown architecture — with the reason in the message.
+            unreadable weights, unknown architecture, torchvision weights that are not in the
+            local cache (with the fetch command) — with the reason in the message.
     """
     if spec.startswith(RANDOM_PREFIX):
         return _random(spec, spec[len(RANDOM_PREFIX):], target, seed)
-    if "=" in spec:
-        arch, path = spec.split("=", 1)
-        return _from_file(spec, arch, path, target)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise CandidateError(f"{spec}: no such file or folder")
-    if path.is_dir() and (path / "meta.json").is_file():
-        return _from_checkpoint(spec, path)
-    if path.is_dir():
-        return _from_bundle(spec, path)
-    raise CandidateError(f"{spec}: a weights file needs its architecture: write ARCH={spec} "
-                         "(e.g. cnn=model.safetensors)")
+    arch, ref = None, spec
+    if "=" in spec and not Path(spec).expanduser().exists():
+        arch, ref = spec.split("=", 1)
+    return _from_weights(spec, arch, _resolve(spec, ref), target)
