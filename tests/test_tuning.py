@@ -129,7 +129,8 @@ def test_impossible_plan_fails_before_starting(ray_session, tmp_path):
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "jobs/tune.py", "--data", str(tmp_path / "nothing"),
-         "--dataset", "digits-lt", "--workers-per-trial", "4", "--max-concurrent", "4", "--out", str(tmp_path),
+         "--dataset", "digits-lt", "--workers-per-trial", "4", "--max-concurrent", "4",
+         "--out", str(tmp_path),
          "--address", address], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "resource plan does not fit" in proc.stderr and "--workers-per-trial" in proc.stderr
