@@ -11,7 +11,7 @@ from typing import Any, Literal, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from imgpipe.constants import METRIC_MODES
+from imgpipe.constants import METRIC_MODES, TRANSFER_SCORE_NAMES
 from imgpipe.data.transforms import Augment
 from imgpipe.errors import UserError
 
@@ -283,6 +283,12 @@ class TuneJobConfig(StrictModel):
     train: dict[str, Any] = Field(
         default_factory=dict, description="TrainConfig fields shared by all trials")
     search: dict[str, Any] = Field(default_factory=dict, description="SearchSpace overrides")
+    candidates: list[str] | None = Field(
+        None, min_length=1, description="starting weights to choose from (any --weights form, "
+        "ARCH=PATH or random:ARCH): ranked by transferability before the search, which then "
+        "searches over the top_k")
+    top_k: int = Field(2, ge=1, description="ranked candidates the search tries")
+    rank_score: str = Field("logme", description="transferability score that picks the top_k")
 
     @property
     def effective_grace_period(self) -> int:
@@ -294,6 +300,17 @@ class TuneJobConfig(StrictModel):
 
         if self.grace_period is not None and self.grace_period > self.epochs:
             raise ValueError(f"grace_period ({self.grace_period}) exceeds epochs ({self.epochs})")
+        if self.candidates:
+            if self.rank_score not in TRANSFER_SCORE_NAMES:
+                raise ValueError(f"rank_score: unknown score {self.rank_score!r}; valid: "
+                                 f"{', '.join(TRANSFER_SCORE_NAMES)}")
+            model = self.train.get("model") or {}
+            for key in ("weights", "init_checkpoint", "name"):
+                if model.get(key):
+                    raise ValueError(f"candidates: train.model.{key} is set too; the ranking "
+                                     "picks the starting weights (drop one of the two)")
+            if self.search.get("weights"):
+                raise ValueError("candidates: search.weights is set too (drop one of the two)")
         for section, model in (("search", SearchSpace), ("train", TrainConfig)):
             try:
                 model.model_validate(getattr(self, section))

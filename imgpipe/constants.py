@@ -66,3 +66,9 @@ DEFAULT_OBJECTIVE = MACRO_F1
 def val_key(metric: str) -> str:
     """Name under which a validation metric is reported to Train/Tune (``val_macro_f1``)."""
     return f"val_{metric}"
+
+# Transferability scores (imgpipe.transfer.scores), each also with a class-balanced variant;
+# named here so configs can be validated without importing the scoring code.
+TRANSFER_SCORES = ("logme", "leep", "nce", "hscore", "knn", "linear_probe")
+BALANCED_SUFFIX = "_balanced"
+TRANSFER_SCORE_NAMES = tuple(n for base in TRANSFER_SCORES for n in (base, base + BALANCED_SUFFIX))

@@ -2,6 +2,7 @@
 
     python jobs/tune.py                      # embedded digits-lt, prepared if missing
     python jobs/tune.py --data data/digits-lt --num-samples 16 --out runs/tune-1
+    python jobs/tune.py --data data/mine --candidates bundles/a resnet50.IMAGENET1K_V2 --top-k 2
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="retries of a failed trial from its latest checkpoint (default 2)")
     p.add_argument("--no-report", dest="report", action="store_false", default=None)
     add_transfer_args(p, prefix="train.")
+    p.add_argument("--candidates", nargs="+", metavar="SPEC",
+                   help="starting weights to choose from (any --weights form, ARCH=PATH, "
+                   "random:ARCH): ranked by transferability first, then the search tries the "
+                   "top --top-k (ranking in OUT/rank)")
+    p.add_argument("--top-k", type=int, help="ranked candidates to search over (default 2)")
+    p.add_argument("--rank-score", help="transferability score that ranks them (default logme)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--verbose", dest="ray_verbose", action="store_true",
                    help="show Ray's own INFO lines and progress bars on the console")

@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,9 +113,10 @@ def build_decoded_splits(cfg: TrainConfig, manifest: Manifest,
                          {TRAIN: train_bad, VAL: val_bad})
 
 
-def prepare_inputs(cfg: TrainConfig, decoded: DecodedSplits | None = None) -> RunInputs:
-    """Read the manifest, decode (and cache) train/val unless ``decoded`` is given, and plan
-    the per-epoch resampling and the optimizer steps per epoch."""
+def prepare_inputs(cfg: TrainConfig,
+                   decoded: DecodedSplits | Sequence[DecodedSplits] | None = None) -> RunInputs:
+    """Read the manifest, decode (and cache) train/val unless ``decoded`` holds them with this
+    run's preprocessing, and plan the per-epoch resampling and the optimizer steps per epoch."""
     quiet_data_progress()
     if cfg.deterministic:
         # Block order otherwise depends on task timing; reproducible batches need it fixed.
@@ -123,7 +125,9 @@ def prepare_inputs(cfg: TrainConfig, decoded: DecodedSplits | None = None) -> Ru
     weights = load_model_weights(cfg.model)
     model_cfg, pre = resolve_model_config(cfg.model, manifest.preprocess, weights)
     cfg = cfg.model_copy(update={"model": model_cfg})
-    if decoded is None or decoded.preprocess != pre:
+    shared = [decoded] if isinstance(decoded, DecodedSplits) else list(decoded or [])
+    decoded = next((d for d in shared if d.preprocess == pre), None)
+    if decoded is None:
         decoded = build_decoded_splits(cfg, manifest, pre)
     counts = manifest.counts_vector(TRAIN)
     rates = sampling_rates(counts, cfg.sampler.strategy)

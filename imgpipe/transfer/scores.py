@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from imgpipe.constants import BALANCED_SUFFIX, TRANSFER_SCORE_NAMES, TRANSFER_SCORES
 from imgpipe.transfer.features import Features
 from imgpipe.transfer.hscore import hscore
 from imgpipe.transfer.leep import leep
@@ -56,12 +57,12 @@ SCORES: dict[str, ScoreFn] = {
     "logme": _logme, "leep": _leep, "nce": _nce, "hscore": _hscore, "knn": _knn,
     "linear_probe": _probe,
 }
-BALANCED_SUFFIX = "_balanced"
+assert tuple(SCORES) == TRANSFER_SCORES  # the names configs validate against
 
 
 def score_names() -> list[str]:
     """Every score name: each base name, then its ``_balanced`` variant."""
-    return [n for base in SCORES for n in (base, base + BALANCED_SUFFIX)]
+    return list(TRANSFER_SCORE_NAMES)
 
 
 def compute_scores(train: Features, val: Features,

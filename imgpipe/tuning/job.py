@@ -74,10 +74,14 @@ def run_tune_job(tcfg: TuneJobConfig) -> dict[str, Any]:
     plan = plan_search(tcfg)  # fail on an impossible plan before touching data
     print(f"resource plan: {plan.summary()}", flush=True)
     manifest = resolve_data(tcfg)
-    outcome = run_search(tcfg, manifest)
     out = storage.absolute_location(tcfg.out)
     with tempfile.TemporaryDirectory(prefix="imgpipe-tune-") as tmp:
         work = Path(tmp) if storage.is_uri(out) else Path(out)
+        if tcfg.candidates:
+            from imgpipe.tuning.candidates import choose_candidates
+
+            tcfg = choose_candidates(tcfg, manifest, work / "rank")
+        outcome = run_search(tcfg, manifest)
         results = _export_and_report(tcfg, outcome, work)
         results.update(config=tcfg.model_dump(mode="json"), resource_plan=plan.summary(),
                        wall_time_s=round(time.perf_counter() - started, 2))

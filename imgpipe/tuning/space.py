@@ -51,6 +51,9 @@ class SearchSpace(BaseModel):
     head_lr_ratio: FloatRange | None = Field(
         None, description="head lr = lr * ratio, searched log-uniform (e.g. [1, 100])")
     layer_decay: FloatRange | None = None
+    # Starting weights (None: every trial uses train.model.weights); the tune job sets the
+    # top-ranked --candidates here. Each choice is a candidate spec (imgpipe.transfer).
+    weights: Choices | None = None
     # Batch mixing is pinned off by default; e.g. ``mix: [none, mixup, cutmix]`` searches it.
     mix: Choices = "none"  # none | mixup | cutmix | both (torchvision RandomChoice)
     mix_alpha: FloatRange = (0.1, 1.0)
@@ -151,6 +154,8 @@ def define_space(trial, space: SearchSpace, num_classes: int) -> dict[str, Any]:
 
 
 def _define_finetune(trial, space: SearchSpace, r: dict[str, Any]) -> None:
+    if space.weights is not None:
+        r["weights"] = _choice(trial, "weights", space.weights)
     if space.finetune is not None:
         mode = r["finetune"] = _choice(trial, "finetune", space.finetune)
         if mode == "partial":
@@ -166,8 +171,28 @@ def free_weight_vector(params: dict[str, Any], num_classes: int) -> list[float]:
     return list(w * num_classes / w.sum())
 
 
+def candidate_overrides(spec: str) -> dict[str, Any]:
+    """A candidate spec → the ``model.*`` fields of a trial that starts from it.
+
+    ``random:ARCH`` is a fresh ``ARCH``; ``ARCH=PATH`` a bare weights file of ``ARCH``; any
+    other spec is a ``--weights`` value whose architecture the weights say.
+    """
+    from pathlib import Path
+
+    if spec.startswith("random:"):
+        return {"name": spec.removeprefix("random:"), "weights": None}
+    if "=" in spec and not Path(spec).expanduser().exists():
+        arch, path = spec.split("=", 1)
+        return {"name": arch, "weights": path}
+    return {"name": None, "weights": spec}
+
+
 def params_to_overrides(params: dict[str, Any], num_classes: int) -> dict[str, Any]:
-    """A trial's resolved parameters (``define_space``'s output) → dotted TrainConfig overrides."""
+    """A trial's resolved parameters (``define_space``'s output) → dotted TrainConfig overrides.
+
+    ``weights`` is left out: a trial's starting weights choose its whole base config
+    (``imgpipe.tuning.tuner.candidate_bases``), not a single field.
+    """
     p = params
     out: dict[str, Any] = {"optim.lr": p["lr"], "optim.name": p["optimizer"],
                            "optim.weight_decay": p["weight_decay"],

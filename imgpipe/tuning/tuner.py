@@ -25,6 +25,7 @@ from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig, resolve_conf
 from imgpipe.constants import METRIC_MODES, val_key
 from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.errors import ImgpipeError, ImgpipeFailure
+from imgpipe.models.weights import load_model_weights, resolve_model_config
 from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources
 from imgpipe.training.defaults import resolve_input_size
 from imgpipe.training.trainer import (
@@ -33,7 +34,12 @@ from imgpipe.training.trainer import (
     build_trainer,
     prepare_inputs,
 )
-from imgpipe.tuning.space import SearchSpace, define_space, params_to_overrides
+from imgpipe.tuning.space import (
+    SearchSpace,
+    candidate_overrides,
+    define_space,
+    params_to_overrides,
+)
 
 
 def base_train_config(tcfg: TuneJobConfig) -> TrainConfig:
@@ -71,14 +77,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], num_classes: int,
-              train_storage: str, decoded: DecodedSplits | None = None) -> None:
+def run_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]], num_classes: int,
+              train_storage: str, decoded: list[DecodedSplits] | None = None) -> None:
     """One Tune trial: build and fit a TorchTrainer; metrics reach Tune via the callback.
 
-    ``decoded`` is the search's shared decoded train/val (built once by ``run_search``); a
-    trial only adds its own resampling and augmentation on top.
+    ``bases`` maps each starting-weights choice (``""`` when weights are not searched) to the
+    TrainConfig it starts from. ``decoded`` is the search's shared decoded train/val, one per
+    distinct preprocessing (built once by ``run_search``); a trial only adds its own
+    resampling and augmentation on top.
     """
-    cfg = trial_config(base, params, num_classes)
+    cfg = trial_config(bases[params.get("weights") or ""], params, num_classes)
     trial_id = tune.get_context().get_trial_id()
     inputs = prepare_inputs(cfg, decoded)
     try:
@@ -172,24 +180,46 @@ def plan_search(tcfg: TuneJobConfig) -> ResourcePlan:
                           tcfg.gpus_per_worker, concurrent_runs=tcfg.max_concurrent)
 
 
+def candidate_bases(tcfg: TuneJobConfig, manifest: Manifest) -> tuple[dict[str, dict[str, Any]],
+                                                                      list[DecodedSplits]]:
+    """The base TrainConfig of each starting-weights choice, and train/val decoded once per
+    distinct preprocessing among them (every trial reads the same cached blocks).
+
+    Returns ``({choice or "": base config as JSON}, [DecodedSplits, ...])``.
+    """
+    space = SearchSpace.model_validate(tcfg.search)
+    choices = ([space.weights] if isinstance(space.weights, str) else space.weights) or [""]
+    bases: dict[str, dict[str, Any]] = {}
+    decoded: list[DecodedSplits] = []
+    for spec in choices:
+        cfg = base_train_config(tcfg)
+        if spec:
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(
+                update=candidate_overrides(spec))})
+        cfg, size_line = resolve_input_size(cfg, manifest)
+        model = cfg.model
+        arch = model.name or (f"the architecture of {model.weights}" if model.weights else "cnn")
+        print(f"{spec + ': ' if spec else ''}{arch}: {size_line}", flush=True)
+        bases[spec] = cfg.model_dump(mode="json")
+        _, pre = resolve_model_config(cfg.model, manifest.preprocess,
+                                      load_model_weights(cfg.model))
+        if all(d.preprocess != pre for d in decoded):
+            decoded.append(build_decoded_splits(cfg, manifest, pre))
+    return bases, decoded
+
+
 def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOutcome:
     """Plan, search (or resume), and rank the trials. Raises ResourcePlanError up front."""
     started = time.perf_counter()
     plan = plan_search(tcfg)
     manifest = manifest or load_manifest(tcfg.data)
     num_classes = len(manifest.class_names)
-    base_cfg, size_line = resolve_input_size(base_train_config(tcfg), manifest)
-    model = base_cfg.model
-    arch = model.name or (f"the architecture of {model.weights}" if model.weights else "cnn")
-    print(f"{arch}: {size_line}", flush=True)
-    base = base_cfg.model_dump(mode="json")
+    bases, decoded = candidate_bases(tcfg, manifest)
     root = storage_root(tcfg)
     exp_path = f"{root.rstrip('/')}/{tcfg.name}"
     train_storage = f"{root.rstrip('/')}/{tcfg.name}-trials"
-    # Decode once per search: every trial reads the same cached blocks from the object store.
-    decoded = build_decoded_splits(base_cfg, manifest)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, num_classes=num_classes,
+        tune.with_parameters(run_trial, bases=bases, num_classes=num_classes,
                              train_storage=train_storage, decoded=decoded),
         {"CPU": DRIVER_CPU})
     if tcfg.resume and tune.Tuner.can_restore(exp_path):
