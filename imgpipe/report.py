@@ -64,6 +64,7 @@ from imgpipe.evaluate import (
     bundle_block,
     calibrate_bundle,
     evaluation_payload,
+    load_predictor,
     parse_prior,
     run_evaluation,
     write_evaluation,
@@ -426,9 +427,26 @@ def _figures_section(figures: list[tuple[str, Path, str]], history_missing: bool
     return "".join(parts)
 
 
+def _robustness_section(rob: dict[str, Any] | None) -> str:
+    if rob is None:
+        return ""
+    from imgpipe.robustness import ROBUSTNESS_HEADERS, robustness_rows
+
+    worst = rob["worst"]
+    return ("<h2>Robustness under corruptions</h2>"
+            f"<p>Balanced accuracy on corrupted copies of the {html.escape(rob['split'])} split "
+            "(ImageNet-C families at three severities, torchvision v2 ops, seeded), through the "
+            f"served probabilities. Mean over corruptions {_fmt(rob['mean_corrupted_balanced_accuracy'])}"
+            f"; worst {html.escape(worst['corruption'])} at severity {worst['severity']}: "
+            f"{_fmt(worst['value'])}.</p>"
+            + _table(ROBUSTNESS_HEADERS, robustness_rows(rob))
+            + _img_tag(Path(rob["plot"]), "Robustness under corruptions"))
+
+
 def render_html(evals: dict[str, BundleEvaluation], main_split: str,
                 figures: list[tuple[str, Path, str]], shots: ShotThresholds,
-                data_root: str, history_missing: bool) -> str:
+                data_root: str, history_missing: bool,
+                robustness: dict[str, Any] | None = None) -> str:
     """The whole report as one HTML string (inline CSS, base64 images, no external URL)."""
     ev = evals[main_split]
     title = f"{ev.meta.name} v{ev.meta.version} — {main_split} split"
@@ -440,6 +458,7 @@ def render_html(evals: dict[str, BundleEvaluation], main_split: str,
         _setup_section(ev, shots), "</div></div>",
         _calibration_section(evals),
         _figures_section(figures, history_missing),
+        _robustness_section(robustness),
         _per_class_section(ev),
     ])
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -559,8 +578,21 @@ def _rebalance_lines(info: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _robustness_lines(rob: dict[str, Any] | None) -> list[str]:
+    if rob is None:
+        return []
+    worst = rob["worst"]
+    return ["## Robustness",
+            f"- {rob['split']} balanced accuracy clean {_fmt(rob['clean'][BALANCED_ACCURACY])}, "
+            f"mean over 7 corruptions x 3 severities "
+            f"{_fmt(rob['mean_corrupted_balanced_accuracy'])}, worst {worst['corruption']} "
+            f"(severity {worst['severity']}) {_fmt(worst['value'])}; details in "
+            f"`{REPORT_FILE}`."]
+
+
 def render_model_card(meta: BundleMeta, manifest: Manifest, evals: dict[str, BundleEvaluation],
-                      main_split: str, shots: ShotThresholds) -> str:
+                      main_split: str, shots: ShotThresholds,
+                      robustness: dict[str, Any] | None = None) -> str:
     """``model_card.md``: model, data, class counts, metrics, calibration, limitations."""
     ev = evals[main_split]
     splits = manifest.splits
@@ -596,6 +628,7 @@ def render_model_card(meta: BundleMeta, manifest: Manifest, evals: dict[str, Bun
         f"- Decision threshold (binary): {_fmt(meta.decision_threshold)}",
         "- As served (deployment prior applied):",
         "", _md_table(["split", "metric", "before (T = 1)", "after"], cal_rows),
+        *_robustness_lines(robustness),
         "## Limitations",
         *[f"- {line}" for line in _limitations(meta, manifest, ev, shots)],
         "## Files",
@@ -625,7 +658,8 @@ def write_report(bundle_dir: str | Path, data_root: str, out_dir: str | Path,
                  prior: str | list[float] | None = None,
                  shot_thresholds: ShotThresholds | tuple[int, int] = ShotThresholds(),
                  calibrate: bool = True, threshold_mode: ThresholdMode = "max_f1",
-                 target_recall: float = 0.9) -> Path:
+                 target_recall: float = 0.9, robustness: bool = False,
+                 robustness_seed: int = 0) -> Path:
     """Evaluate a bundle and write the full report; return the path of ``report.html``.
 
     Writes into ``out_dir``: ``metrics.json`` + ``predictions.parquet`` (of ``split``), one PNG
@@ -639,6 +673,8 @@ def write_report(bundle_dir: str | Path, data_root: str, out_dir: str | Path,
         calibrate: first fit temperature (and binary threshold) on val and store them in the
             bundle (``calibrate_bundle``; deterministic, so re-running changes nothing).
         prior: evaluate under another deployment prior (not recorded in the bundle).
+        robustness: also score corrupted copies of ``split`` (``imgpipe.robustness``):
+            ``robustness.json``, ``robustness.png``, a report section and a card line.
     Raises:
         BundleError, ManifestError, ValueError: as ``run_evaluation`` / ``calibrate_bundle``.
     """
@@ -655,11 +691,19 @@ def write_report(bundle_dir: str | Path, data_root: str, out_dir: str | Path,
     main = evals[split]
     write_evaluation(main, evaluation_payload(main, bundle, data_root, shots), out)
     figures = write_figures(main, history, out)
-    page = render_html(evals, split, figures, shots, data_root, history_missing=not history)
+    rob = None
+    if robustness:
+        from imgpipe.robustness import write_robustness
+
+        rob = write_robustness(load_predictor(bundle, prior), data_root, split, out,
+                               seed=robustness_seed)
+    page = render_html(evals, split, figures, shots, data_root, history_missing=not history,
+                       robustness=rob)
     report = out / REPORT_FILE
     report.write_text(page, encoding="utf-8")
     card = out / MODEL_CARD_FILE
-    card.write_text(render_model_card(main.meta, manifest, evals, split, shots), encoding="utf-8")
+    card.write_text(render_model_card(main.meta, manifest, evals, split, shots, rob),
+                    encoding="utf-8")
     if prior is None:
         recorded = {s: bundle_block(e.metrics) for s, e in evals.items() if s in (VAL, TEST)}
         if recorded:

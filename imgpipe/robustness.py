@@ -189,3 +189,20 @@ def plot_robustness(result: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+ROBUSTNESS_FILE, ROBUSTNESS_PLOT = "robustness.json", "robustness.png"
+
+
+def write_robustness(predictor, data_root: str, split: str, out_dir: Path,
+                     seed: int = 0) -> dict[str, Any]:
+    """``evaluate_robustness`` written as ``robustness.json`` and ``robustness.png`` into
+    ``out_dir``; returns the result with ``plot`` (the PNG's path) added."""
+    import json
+
+    result = evaluate_robustness(predictor, data_root, split, seed=seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / ROBUSTNESS_FILE).write_text(json.dumps(result, indent=2))
+    result["plot"] = str(plot_robustness(result, out_dir / ROBUSTNESS_PLOT))
+    return result
+

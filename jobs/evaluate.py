@@ -36,6 +36,7 @@ from imgpipe.evaluate import (
 from imgpipe.metrics import ECE, NLL
 from imgpipe.preflight import check_evaluate_config
 from imgpipe.report import SUMMARY_METRICS, write_report
+from imgpipe.robustness import ROBUSTNESS_FILE, ROBUSTNESS_PLOT
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -74,15 +75,21 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
                                        target_recall=cfg.target_recall)
         prior = None  # stored in the bundle: from here on it is the bundle's own
     shots = ShotThresholds(cfg.many_threshold, cfg.few_threshold)
+    robustness = None
     if cfg.report:
         write_report(cfg.bundle, cfg.data, cfg.out, split=cfg.split, prior=prior,
-                     shot_thresholds=shots, calibrate=False)
+                     shot_thresholds=shots, calibrate=False, robustness=cfg.robustness,
+                     robustness_seed=cfg.robustness_seed)
         payload = json.loads((Path(cfg.out) / METRICS_FILE).read_text())
+        if cfg.robustness:
+            robustness = json.loads((Path(cfg.out) / ROBUSTNESS_FILE).read_text())
+            robustness["plot"] = str(Path(cfg.out) / ROBUSTNESS_PLOT)
     else:
         payload = evaluate_bundle(cfg.bundle, cfg.data, cfg.split, cfg.out, prior=prior,
                                   shot_thresholds=shots,
                                   record=prior is None and cfg.split in (VAL, TEST))
-    robustness = run_robustness(cfg, prior) if cfg.robustness else None
+        if cfg.robustness:
+            robustness = run_robustness(cfg, prior)
     return {"config": cfg.model_dump(mode="json"), "calibration": calibration,
             "robustness": robustness,
             "wall_time_s": round(time.perf_counter() - started, 2),
@@ -93,15 +100,10 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
 def run_robustness(cfg: EvaluateConfig, prior: Any) -> dict[str, Any]:
     """Score corrupted copies of the split through the serving Predictor; write JSON + PNG."""
     from imgpipe.evaluate import load_predictor
-    from imgpipe.robustness import evaluate_robustness, plot_robustness
+    from imgpipe.robustness import write_robustness
 
-    result = evaluate_robustness(load_predictor(cfg.bundle, prior), cfg.data, cfg.split,
-                                 seed=cfg.robustness_seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "robustness.json", result)
-    result["plot"] = str(plot_robustness(result, out / "robustness.png"))
-    return result
+    return write_robustness(load_predictor(cfg.bundle, prior), cfg.data, cfg.split,
+                            Path(cfg.out), seed=cfg.robustness_seed)
 
 
 def print_summary(results: dict[str, Any], split: str) -> None:

@@ -98,3 +98,41 @@ def test_evaluate_job_end_to_end(data, tmp_path, capsys):
     assert (out / REPORT_FILE).is_file() and (bundle / "model_card.md").is_file()
     assert job.main(["--bundle", str(bundle), "--data", data, "--out", str(out),
                      "--prior", "nonsense"]) == 2
+
+
+def test_report_with_robustness_has_its_table_plot_and_card_line(data, tmp_path):
+    bundle = make_test_bundle(tmp_path / "b", num_classes=4, train_class_counts=[600, 60, 25, 3])
+    out = tmp_path / "report"
+    page = write_report(bundle, data, out, robustness=True, robustness_seed=1).read_text()
+    _check_self_contained(page, 5)  # four figures + the robustness plot
+    rob = json.loads((out / "robustness.json").read_text())
+    assert (out / "robustness.png").is_file() and rob["seed"] == 1
+    assert "Robustness under corruptions" in page
+    for name in ("gaussian_noise", "blur", "jpeg", "brightness", "contrast", "rotation",
+                 "occlusion"):
+        assert name in page
+    mean = f"{rob['mean_corrupted_balanced_accuracy']:.4f}"
+    assert mean in page
+    card = (bundle / MODEL_CARD_FILE).read_text()
+    assert "## Robustness" in card and mean in card
+
+
+@pytest.mark.parametrize("report", [True, False])
+def test_evaluate_job_robustness_with_and_without_the_report(data, tmp_path, capsys, report):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_job", Path(__file__).parents[1] / "jobs" / "evaluate.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    bundle = make_test_bundle(tmp_path / "b", num_classes=4, train_class_counts=[600, 60, 25, 3])
+    out = tmp_path / "eval"
+    flags = [] if report else ["--no-report"]
+    assert job.main(["--bundle", str(bundle), "--data", data, "--out", str(out),
+                     "--robustness", *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "Robustness on test" in printed and "occlusion" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert Path(results["robustness"]["plot"]).is_file()
+    assert ("Robustness under corruptions" in (out / REPORT_FILE).read_text()) if report else (
+        not (out / REPORT_FILE).exists())

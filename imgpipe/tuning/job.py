@@ -108,7 +108,7 @@ def _export_and_report(tcfg: TuneJobConfig, outcome: TuneOutcome, work: Path) ->
 
     def finish(staged: Path) -> None:
         if tcfg.report:  # calibrated and reported before publication: a version is complete
-            write_report(staged, tcfg.data, report_dir, history=history)
+            write_report(staged, tcfg.data, report_dir, history=history, robustness=True)
 
     bundle, metrics = export_bundle(ckpt, tcfg.data, tcfg.bundle_root, name,
                                     {"search_params": outcome.best_params,
