@@ -35,6 +35,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--metric", choices=["macro_f1", "balanced_accuracy", "accuracy"])
     p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
+    p.add_argument("--min-steps-per-epoch", type=int,
+                   help="optimizer steps an epoch has at least on every worker (default 10)")
     p.add_argument("--resume", help="checkpoint folder (or URI) to resume from; read on the "
                    "driver and handed to the workers through the run's storage")
     p.add_argument("--max-failures", type=int,

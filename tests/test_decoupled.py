@@ -136,7 +136,6 @@ def test_job_exits_2_on_a_bad_config_before_ray(tmp_path):
     assert proc.returncode == 2 and "smote" in proc.stderr
 
 
-@pytest.mark.unverified
 @pytest.mark.ray
 @pytest.mark.slow
 def test_crt_with_smote_publishes_a_verified_version_with_the_backbone_bit_identical(

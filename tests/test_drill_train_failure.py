@@ -55,7 +55,6 @@ def _kill_a_worker_after(ray_results: Path, checkpoints: int, killed: dict,
         time.sleep(0.05)
 
 
-@pytest.mark.unverified
 @pytest.mark.slow
 @pytest.mark.ray
 def test_sigkilled_worker_is_restored_and_the_run_finishes(ray_session, tiny_digits, tmp_path):
@@ -69,6 +68,7 @@ def test_sigkilled_worker_is_restored_and_the_run_finishes(ray_session, tiny_dig
     proc = subprocess.run(
         [sys.executable, "jobs/train.py", "--data", tiny_digits, "--epochs", "5",
          "--num-workers", "2", "--image-size", "16", "--batch-size", "32", "--out", str(out),
+         "--min-steps-per-epoch", "2",
          "--address", ray_session.get_runtime_context().gcs_address],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     killer.join(timeout=1)

@@ -73,7 +73,6 @@ def test_apply_prior_reconfigures_the_running_app(ray_session, tmp_path):
         serve.shutdown()
 
 
-@pytest.mark.unverified
 def test_trigger_submits_a_retraining_job_to_a_real_head(tmp_path):
     from test_job_submit import local_head, wait_for_job
 

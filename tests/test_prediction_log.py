@@ -95,7 +95,6 @@ def test_unwritable_location_counts_failures_never_raises(tmp_path):
 # ----- over HTTP ---------------------------------------------------------------------------------
 
 
-@pytest.mark.unverified
 @pytest.mark.ray
 @pytest.mark.slow
 def test_one_row_per_served_image_and_gauges(ray_session, tmp_path):

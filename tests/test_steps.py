@@ -109,7 +109,6 @@ def count_steps_loop(config):
     ray.train.report({"done": 1})
 
 
-@pytest.mark.unverified
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["oversample", "sqrt"])

@@ -88,13 +88,12 @@ def test_two_ddp_workers_hold_identical_parameters(ray_session, tiny_digits, tmp
     assert got["diff"] == 0.0 and got["norm"] > 0
 
 
-@pytest.mark.unverified
 def test_train_end_to_end_with_corrupt_images_and_resume(ray_session, corrupt_digits, tmp_path):
     from imgpipe.training.trainer import run_training
 
     data, n_bad = corrupt_digits
-    cfg = small_config(data, tmp_path / "run", epochs=4, **{"sampler.strategy": "oversample",
-                                                            "optim.lr": 0.01})
+    cfg = small_config(data, tmp_path / "run", epochs=4, min_steps_per_epoch=2,
+                       **{"sampler.strategy": "oversample", "optim.lr": 0.01})
     res = run_training(cfg)
     assert res["corrupt_skipped"][TRAIN] == n_bad
     hist = res["history"]

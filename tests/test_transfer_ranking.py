@@ -92,7 +92,6 @@ def test_a_weights_file_of_another_architecture_is_named(zoo):
         load_candidate(zoo["file"].replace("cnn=", "resnet9="), TARGET)
 
 
-@pytest.mark.unverified
 @pytest.mark.ray
 def test_extract_features_matches_a_direct_forward_pass(ray_session, tiny_digits, zoo):
     from imgpipe.constants import ID, IMAGE, TRAIN
@@ -116,7 +115,6 @@ def test_extract_features_matches_a_direct_forward_pass(ray_session, tiny_digits
     assert np.array_equal(feats.labels, table["label"].to_numpy()[rows])
 
 
-@pytest.mark.unverified
 @pytest.mark.ray
 @pytest.mark.slow
 def test_rank_job_end_to_end_with_bad_candidates(ray_session, tiny_digits, zoo, tmp_path,
