@@ -288,7 +288,8 @@ class TuneJobConfig(StrictModel):
         "ARCH=PATH or random:ARCH): ranked by transferability before the search, which then "
         "searches over the top_k")
     top_k: int = Field(2, ge=1, description="ranked candidates the search tries")
-    rank_score: str = Field("logme", description="transferability score that picks the top_k")
+    rank_score: str = Field("logme_balanced",
+                            description="transferability score that picks the top_k")
 
     @property
     def effective_grace_period(self) -> int:

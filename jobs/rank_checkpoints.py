@@ -35,7 +35,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", nargs="+", help="candidate checkpoints (see above)")
     p.add_argument("--out", help="output folder (default runs/rank)")
     p.add_argument("--primary", choices=score_names(),
-                   help="score that orders the table (default linear_probe_balanced)")
+                   help="score that orders the table (default logme_balanced)")
     p.add_argument("--scores", nargs="+", choices=score_names(), help="subset of scores")
     p.add_argument("--finetuned", help="JSON {candidate: fine-tuned balanced accuracy}: adds "
                    "Kendall's tau per score and the score-vs-accuracy plot")

@@ -58,7 +58,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "random:ARCH): ranked by transferability first, then the search tries the "
                    "top --top-k (ranking in OUT/rank)")
     p.add_argument("--top-k", type=int, help="ranked candidates to search over (default 2)")
-    p.add_argument("--rank-score", help="transferability score that ranks them (default logme)")
+    p.add_argument("--rank-score", help="transferability score that ranks them (default logme_balanced)")
     p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     p.add_argument("--verbose", dest="ray_verbose", action="store_true",
                    help="show Ray's own INFO lines and progress bars on the console")
