@@ -584,7 +584,7 @@ def _robustness_lines(rob: dict[str, Any] | None) -> list[str]:
     worst = rob["worst"]
     return ["## Robustness",
             f"- {rob['split']} balanced accuracy clean {_fmt(rob['clean'][BALANCED_ACCURACY])}, "
-            f"mean over 7 corruptions x 3 severities "
+            f"mean over {len(rob['corruptions'])} corruptions x 3 severities "
             f"{_fmt(rob['mean_corrupted_balanced_accuracy'])}, worst {worst['corruption']} "
             f"(severity {worst['severity']}) {_fmt(worst['value'])}; details in "
             f"`{REPORT_FILE}`."]

@@ -205,4 +205,3 @@ def write_robustness(predictor, data_root: str, split: str, out_dir: Path,
     (out_dir / ROBUSTNESS_FILE).write_text(json.dumps(result, indent=2))
     result["plot"] = str(plot_robustness(result, out_dir / ROBUSTNESS_PLOT))
     return result
-

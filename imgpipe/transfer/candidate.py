@@ -1,8 +1,8 @@
 """A candidate checkpoint for transfer: a model in eval mode, its preprocessing, and a tap on
 its penultimate layer.
 
-Every form ``--weights`` accepts (``imgpipe.models.resolve_weights``) is a candidate, plus two
-ranking-only forms:
+Every form ``--weights`` accepts (``imgpipe.models.resolve_weights``; the first three below)
+is a candidate, plus two ranking-only forms (the last two):
 
 - a bundle folder (``bundles/<name>/v<N>`` or ``bundles/<name>`` for the latest version);
 - a training checkpoint folder (``meta.json`` + ``model.safetensors``, or a run folder);
