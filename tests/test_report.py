@@ -76,13 +76,18 @@ def test_report_without_history_or_calibration_under_another_prior(data, tmp_pat
     assert json.loads((out / METRICS_FILE).read_text())["deployment_prior"] == "balanced"
 
 
-def test_evaluate_job_end_to_end(data, tmp_path, capsys):
+def _evaluate_job():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
         "evaluate_job", Path(__file__).parents[1] / "jobs" / "evaluate.py")
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
+    return job
+
+
+def test_evaluate_job_end_to_end(data, tmp_path, capsys):
+    job = _evaluate_job()
     bundle = make_test_bundle(tmp_path / "b", num_classes=4, train_class_counts=[600, 60, 25, 3])
     out = tmp_path / "eval"
     rc = job.main(["--bundle", str(bundle), "--data", data, "--split", TEST, "--out", str(out),
@@ -119,12 +124,7 @@ def test_report_with_robustness_has_its_table_plot_and_card_line(data, tmp_path)
 
 @pytest.mark.parametrize("report", [True, False])
 def test_evaluate_job_robustness_with_and_without_the_report(data, tmp_path, capsys, report):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "evaluate_job", Path(__file__).parents[1] / "jobs" / "evaluate.py")
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
+    job = _evaluate_job()
     bundle = make_test_bundle(tmp_path / "b", num_classes=4, train_class_counts=[600, 60, 25, 3])
     out = tmp_path / "eval"
     flags = [] if report else ["--no-report"]

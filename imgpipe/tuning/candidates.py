@@ -48,6 +48,13 @@ def top_candidates(doc: dict[str, Any], k: int) -> list[str]:
     return [r["candidate"] for r in ok[:k]]  # rows are ordered best first
 
 
+def _score_cell(row: dict[str, Any], score: str) -> str:
+    if row["status"] != OK:
+        return "FAILED: " + row["reason"][:80]
+    value = row["scores"].get(score)
+    return "n/a" if value is None else f"{value:.4f}"  # a score of 0.0 is a value, not missing
+
+
 def choose_candidates(tcfg: TuneJobConfig, manifest: Manifest, out: Path) -> TuneJobConfig:
     """Rank ``tcfg.candidates`` into ``out`` (``ranking.json`` and plots) and return the config
     whose search draws its starting weights from the top ``tcfg.top_k``. Ray must be up.
@@ -58,9 +65,7 @@ def choose_candidates(tcfg: TuneJobConfig, manifest: Manifest, out: Path) -> Tun
     print(f"ranking {len(tcfg.candidates or [])} candidate(s) by {tcfg.rank_score} ...",
           flush=True)
     doc = rank_candidates(rank_config(tcfg, manifest, out), progress=lambda _line: None)
-    rows = [[r["candidate"], r.get("rank") or "-",
-             "FAILED: " + r["reason"][:80] if r["status"] != OK
-             else f"{r['scores'].get(tcfg.rank_score) or float('nan'):.4f}"]
+    rows = [[r["candidate"], r.get("rank") or "-", _score_cell(r, tcfg.rank_score)]
             for r in doc["candidates"]]
     print(format_table(["candidate", "rank", tcfg.rank_score], rows))
     top = top_candidates(doc, tcfg.top_k)
