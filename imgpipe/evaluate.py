@@ -27,6 +27,7 @@ from imgpipe.calibrate import (
     fit_temperature,
     nll_at_temperature,
 )
+from imgpipe.checkpoint import load_meta, load_weights
 from imgpipe.config import StrictModel
 from imgpipe.console import write_json
 from imgpipe.constants import (
@@ -57,7 +58,6 @@ from imgpipe.metrics import (
     shot_accuracy,
 )
 from imgpipe.models import create_model
-from imgpipe.training.checkpoint import load_meta, load_weights
 
 
 @dataclass

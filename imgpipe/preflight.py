@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, get_args
 
 from imgpipe.bundle import PRIOR_CHOICES, BundleMeta, check_prior_vector, load_bundle_meta
+from imgpipe.checkpoint import META_FILE, load_meta
 from imgpipe.config import (
     ConfigError,
     LossConfig,
@@ -27,7 +28,6 @@ from imgpipe.constants import TRAIN
 from imgpipe.data.rebalance import parse_class_weights, parse_sampler, sampling_rates
 from imgpipe.data.shards import Manifest, ManifestNotFoundError, load_manifest
 from imgpipe.losses import create_loss
-from imgpipe.training.checkpoint import META_FILE, load_meta
 from imgpipe.tuning.space import SearchSpace
 
 # Class counts of the embedded datasets, for a tune run that will prepare them (no manifest yet).

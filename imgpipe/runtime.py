@@ -18,6 +18,8 @@ DATA_CPU_RESERVE = 1.0
 DRIVER_CPU = 0.01
 # How long a Ray address that was asked for may take to accept a connection.
 CONNECT_TIMEOUT_S = 10.0
+# Ray's State API reads this before searching the machine for "the" Ray instance.
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 class ResourcePlanError(UserError, RuntimeError):
@@ -54,10 +56,35 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if ray.is_initialized():
         return
     if address and address != "local":
-        ray.init(address=address)
+        ctx = ray.init(address=address)
+        if ctx.dashboard_url:
+            os.environ.setdefault(API_SERVER_ENV, f"http://{ctx.dashboard_url}")
         return
-    ray.init(address="local", num_cpus=num_cpus or max(os.cpu_count() or 1, 4),
-             include_dashboard=True, dashboard_host="127.0.0.1", configure_logging=False)
+    start_local_ray(num_cpus=num_cpus or max(os.cpu_count() or 1, 4), configure_logging=False)
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """Start a fresh local Ray instance whose State API every process of it can find.
+
+    Train V2's placement-group cleaner and Tune query the State API without an address. With
+    a second Ray instance on the machine (a test session, another user's job) that lookup
+    fails ("Found multiple active Ray instances"), the cleanup never runs, and the leaked
+    bundles starve Ray Data: the next run hangs. Ray reads ``RAY_API_SERVER_ADDRESS`` first,
+    and the raylet and every worker inherit this process's environment, so naming this
+    instance's dashboard there (on a port chosen here, bound to 127.0.0.1) pins the lookup.
+
+    ``init_kwargs`` go to ``ray.init`` (``num_cpus``, ``object_store_memory``, ...).
+    """
+    port = _free_port()
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, **init_kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def recorded_address() -> str | None:

@@ -28,13 +28,19 @@ def pytest_collection_modifyitems(config, items):
 def _no_leaked_ray():
     """A test that starts Ray in this process (a job's ``main`` run in-process) must not leave it
     up: later tests assert that preflight errors come before Ray starts. Session-scoped
-    ``ray_session`` is set up before this fixture, so the shared instance is left alone."""
+    ``ray_session`` is set up before this fixture, so the shared instance is left alone.
+    The State API address (``start_local_ray``) is put back as it was, too."""
     import ray
 
     was_up = ray.is_initialized()
+    api_server = os.environ.get("RAY_API_SERVER_ADDRESS")
     yield
     if not was_up and ray.is_initialized():
         ray.shutdown()
+    if api_server is None:
+        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
+    else:
+        os.environ["RAY_API_SERVER_ADDRESS"] = api_server
 
 
 @pytest.fixture(scope="session")
@@ -42,15 +48,13 @@ def ray_session():
     """Start (once) and yield the shared local Ray instance; shut it down at the end."""
     import ray
 
+    from imgpipe.runtime import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=RAY_TEST_CPUS,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            object_store_memory=1_000_000_000,
-            log_to_driver=True,
-            configure_logging=False,
-        )
+        # Pins the State API to this instance (and its workers): jobs the tests start may
+        # run a second local instance beside it.
+        start_local_ray(num_cpus=RAY_TEST_CPUS, object_store_memory=1_000_000_000,
+                        log_to_driver=True, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -1,8 +1,11 @@
-"""Small builders shared by tests: a saved test bundle and encoded test images."""
+"""Small builders shared by tests: a saved test bundle, encoded test images, and the
+process/checkpoint probes the failure drills use."""
 
 from __future__ import annotations
 
 import io
+import json
+import os
 import struct
 import zlib
 from pathlib import Path
@@ -58,3 +61,38 @@ def png_with_size(width: int, height: int) -> bytes:
     struct.pack_into(">II", data, 16, width, height)  # IHDR data starts at byte 16
     struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
     return bytes(data)
+
+
+def registered_checkpoints(run_dir: Path) -> int:
+    """Checkpoints Ray Train has registered for a run (``checkpoint_manager_snapshot.json``).
+
+    A ``checkpoint_*`` folder exists as soon as a worker has persisted it, before the controller
+    has taken its report; a kill in between restarts from scratch instead of resuming. Only a
+    registered checkpoint is one a restore is certain to find.
+    """
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return len(snapshot.get("checkpoint_results") or [])
+
+
+def ray_actor_pids(class_name: str) -> list[int]:
+    """Live Ray actor processes (``ray::<class_name>...``) that descend from this process.
+
+    Read from the process table: the State API is too slow on a loaded host to catch an actor
+    between two short epochs. Only descendants count, so other Ray instances on a shared
+    machine are never touched.
+    """
+    import psutil
+
+    me = os.getpid()
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if cmd.startswith(f"ray::{class_name}") and any(p.pid == me for p in proc.parents()):
+                pids.append(proc.info["pid"])
+        except psutil.Error:
+            continue
+    return sorted(pids)

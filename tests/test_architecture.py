@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A room is a top-level module or subpackage of imgpipe, or serving/.
 LAYERS: list[set[str]] = [
     {"constants", "errors", "__init__"},
-    {"storage", "runtime", "console", "logs", "prediction_log_format", "config"},
+    {"storage", "runtime", "console", "logs", "prediction_log_format", "checkpoint", "config"},
     {"data"},
     {"metrics", "losses", "models"},
     {"bundle_versions"},
@@ -38,8 +38,6 @@ KNOWN_BACK_ARROWS = {
     ("config", "models"): "ModelConfig validation resolves architecture names",
     ("config", "tuning"): "TuneJobConfig validates its search section with SearchSpace",
     ("models", "bundle"): "resolve_weights reads bundles (deferred import)",
-    ("models", "training"): "resolve_weights reads training checkpoints (deferred import)",
-    ("evaluate", "training"): "evaluate loads training checkpoints (training/checkpoint.py)",
 }
 
 

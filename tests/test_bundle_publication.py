@@ -167,11 +167,11 @@ def test_one_flipped_prediction_stays_within_tolerance():
 
 def _checkpoint(tiny_digits: str, dest: Path, **reported_shift: float) -> Path:
     """A real training checkpoint of a random CNN with its true val metrics (optionally off)."""
+    from imgpipe.checkpoint import save_checkpoint
     from imgpipe.config import TrainConfig
     from imgpipe.data.shards import load_manifest
     from imgpipe.evaluate import evaluate_checkpoint
     from imgpipe.models import create_model
-    from imgpipe.training.checkpoint import save_checkpoint
 
     manifest = load_manifest(tiny_digits)
     pre = manifest.preprocess(16)

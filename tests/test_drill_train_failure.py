@@ -15,39 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ray_actor_pids, registered_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _train_worker_pids() -> list[int]:
-    """Live Ray Train workers (``ray::RayTrainWorker...``) of the Ray instance this process started.
-
-    Read from the process table rather than Ray's State API: polling the dashboard is too slow
-    on a loaded host to catch a 2-worker run between two epochs. Only descendants of this
-    process count: other Ray instances on a shared machine are never touched.
-    """
-    import psutil
-
-    me = os.getpid()
-    pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if cmd.startswith("ray::RayTrainWorker") and any(
-                    p.pid == me for p in proc.parents()):
-                pids.append(proc.info["pid"])
-        except psutil.Error:
-            continue
-    return sorted(pids)
-
-
 def _kill_a_worker_after(ray_results: Path, checkpoints: int, killed: dict,
                          timeout_s: float = 900) -> None:
-    """Once ``checkpoints`` epochs are checkpointed, SIGKILL one live Ray Train worker."""
+    """Once Train has registered ``checkpoints`` checkpoints, SIGKILL one live Train worker."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if len(list(ray_results.glob("*/checkpoint_*"))) >= checkpoints:
-            pids = _train_worker_pids()
+        if any(registered_checkpoints(run) >= checkpoints for run in ray_results.glob("*")):
+            pids = ray_actor_pids("RayTrainWorker")
             if len(pids) >= 2:
                 os.kill(pids[-1], signal.SIGKILL)
                 killed["pid"] = pids[-1]
@@ -60,10 +39,8 @@ def _kill_a_worker_after(ray_results: Path, checkpoints: int, killed: dict,
 def test_sigkilled_worker_is_restored_and_the_run_finishes(ray_session, tiny_digits, tmp_path):
     out = tmp_path / "run"
     killed: dict = {}
-    # Two checkpoint folders on disk: by then the first is registered with Train, so the
-    # restore has a checkpoint to resume from (a folder can exist before its report lands).
     killer = threading.Thread(target=_kill_a_worker_after,
-                              args=(out / "ray_results", 2, killed), daemon=True)
+                              args=(out / "ray_results", 1, killed), daemon=True)
     killer.start()
     proc = subprocess.run(
         [sys.executable, "jobs/train.py", "--data", tiny_digits, "--epochs", "5",
@@ -88,8 +65,8 @@ def test_resume_dir_is_staged_into_run_storage(tmp_path):
     """A driver-only checkpoint folder is copied into the run storage; workers get a Checkpoint."""
     import torch
 
+    from imgpipe.checkpoint import load_meta, save_checkpoint
     from imgpipe.models import create_model
-    from imgpipe.training.checkpoint import load_meta, save_checkpoint
     from imgpipe.training.recovery import stage_resume_checkpoint
 
     driver_only = tmp_path / "driver" / "ckpt"

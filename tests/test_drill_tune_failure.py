@@ -14,43 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ray_actor_pids, registered_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 # max_concurrent 1: one trial driver (Tune's function-trainable actor) is alive at a time.
 TRIAL_ACTOR = "ImplicitFunc"
 
 
-def _checkpoints(trial_dir: Path) -> int:
-    """Checkpoints Train has registered (a folder can exist before its report lands, and a
-    kill then would restart the trial from scratch instead of resuming it)."""
-    try:
-        snapshot = json.loads((trial_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return 0
-    return len(snapshot.get("checkpoint_results") or [])
-
-
 def _checkpoint_dirs(trial_dir: Path) -> list[Path]:
     # Train V2 also writes checkpoint_manager_snapshot.json beside the checkpoint folders.
     return [p for p in trial_dir.glob("checkpoint_*") if p.is_dir()]
-
-
-def _trial_driver_pids() -> list[int]:
-    """Live Tune trial drivers (``ray::ImplicitFunc...``) of the Ray instance this process
-    started, from the process table: the State API is too slow on a loaded host to catch a
-    trial between two short epochs. Other Ray instances on the machine are never touched."""
-    import psutil
-
-    me = os.getpid()
-    pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            cmd = " ".join(proc.info["cmdline"] or [])
-            if cmd.startswith(f"ray::{TRIAL_ACTOR}") and any(p.pid == me for p in proc.parents()):
-                pids.append(proc.info["pid"])
-        except psutil.Error:
-            continue
-    return pids
 
 
 def _killer(trials_root: Path, kills_per_trial: list[int], done: dict, timeout_s: float) -> None:
@@ -61,13 +34,13 @@ def _killer(trials_root: Path, kills_per_trial: list[int], done: dict, timeout_s
         trials = sorted(trials_root.glob("train-*"), key=lambda p: p.stat().st_mtime)
         for n, trial in enumerate(trials[: len(kills_per_trial)]):
             kills = done.setdefault(trial.name, 0)
-            if kills >= kills_per_trial[n] or _checkpoints(trial) <= seen.get(trial.name, 0):
+            if kills >= kills_per_trial[n] or registered_checkpoints(trial) <= seen.get(trial.name, 0):
                 continue
-            drivers = _trial_driver_pids()
+            drivers = ray_actor_pids(TRIAL_ACTOR)
             if len(drivers) == 1:
                 os.kill(drivers[0], signal.SIGKILL)
                 done[trial.name] = kills + 1
-                seen[trial.name] = _checkpoints(trial)
+                seen[trial.name] = registered_checkpoints(trial)
         if all(done.get(t.name, 0) >= k for t, k in zip(trials, kills_per_trial, strict=False)) \
                 and len(trials) >= len(kills_per_trial):
             return
@@ -102,7 +75,7 @@ def test_trial_failures_are_retried_and_never_lose_finished_trials(ray_session, 
     assert len(res["failed_trials"]) == 1
     assert Path(res["bundle"]).is_dir() and res["best_trial_id"] not in res["failed_trials"]
     # the retried trial resumed from its checkpoint: its Train run holds every epoch once
-    from imgpipe.training.checkpoint import load_meta
+    from imgpipe.checkpoint import load_meta
 
     first = sorted((out / "ray_results" / "tune-trials").glob("train-*"),
                    key=lambda p: p.stat().st_mtime)[0]

@@ -227,11 +227,11 @@ def digits_backbone(tmp_path_factory) -> str:
     """A cnn pretrained by imgpipe's own model/preprocessing/checkpoint code on the balanced
     digits images that ``tiny_digits``' long-tailed train split does not use (same held-out
     val/test): seconds on CPU, saved as a training checkpoint folder."""
+    from imgpipe.checkpoint import save_checkpoint
     from imgpipe.config import TrainConfig
     from imgpipe.constants import TRAIN
     from imgpipe.data.datasets import load_digits_lt
     from imgpipe.data.transforms import Preprocess, preprocess_images
-    from imgpipe.training.checkpoint import save_checkpoint
 
     kw = {"seed": 0, "val_per_class": 6, "test_per_class": 10}  # as tiny_digits
     used = {r["id"] for r in load_digits_lt(imbalance_ratio=20, **kw).splits[TRAIN]}

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from imgpipe.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.constants import PER_CLASS_RECALL, TRAIN
 from imgpipe.models import create_model
-from imgpipe.training.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray

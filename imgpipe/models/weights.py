@@ -175,7 +175,7 @@ def _resolve_folder(spec: str, path: Path) -> ResolvedWeights:
 
 
 def _resolve_checkpoint(spec: str, path: Path) -> ResolvedWeights:
-    from imgpipe.training.checkpoint import WEIGHTS_FILE
+    from imgpipe.checkpoint import WEIGHTS_FILE
 
     try:
         meta = json.loads((path / "meta.json").read_text())

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from imgpipe.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.constants import EPOCH, LABEL, PIXELS, TRAIN, TRAIN_LOSS, VAL, VAL_LOSS, val_key
 from imgpipe.data.pipeline import set_epoch
@@ -24,7 +25,6 @@ from imgpipe.losses import create_loss
 from imgpipe.metrics import classification_metrics, confusion_matrix
 from imgpipe.models import create_model, load_init_checkpoint, unwrap_model
 from imgpipe.models.finetune import apply_finetune, export_state_dict
-from imgpipe.training.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 from imgpipe.training.mixing import create_batch_mixer
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
 from imgpipe.training.recovery import RESUME_KEY

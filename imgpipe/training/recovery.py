@@ -15,9 +15,9 @@ import ray.train
 from ray.train import UserCallback
 
 from imgpipe import storage
+from imgpipe.checkpoint import META_FILE, load_meta
 from imgpipe.constants import EPOCH
 from imgpipe.errors import CheckpointError
-from imgpipe.training.checkpoint import META_FILE, load_meta
 
 RESUME_KEY = "resume_checkpoint"
 RESUME_DIR_NAME = "resume-from"

@@ -25,6 +25,7 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from imgpipe import storage
+from imgpipe.checkpoint import load_meta
 from imgpipe.config import TrainConfig
 from imgpipe.constants import (
     ACCURACY,
@@ -56,7 +57,6 @@ from imgpipe.errors import ImgpipeFailure
 from imgpipe.evaluate import evaluate_checkpoint
 from imgpipe.models.weights import load_model_weights, resolve_model_config, target_state_dict
 from imgpipe.runtime import plan_resources
-from imgpipe.training.checkpoint import load_meta
 from imgpipe.training.defaults import resolve_input_size
 from imgpipe.training.loop import train_loop_per_worker
 from imgpipe.training.recovery import RESUME_KEY, FailureNotice, stage_resume_checkpoint

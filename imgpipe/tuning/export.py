@@ -15,6 +15,7 @@ import ray.train
 from imgpipe import storage
 from imgpipe.bundle import publish_bundle_to, stage_bundle, update_staged_meta
 from imgpipe.bundle_versions import discard
+from imgpipe.checkpoint import load_meta, load_weights
 from imgpipe.config import TrainConfig
 from imgpipe.constants import (
     ACCURACY,
@@ -33,7 +34,6 @@ from imgpipe.data.transforms import Preprocess
 from imgpipe.errors import ImgpipeFailure
 from imgpipe.evaluate import score_split
 from imgpipe.inference import Predictor
-from imgpipe.training.checkpoint import load_meta, load_weights
 from imgpipe.training.mixing import mixed_target_prior
 
 VERIFIED_METRICS = (ACCURACY, BALANCED_ACCURACY, MACRO_F1)

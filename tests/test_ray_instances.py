@@ -1,0 +1,50 @@
+"""Two Ray instances on one machine: each instance's processes find their own State API.
+
+Train V2's placement-group cleaner and Tune call the State API without an address; with a
+second instance up, Ray's own lookup fails ("Found multiple active Ray instances"), leaked
+placement groups starve Ray Data and the next run hangs. ``start_local_ray`` pins it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs in a fresh process beside the test session's instance: init_ray starts a second one.
+SECOND_INSTANCE = """
+import json, ray
+from ray._private.worker import get_dashboard_url
+from imgpipe.runtime import init_ray
+
+init_ray(num_cpus=1)
+
+@ray.remote(num_cpus=0)
+def state_api_from_a_worker():
+    from ray.dashboard.utils import get_address_for_submission_client
+    from ray.util.state import list_placement_groups
+
+    list_placement_groups()  # what Train's cleaner does; raises when the lookup fails
+    return get_address_for_submission_client(None)
+
+print(json.dumps({"own": "http://" + get_dashboard_url(),
+                  "seen_by_worker": ray.get(state_api_from_a_worker.remote())}))
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_a_second_local_instance_and_its_workers_use_their_own_state_api(ray_session):
+    from ray._private.worker import get_dashboard_url
+
+    session = "http://" + get_dashboard_url()
+    proc = subprocess.run([sys.executable, "-c", SECOND_INSTANCE], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["seen_by_worker"] == seen["own"] != session
