@@ -165,7 +165,7 @@ def accuracy(labels: np.ndarray, predicted: np.ndarray, c: int) -> dict[str, flo
 
 def run_scenario(name, pool, labels, prior, meta, ref, args, rng) -> dict[str, Any]:
     from imgpipe.monitoring.analyze import AnalysisSettings, analyze
-    from imgpipe.monitoring.label_shift import total_variation
+    from imgpipe.monitoring.label_shift import recalibrate, total_variation
     from imgpipe.monitoring.performance import decisions
 
     c = meta.architecture.num_classes
@@ -179,11 +179,15 @@ def run_scenario(name, pool, labels, prior, meta, ref, args, rng) -> dict[str, A
         truth = np.bincount(y, minlength=c) / len(y)
         em = np.array(list(res["label_shift"]["em"]["prior"].values()))
         bbse = np.array(list(res["label_shift"]["bbse"]["prior"].values()))
-        adapted = decisions(win.probabilities, np.asarray(meta.model_prior), em)
+        t_ref = res["label_shift"]["em_recalibration"]["temperature"]
+        # What --apply-prior serves: the prior on the recalibrated probabilities.
+        adapted = decisions(recalibrate(win.probabilities, t_ref), np.asarray(meta.model_prior),
+                            em)
         reps.append({"alarm": res["shift_detected"],
                      "prior_p": res["label_shift"]["test"]["p_value"],
                      "drift_p": res["drift"]["p_value"], "tv_em": total_variation(em, truth),
                      "tv_bbse": total_variation(bbse, truth), "em": em.tolist(), "rows": rows,
+                     "t_ref": t_ref,
                      "before": accuracy(y, win.predicted, c), "after": accuracy(y, adapted, c)})
         print(f"  {name} rep {r + 1}/{args.reps}: alarm={reps[-1]['alarm']} "
               f"p_prior={reps[-1]['prior_p']:.3g} p_drift={reps[-1]['drift_p']:.3g}", flush=True)
@@ -203,14 +207,16 @@ def run_scenario(name, pool, labels, prior, meta, ref, args, rng) -> dict[str, A
             "_first": reps[0]}
 
 
-def apply_prior_for_real(dashboard: str, url: str, em: list[float], images: list[bytes],
-                         labels: np.ndarray, names: list[str]) -> dict[str, Any]:
-    """Push ``em`` through Serve's REST API, wait for the replicas, re-serve, score."""
+def apply_prior_for_real(dashboard: str, url: str, em: list[float], temperature: float | None,
+                         images: list[bytes], labels: np.ndarray, names: list[str]
+                         ) -> dict[str, Any]:
+    """Push ``em`` (and the recalibrated temperature) through Serve's REST API, as
+    ``jobs/monitor.py --apply-prior`` does; wait for the replicas, re-serve, score."""
     import httpx
 
     from imgpipe.monitoring.actions import apply_prior
 
-    apply_prior(dashboard, "imgpipe", em)
+    apply_prior(dashboard, "imgpipe", em, temperature)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         cal = httpx.get(f"{url}/v1/models", timeout=30).json()["models"][0]["calibration"]
@@ -336,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                 for i in pick.choice(len(clean[k]), counts[k], replace=False)]
         served = serve_all(url, imgs, args.concurrency)
         before = accuracy(y, np.array([names.index(s) for s in served]), c)
-        after = apply_prior_for_real(dashboard, url, b["em"], imgs, y, names)
+        temperature = meta.temperature * b["t_ref"] if b["t_ref"] != 1.0 else None
+        after = apply_prior_for_real(dashboard, url, b["em"], temperature, imgs, y, names)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -349,11 +356,14 @@ def main(argv: list[str] | None = None) -> int:
           f"and after: accuracy {before['accuracy']:.3f} → {after['accuracy']:.3f}, balanced "
           f"accuracy {before['balanced_accuracy']:.3f} → {after['balanced_accuracy']:.3f} "
           f"(offline mean over reps: {results[1]['accuracy']:.3f} → "
-          f"{results[1]['accuracy_prior_adapted_offline']:.3f})")
+          f"{results[1]['accuracy_prior_adapted_offline']:.3f}); EM recalibration T' = "
+          f"{b['t_ref']:.3f}")
     payload = {"bundle": str(bundle), "data": args.data, "reps": args.reps, "n": args.n,
                "alpha": args.alpha, "permutations": args.permutations, "seed": args.seed,
                "determinism_max_abs_diff": same, "scenarios": results,
-               "apply_prior_real_app": {"before": before, "after": after},
+               "apply_prior_real_app": {"before": before, "after": after,
+                                        "em_recalibration_temperature": b["t_ref"],
+                                        "temperature_pushed": temperature},
                "wall_time_s": round(time.perf_counter() - t0, 1)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2) + "\n")

@@ -23,7 +23,7 @@ from imgpipe.models import create_model
 def make_test_bundle(root: str | Path, name: str = "test-model", num_classes: int = 3,
                      model: str = "cnn", mode: str = "L", image_size: int = 16,
                      train_class_counts: list[int] | None = None, seed: int = 0,
-                     **meta: Any) -> Path:
+                     class_names: list[str] | None = None, **meta: Any) -> Path:
     """Save a randomly initialised (seeded) ``create_model(model)`` as a bundle; return its dir.
 
     ``train_class_counts`` defaults to a long tail (100, 50, 25, ...); extra keyword arguments
@@ -37,7 +37,7 @@ def make_test_bundle(root: str | Path, name: str = "test-model", num_classes: in
     return save_bundle(
         root, name, net.state_dict(),
         architecture={"model": model, "num_classes": num_classes, "in_channels": pre.channels},
-        preprocess=pre, class_names=[f"class_{i}" for i in range(num_classes)],
+        preprocess=pre, class_names=class_names or [f"class_{i}" for i in range(num_classes)],
         train_class_counts=counts, **meta,
     )
 

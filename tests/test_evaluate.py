@@ -54,10 +54,10 @@ SPLIT_COUNTS = {"train": [6, 4, 3, 2], "val": [8, 8, 8, 8], "test": [10, 10, 10,
 
 
 def write_tiny_shards(root: Path, split_counts: dict[str, list[int]] = SPLIT_COUNTS,
-                      size: int = 16, seed: int = 0) -> str:
+                      size: int = 16, seed: int = 0, names: list[str] | None = None) -> str:
     """Grey images whose brightness and texture depend on the class, written as shards."""
     rng = np.random.default_rng(seed)
-    names = [f"class_{i}" for i in range(len(next(iter(split_counts.values()))))]
+    names = names or [f"class_{i}" for i in range(len(next(iter(split_counts.values()))))]
     records: dict[str, list[dict]] = {}
     for split, counts in split_counts.items():
         records[split] = []

@@ -19,6 +19,8 @@ from imgpipe.monitoring.label_shift import (
     confusion_given_label,
     em_prior,
     prior_unchanged_test,
+    recalibrate,
+    reference_temperature,
     total_variation,
 )
 from imgpipe.monitoring.log_reader import parse_window, read_window
@@ -48,6 +50,29 @@ def test_bbse_and_em_recover_a_known_prior(target):
     m = confusion_given_label(yv, pv.argmax(1), C)
     assert total_variation(bbse_prior(m, pt.argmax(1)), target) < 0.04
     assert total_variation(em_prior(pt, SOURCE), target) < 0.03
+
+
+def _overconfident(p: np.ndarray, power: float = 3.0) -> np.ndarray:
+    """What an uncalibrated network logs: softmax(power · log p), sharper than the truth."""
+    q = p ** power
+    return q / q.sum(axis=1, keepdims=True)
+
+
+def test_em_on_overconfident_probabilities_is_fixed_by_the_reference_temperature():
+    rng = np.random.default_rng(3)
+    target = np.array([0.05, 0.05, 0.1, 0.8])
+    # The reference is a val split with its own (balanced) class mix, under SOURCE's posteriors.
+    y_ref, p_ref = _synthetic(np.full(C, 0.25), 8000, rng)
+    _, p_win = _synthetic(target, 8000, rng)
+    assert abs(reference_temperature(p_ref, y_ref, SOURCE) - 1.0) < 0.05  # calibrated: ≈ 1
+    sharp_ref, sharp_win = _overconfident(p_ref), _overconfident(p_win)
+    naive = total_variation(em_prior(sharp_win, SOURCE), target)
+    t = reference_temperature(sharp_ref, y_ref, SOURCE)
+    assert 2.5 < t < 3.5  # undoes the power of 3
+    fixed = total_variation(em_prior(recalibrate(sharp_win, t), SOURCE), target)
+    assert fixed < 0.03 < naive
+    assert (recalibrate(sharp_win, t).argmax(1) == sharp_win.argmax(1)).all()
+    np.testing.assert_allclose(recalibrate(sharp_win, t).sum(1), 1.0)
 
 
 def test_prior_test_holds_level_and_detects_shift():

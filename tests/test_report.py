@@ -76,6 +76,17 @@ def test_report_without_history_or_calibration_under_another_prior(data, tmp_pat
     assert json.loads((out / METRICS_FILE).read_text())["deployment_prior"] == "balanced"
 
 
+def test_names_from_the_data_are_escaped_in_the_page(tmp_path):
+    names = ["cat", "dog", "<i>rare & odd</i>", "a\"b"]
+    data = write_tiny_shards(tmp_path / "data", names=names)
+    bundle = make_test_bundle(tmp_path / "b", num_classes=4, class_names=names,
+                              train_class_counts=[600, 60, 25, 3])
+    page = write_report(bundle, data, tmp_path / "report", calibrate=False).read_text()
+    assert "<i>" not in page and "&lt;i&gt;rare &amp; odd&lt;/i&gt;" in page
+    assert "a&#34;b" in page
+    _check_self_contained(page, 4)
+
+
 def _evaluate_job():
     import importlib.util
 

@@ -42,9 +42,12 @@ class ApplyPriorError(UserError, RuntimeError):
     """The prior could not be pushed to the app (not found, deployed imperatively, ...)."""
 
 
-def apply_prior(dashboard: str, app_name: str, prior: list[float]) -> dict[str, Any]:
-    """Set ``deployment_prior`` of ``app_name``'s model deployment to ``prior``; returns the
-    new ``user_config``. Other applications and settings are sent back unchanged.
+def apply_prior(dashboard: str, app_name: str, prior: list[float],
+                temperature: float | None = None) -> dict[str, Any]:
+    """Set ``deployment_prior`` of ``app_name``'s model deployment to ``prior`` (and its
+    ``temperature``, when given: the monitor's recalibrated one, so the served rule is the
+    Bayes rule on calibrated probabilities); returns the new ``user_config``. Other
+    applications and settings are sent back unchanged.
 
     Raises:
         ApplyPriorError: see the module docstring.
@@ -74,6 +77,8 @@ def apply_prior(dashboard: str, app_name: str, prior: list[float]) -> dict[str, 
         deps.append(dep)
     user_config = dict(dep.get("user_config") or {})
     user_config["deployment_prior"] = [round(float(p), 6) for p in prior]
+    if temperature is not None:
+        user_config["temperature"] = round(float(temperature), 6)
     dep["user_config"] = user_config
     payload: dict[str, Any] = {"applications": configs}
     for key in ("http_options", "proxy_location", "grpc_options"):

@@ -22,6 +22,8 @@ from imgpipe.monitoring.label_shift import (
     confusion_given_label,
     em_prior,
     prior_unchanged_test,
+    recalibrate,
+    reference_temperature,
     total_variation,
 )
 from imgpipe.monitoring.log_reader import LogWindow
@@ -76,11 +78,19 @@ def _label_shift(meta: BundleMeta, ref: Reference, win: LogWindow, ref_idx: np.n
     train = training_prior(meta)
     win_pred = win.probabilities.argmax(axis=1)  # the model-prior rule, as on the reference
     m = confusion_given_label(ref.labels, ref.probabilities.argmax(axis=1), c)
-    est = {"bbse": bbse_prior(m, win_pred), "em": em_prior(win.probabilities, model_prior)}
-    boot = bootstrap_priors(win.probabilities, ref.labels, ref.probabilities, model_prior,
+    # EM needs calibrated posteriors; refit T on the reference (≈ 1 for a calibrated bundle).
+    t_ref = reference_temperature(ref.probabilities, ref.labels, model_prior)
+    win_probs = recalibrate(win.probabilities, t_ref)
+    est = {"bbse": bbse_prior(m, win_pred), "em": em_prior(win_probs, model_prior)}
+    boot = bootstrap_priors(win_probs, ref.labels, ref.probabilities, model_prior,
                             s.n_bootstrap, s.seed) if s.n_bootstrap > 0 else None
     stat, p = prior_unchanged_test(win_pred, ref.probabilities[ref_idx].argmax(axis=1), c)
-    out: dict[str, Any] = {"training_prior": _named(names, train)}
+    out: dict[str, Any] = {"training_prior": _named(names, train),
+                           "em_recalibration": {
+                               "temperature": round(t_ref, 6),
+                               "why": "temperature refitted on the labelled reference before EM "
+                                      "(EM needs calibrated probabilities); 1 = already "
+                                      "calibrated"}}
     for method, pi in est.items():
         lo, hi = (np.percentile(boot[method], [2.5, 97.5], axis=0) if boot is not None
                   else (np.full(c, np.nan), np.full(c, np.nan)))
@@ -111,7 +121,7 @@ def _drift(ref: Reference, win: LogWindow, ref_idx: np.ndarray, s: AnalysisSetti
 
 
 def _performance(meta: BundleMeta, ref: Reference, win: LogWindow, em: np.ndarray,
-                 s: AnalysisSettings) -> dict[str, Any]:
+                 t_ref: float, s: AnalysisSettings) -> dict[str, Any]:
     names, c = meta.class_names, meta.architecture.num_classes
     model_prior = np.asarray(meta.model_prior)
     current = meta.deployment_prior
@@ -119,7 +129,10 @@ def _performance(meta: BundleMeta, ref: Reference, win: LogWindow, em: np.ndarra
         current = json.loads(win.table[DEPLOYMENT_PRIOR][-1].as_py())
     rec_now = per_class_recall(ref.labels, decisions(ref.probabilities, model_prior,
                                                      deployment_target(meta, current)), c)
-    rec_adapted = per_class_recall(ref.labels, decisions(ref.probabilities, model_prior, em), c)
+    # The adapted rule is what --apply-prior serves: the estimated prior on the recalibrated
+    # probabilities (the app also gets the refitted temperature).
+    rec_adapted = per_class_recall(ref.labels, decisions(recalibrate(ref.probabilities, t_ref),
+                                                         model_prior, em), c)
     return {
         "deployment_prior_in_effect": current,
         "current_rule": expected_metrics(rec_now, em),
@@ -158,6 +171,7 @@ def analyze(meta: BundleMeta, ref: Reference, win: LogWindow,
         raise DataSourceError("the window holds no rows of this bundle: nothing to monitor yet")
     ref_idx = stratified_sample(ref.labels, training_prior(meta), s.seed)
     label_shift, em = _label_shift(meta, ref, win, ref_idx, s)
+    t_ref = label_shift["em_recalibration"]["temperature"]
     drift = _drift(ref, win, ref_idx, s)
     p_prior = label_shift["test"]["p_value"]
     p_drift = drift.get("p_value", 1.0)
@@ -169,7 +183,7 @@ def analyze(meta: BundleMeta, ref: Reference, win: LogWindow,
                    "files_skipped": win.files_skipped, "other_model_rows": win.other_model_rows},
         "label_shift": label_shift,
         "drift": drift,
-        "performance": _performance(meta, ref, win, em, s),
+        "performance": _performance(meta, ref, win, em, t_ref, s),
         "prediction_rate": _prediction_rate(meta, win, s.time_bins),
         "shift_detected": bool(min(p_prior, p_drift) < s.alpha / 2),
         "alpha": s.alpha,

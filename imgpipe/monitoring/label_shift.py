@@ -7,7 +7,11 @@ Under label shift p(x | y) stays fixed while p(y) moves. Two standard estimators
   label distribution is q = M π_t; solve for π_t (here by least squares on the simplex).
 - **EM / MLLS** (Saerens, Latinne & Decaestecker, Neural Computation 2002): maximum likelihood of
   the new prior by EM on calibrated posteriors p_s(y | x), re-weighting them by π_t / π_s.
-  Needs calibrated probabilities (Alexandari et al., ICML 2020): the log holds softmax(z / T).
+  Needs calibrated probabilities (Alexandari, Kundaje & Shrikumar, ICML 2020: "calibrate, then
+  EM"). The log holds softmax(z / T) with the bundle's T, which is 1 for a bundle that was never
+  calibrated, so before EM the monitor refits a temperature on the labelled reference
+  (``reference_temperature``) and rescales the window's log-probabilities with it
+  (``recalibrate``). A calibrated bundle's refit is ≈ 1 and changes nothing.
 
 Uncertainty by the bootstrap (window rows, and for BBSE also the reference rows per class). The
 test of "prior unchanged" compares predicted-label counts of the window against those of a
@@ -21,7 +25,49 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import lsq_linear
+from scipy.special import log_softmax
 from scipy.stats import chi2_contingency
+
+from imgpipe.calibrate import fit_temperature
+
+# Floor for log-probabilities read back from the log (float32 softmax can round to 0).
+_MIN_PROB = 1e-12
+
+
+def reference_temperature(ref_probs: np.ndarray, ref_labels: np.ndarray,
+                          source_prior: np.ndarray) -> float:
+    """Temperature scaling (Guo et al., ICML 2017) refitted on the logged probabilities.
+
+    Args:
+        ref_probs: ``(N, C)`` probabilities of the held-out reference under ``source_prior``
+            (what the log holds: softmax(z / T) at the model's own prior).
+        ref_labels: ``(N,)`` true labels; their class mix is the split's own, so the fit
+            shifts the logits to that mix first (``log(mix / source_prior)``), exactly as
+            ``evaluate.calibrate_bundle`` does, and T measures over/under-confidence only.
+        source_prior: ``(C,)`` the prior the probabilities are under.
+    Returns:
+        T' > 0 minimising reference NLL of softmax(log p / T' + shift); 1.0 unless strictly
+        better (``calibrate.fit_temperature``).
+    Raises:
+        ValueError: shapes disagree or labels out of range.
+    """
+    p = np.asarray(ref_probs, dtype=np.float64)
+    c = p.shape[1]
+    mix = np.maximum(np.bincount(ref_labels, minlength=c), 0.5)
+    src = np.asarray(source_prior, dtype=np.float64)
+    shift = np.log(mix / mix.sum()) - np.log(np.maximum(src / src.sum(), _MIN_PROB))
+    return fit_temperature(np.log(np.maximum(p, _MIN_PROB)), ref_labels, shift)
+
+
+def recalibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(log p / T)`` row-wise, ``(N, C)`` float64; T = 1 returns ``probs`` as float64.
+
+    Temperature never changes a row's argmax, so BBSE and the prior test are unaffected.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if temperature == 1.0:
+        return p
+    return np.exp(log_softmax(np.log(np.maximum(p, _MIN_PROB)) / temperature, axis=1))
 
 
 def confusion_given_label(labels: np.ndarray, predicted: np.ndarray, num_classes: int

@@ -52,7 +52,9 @@ either is below α/2 = {{ r.alpha / 2 }}).</p>
 <td>{{ fmt(r.performance.low_confidence_share[n]) }}</td>
 <td>{{ fmt(r.performance.per_class_recall_current[n]) }}</td></tr>{% endfor %}</table>
 <p>TV distance from the training prior: EM {{ '%.3f'|format(r.label_shift.em.tv_from_training) }},
-BBSE {{ '%.3f'|format(r.label_shift.bbse.tv_from_training) }}.
+BBSE {{ '%.3f'|format(r.label_shift.bbse.tv_from_training) }}; before EM the logged
+probabilities were rescaled by a temperature refitted on the reference,
+T' = {{ '%.3f'|format(r.label_shift.em_recalibration.temperature) }} (1 = already calibrated).
 Expected accuracy under the estimated prior: {{ '%.3f'|format(r.performance.current_rule.accuracy) }}
 now, {{ '%.3f'|format(r.performance.with_estimated_prior.accuracy) }} with <code>--apply-prior</code>
 (balanced accuracy {{ '%.3f'|format(r.performance.current_rule.balanced_accuracy) }} →
@@ -179,7 +181,8 @@ def console_summary(r: dict[str, Any]) -> str:
         + (f"{r['drift']['p_value']:.3g} (MMD² {r['drift']['statistic']:.3g})"
            if r["drift"].get("available") else "n/a"),
         f"TV(estimated, training prior): EM {ls['em']['tv_from_training']:.3f}, "
-        f"BBSE {ls['bbse']['tv_from_training']:.3f}",
+        f"BBSE {ls['bbse']['tv_from_training']:.3f}; EM recalibration T' = "
+        f"{ls['em_recalibration']['temperature']:.3f}",
         f"expected accuracy {perf['current_rule']['accuracy']:.3f} now, "
         f"{perf['with_estimated_prior']['accuracy']:.3f} with --apply-prior; balanced accuracy "
         f"{perf['current_rule']['balanced_accuracy']:.3f} → "

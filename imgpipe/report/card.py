@@ -1,8 +1,12 @@
-"""``model_card.md``: model, data, class counts, metrics, calibration, robustness, limitations."""
+"""``model_card.md``: model, data, class counts, metrics, calibration, robustness, limitations.
+
+A Jinja2 template (Markdown); this module gathers and formats what it shows."""
 
 from __future__ import annotations
 
 from typing import Any
+
+import jinja2
 
 from imgpipe.bundle import BundleMeta
 from imgpipe.constants import (
@@ -21,12 +25,6 @@ from imgpipe.evaluate import (
     ShotThresholds,
 )
 from imgpipe.report.labels import REPORT_FILE, SUMMARY_METRICS, fmt, prior_text
-
-
-def _md_table(headers: list[str], rows: list[list[Any]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _limitations(meta: BundleMeta, manifest: Manifest, ev: BundleEvaluation,
@@ -60,19 +58,6 @@ def _limitations(meta: BundleMeta, manifest: Manifest, ev: BundleEvaluation,
     return out
 
 
-
-
-
-
-def _fit_lines(evals: dict[str, BundleEvaluation]) -> list[str]:
-    fit = evals[VAL].metrics.get(SPLIT_PRIOR_CALIBRATION) if VAL in evals else None
-    if not fit:
-        return []
-    return [f"- On val ({fit['num_rows']} images, its own class mix): NLL "
-            f"{fit['nll_before']:.4f} → {fit['nll_after']:.4f}, ECE {fit['ece_before']:.4f} → "
-            f"{fit['ece_after']:.4f}"]
-
-
 def _rebalance_lines(info: dict[str, Any] | None) -> list[str]:
     """How a classifier-re-balanced bundle was made (``imgpipe.decoupled``), if it was."""
     if not info:
@@ -92,23 +77,91 @@ def _rebalance_lines(info: dict[str, Any] | None) -> list[str]:
     return lines
 
 
-def _robustness_lines(rob: dict[str, Any] | None) -> list[str]:
+# Markdown, not HTML: no autoescaping, but a "|" in a cell would split a table column, so
+# cells are escaped for Markdown tables (``_cells``). Blank lines around headings and tables:
+# CommonMark renderers need them.
+_TEMPLATE = """\
+{%- macro table(t) -%}
+| {{ t.headers|join(" | ") }} |
+|{{ "---|" * t.headers|length }}
+{% for row in t.rows %}| {{ row|join(" | ") }} |
+{% endfor %}
+{%- endmacro -%}
+# Model card: {{ meta.name }} v{{ meta.version }}
+
+## Model
+
+- Architecture: `{{ meta.architecture.model }}`, {{ meta.architecture.num_classes }} classes, \
+{{ meta.architecture.in_channels }} input channel(s), image size {{ meta.preprocess.image_size }}, \
+mode {{ meta.preprocess.mode }}
+- Created {{ created }} UTC with imgpipe {{ meta.code_version }}
+- Hyperparameters: {{ "`%s`"|format(meta.hyperparameters) if meta.hyperparameters else "not recorded" }}
+{% for line in rebalance %}{{ line }}
+{% endfor %}
+## Data
+
+- Source: `{{ manifest.source }}` (seed {{ manifest.seed }}, imbalance ratio {{ imbalance_ratio }})
+- Class counts per split (the training counts are the model's prior):
+
+{{ table(counts) }}
+## Metrics
+
+{{ table(metrics) }}
+## Calibration
+
+- Temperature T = {{ "%.4f"|format(meta.temperature) }} (logits / T, fitted on val by minimising \
+NLL with the prior corrected to the val class mix)
+{% if fit %}- On val ({{ fit.num_rows }} images, its own class mix): NLL \
+{{ "%.4f"|format(fit.nll_before) }} → {{ "%.4f"|format(fit.nll_after) }}, ECE \
+{{ "%.4f"|format(fit.ece_before) }} → {{ "%.4f"|format(fit.ece_after) }}
+{% endif -%}
+- Deployment prior: `{{ prior }}`; model prior: {{ model_prior }}
+- Decision threshold (binary): {{ threshold }}
+- As served (deployment prior applied):
+
+{{ table(calibration) }}
+{%- if rob %}
+## Robustness
+
+- {{ rob.split }} balanced accuracy clean {{ rob.clean }}, mean over {{ rob.n }} corruptions x 3 \
+severities {{ rob.mean }}, worst {{ rob.worst }} (severity {{ rob.severity }}) {{ rob.value }}; \
+details in `{{ report_file }}`.
+{% endif %}
+## Limitations
+
+{% for line in limitations %}- {{ line }}
+{% endfor %}
+## Files
+
+- `{{ report_file }}`: the full evaluation report ({{ main_split }} split) with figures.
+"""
+_ENV = jinja2.Environment(autoescape=False, undefined=jinja2.StrictUndefined,
+                          keep_trailing_newline=True)
+
+
+def _cells(headers: list[str], rows: list[list[Any]]) -> dict[str, list]:
+    """A Markdown table's headers and formatted cells, with "|" escaped."""
+    def esc(v: Any) -> str:
+        return fmt(v).replace("|", "\\|")
+
+    return {"headers": [esc(h) for h in headers], "rows": [[esc(v) for v in r] for r in rows]}
+
+
+def _robustness(rob: dict[str, Any] | None) -> dict[str, Any] | None:
     if rob is None:
-        return []
+        return None
     worst = rob["worst"]
-    return ["## Robustness",
-            f"- {rob['split']} balanced accuracy clean {fmt(rob['clean'][BALANCED_ACCURACY])}, "
-            f"mean over {len(rob['corruptions'])} corruptions x 3 severities "
-            f"{fmt(rob['mean_corrupted_balanced_accuracy'])}, worst {worst['corruption']} "
-            f"(severity {worst['severity']}) {fmt(worst['value'])}; details in "
-            f"`{REPORT_FILE}`."]
+    return {"split": rob["split"], "clean": fmt(rob["clean"][BALANCED_ACCURACY]),
+            "n": len(rob["corruptions"]), "mean": fmt(rob["mean_corrupted_balanced_accuracy"]),
+            "worst": worst["corruption"], "severity": worst["severity"],
+            "value": fmt(worst["value"])}
 
 
 def render_model_card(meta: BundleMeta, manifest: Manifest, evals: dict[str, BundleEvaluation],
                       main_split: str, shots: ShotThresholds,
                       robustness: dict[str, Any] | None = None) -> str:
-    """``model_card.md``: model, data, class counts, metrics, calibration, limitations."""
-    ev = evals[main_split]
+    """``model_card.md``: model, data, class counts, metrics, calibration, limitations
+    (a Jinja2 template; this function gathers and formats what it shows)."""
     splits = manifest.splits
     count_rows = [[name] + [manifest.counts[s][name] for s in splits] for name in meta.class_names]
     metric_rows = [[label] + [evals[s].metrics.get(key) for s in evals]
@@ -116,38 +169,16 @@ def render_model_card(meta: BundleMeta, manifest: Manifest, evals: dict[str, Bun
                    if any(key in evals[s].metrics for s in evals)]
     cal_rows = [[s, label, e.metrics[BEFORE_TEMPERATURE][k], e.metrics[k]]
                 for s, e in evals.items() for k, label in ((NLL, "NLL"), (ECE, "ECE"))]
-    hp = meta.hyperparameters
-    sections = [
-        f"# Model card: {meta.name} v{meta.version}",
-        "## Model",
-        f"- Architecture: `{meta.architecture.model}`, {meta.architecture.num_classes} classes, "
-        f"{meta.architecture.in_channels} input channel(s), image size "
-        f"{meta.preprocess.image_size}, mode {meta.preprocess.mode}",
-        f"- Created {meta.created_at:%Y-%m-%d %H:%M} UTC with imgpipe {meta.code_version}",
-        f"- Hyperparameters: `{hp}`" if hp else "- Hyperparameters: not recorded",
-        *_rebalance_lines(hp.get("rebalance")),
-        "## Data",
-        f"- Source: `{manifest.source}` (seed {manifest.seed}, imbalance ratio "
-        f"{fmt(manifest.imbalance_ratio, 1)})",
-        "- Class counts per split (the training counts are the model's prior):",
-        "", _md_table(["class", *splits], count_rows),
-        "## Metrics",
-        "", _md_table(["metric", *evals], metric_rows),
-        "## Calibration",
-        f"- Temperature T = {meta.temperature:.4f} (logits / T, fitted on val by minimising NLL "
-        "with the prior corrected to the val class mix)",
-        *_fit_lines(evals),
-        f"- Deployment prior: `{prior_text(meta)}`; model prior: "
-        f"{', '.join(f'{p:.3g}' for p in meta.model_prior)}",
-        f"- Decision threshold (binary): {fmt(meta.decision_threshold)}",
-        "- As served (deployment prior applied):",
-        "", _md_table(["split", "metric", "before (T = 1)", "after"], cal_rows),
-        *_robustness_lines(robustness),
-        "## Limitations",
-        *[f"- {line}" for line in _limitations(meta, manifest, ev, shots)],
-        "## Files",
-        f"- `{REPORT_FILE}`: the full evaluation report ({main_split} split) with figures.",
-    ]
-    # Blank lines around headings: CommonMark renderers need them before tables and lists.
-    return "\n".join(f"\n{line}\n" if line.startswith("#") else line
-                     for line in sections).strip() + "\n"
+    return _ENV.from_string(_TEMPLATE).render(
+        meta=meta, manifest=manifest, main_split=main_split, report_file=REPORT_FILE,
+        created=f"{meta.created_at:%Y-%m-%d %H:%M}",
+        rebalance=_rebalance_lines(meta.hyperparameters.get("rebalance")),
+        imbalance_ratio=fmt(manifest.imbalance_ratio, 1),
+        counts=_cells(["class", *splits], count_rows),
+        metrics=_cells(["metric", *evals], metric_rows),
+        fit=evals[VAL].metrics.get(SPLIT_PRIOR_CALIBRATION) if VAL in evals else None,
+        prior=prior_text(meta), model_prior=", ".join(f"{p:.3g}" for p in meta.model_prior),
+        threshold=fmt(meta.decision_threshold),
+        calibration=_cells(["split", "metric", "before (T = 1)", "after"], cal_rows),
+        rob=_robustness(robustness),
+        limitations=_limitations(meta, manifest, evals[main_split], shots))

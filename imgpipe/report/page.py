@@ -1,13 +1,14 @@
 """``report.html``: one self-contained page. Every figure is embedded as a base64 PNG and the
-CSS is inline, so it opens from a file, an e-mail attachment or an air-gapped machine."""
+CSS is inline, so it opens from a file, an e-mail attachment or an air-gapped machine. The
+page is a Jinja2 template; this module only gathers and formats what it shows."""
 
 from __future__ import annotations
 
 import base64
-import html
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import numpy as np
 
 from imgpipe.bundle import BundleMeta
@@ -50,29 +51,71 @@ figcaption{color:#555;font-size:.9em}.note{color:#555;font-size:.9em}
 """
 
 
-def _table(headers: list[str], rows: list[list[Any]], left: int = 1) -> str:
-    """An HTML table; the first ``left`` columns are text (left-aligned), the rest numbers."""
-    def cell(tag: str, i: int, v: Any) -> str:
-        cls = ' class="l"' if i < left else ""
-        return f"<{tag}{cls}>{html.escape(fmt(v))}</{tag}>"
+# One template, autoescaped: every name and number from the bundle or data is escaped by
+# Jinja2, never by hand. Cells arrive already formatted (``labels.fmt``).
+_TEMPLATE = """\
+{%- macro cell(tag, v, is_text) %}<{{ tag }}{{ ' class="l"'|safe if is_text }}>{{ v }}</{{ tag }}>
+{%- endmacro -%}
+{%- macro table(t, left=1) -%}
+<table><thead><tr>{% for h in t.headers %}{{ cell("th", h, loop.index0 < left) }}{% endfor %}</tr>
+</thead><tbody>{% for row in t.rows %}<tr>
+{%- for v in row %}{{ cell("td", v, loop.index0 < left) }}{% endfor %}</tr>{% endfor -%}
+</tbody></table>
+{%- endmacro -%}
+<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title><style>{{ css|safe }}</style></head><body>
+<h1>{{ title }}</h1><p class="sub">{{ sub }}</p>
+<div class="grid"><div><h2>Metrics</h2>{{ table(summary) }}</div>
+<div><h2>Setup</h2>{{ table(setup, 2) }}</div></div>
+<h2>Calibration</h2>
+{%- if fit %}
+<h3>Temperature fit (val split, its own class mix)</h3>{{ table(fit.table) }}
+<p class="note">{{ fit.note }}</p>
+{%- endif %}
+<h3>As served (deployment prior {{ prior }})</h3>{{ table(served, 2) }}
+{%- if mismatch %}
+<p class="note">The class mix of {{ mismatch|join(", ") }} differs from the applied prior
+({{ prior }}): as-served NLL and ECE there also measure that mismatch. The reliability diagram
+corrects to the split's own mix and shows calibration alone.</p>
+{%- endif %}
+<h2>Figures</h2>
+{%- for f in figures %}
+<figure><figcaption><b>{{ f.title }}</b> — {{ f.caption }}</figcaption>
+<img src="data:image/png;base64,{{ f.png }}" alt="{{ f.title }}"></figure>
+{%- endfor %}
+{%- if history_missing %}
+<p class="note">No training history was given, so there are no training curves.</p>
+{%- endif %}
+{%- if rob %}
+<h2>Robustness under corruptions</h2>
+<p>Balanced accuracy on corrupted copies of the {{ rob.split }} split (ImageNet-C families at
+three severities, torchvision v2 ops, seeded), through the served probabilities. Mean over
+corruptions {{ rob.mean }}; worst {{ rob.worst }} at severity {{ rob.severity }}: {{ rob.value }}.</p>
+{{ table(rob.table) }}
+<img src="data:image/png;base64,{{ rob.png }}" alt="Robustness under corruptions">
+{%- endif %}
+<h2>Per class ({{ split }})</h2>{{ table(per_class, 2) }}
+</body></html>
+"""
+_ENV = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
 
-    head = "".join(cell("th", i, h) for i, h in enumerate(headers))
-    body = "".join("<tr>" + "".join(cell("td", i, v) for i, v in enumerate(r)) + "</tr>"
-                   for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+def _table(headers: list[str], rows: list[list[Any]]) -> dict[str, list]:
+    """Headers and rows with every cell formatted for the page."""
+    return {"headers": headers, "rows": [[fmt(v) for v in r] for r in rows]}
 
 
-def _img_tag(png: Path, alt: str) -> str:
-    data = base64.b64encode(png.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+def _png_b64(png: Path) -> str:
+    return base64.b64encode(png.read_bytes()).decode("ascii")
 
 
-def _summary_section(evals: dict[str, BundleEvaluation]) -> str:
+def _summary(evals: dict[str, BundleEvaluation]) -> dict[str, list]:
     splits = list(evals)
     rows = [[label] + [evals[s].metrics.get(key) for s in splits]
             for key, label in SUMMARY_METRICS
             if any(key in evals[s].metrics for s in splits)]
-    return "<h2>Metrics</h2>" + _table(["metric", *splits], rows)
+    return _table(["metric", *splits], rows)
 
 
 def _served_prior(meta: BundleMeta) -> np.ndarray:
@@ -83,7 +126,10 @@ def _served_prior(meta: BundleMeta) -> np.ndarray:
     return model / model.sum()
 
 
-def _fit_table(fit: dict[str, Any]) -> str:
+def _fit(evals: dict[str, BundleEvaluation]) -> dict[str, Any] | None:
+    fit = evals[VAL].metrics.get(SPLIT_PRIOR_CALIBRATION) if VAL in evals else None
+    if not fit:
+        return None
     rows = [[label, fit[f"{key}_before"], fit[f"{key}_after"],
              fit[f"{key}_after"] - fit[f"{key}_before"]]
             for key, label in (("nll", "NLL"), ("ece", "ECE (15 bins)"))]
@@ -95,42 +141,27 @@ def _fit_table(fit: dict[str, Any]) -> str:
                  "labels (an untrained or broken model?).")
     if fit["temperature"] == 1.0:
         note = "T = 1: this bundle has not been temperature-scaled (evaluate with --calibrate)."
-    return ("<h3>Temperature fit (val split, its own class mix)</h3>"
-            + _table(["metric", "before (T = 1)", "after", "change"], rows)
-            + f'<p class="note">{html.escape(note)}</p>')
+    return {"table": _table(["metric", "before (T = 1)", "after", "change"], rows), "note": note}
 
 
-def _mismatch_note(evals: dict[str, BundleEvaluation]) -> str:
-    """Say when a split's class mix differs from the applied prior: NLL/ECE then also
+def _mismatched_splits(evals: dict[str, BundleEvaluation]) -> list[str]:
+    """Splits whose class mix differs from the applied prior (TV > 0.05): NLL/ECE there also
     measure that mismatch, and may rise after temperature scaling."""
     far = []
     for split, ev in evals.items():
         mix = np.bincount(ev.preds.labels, minlength=len(ev.meta.class_names)) / ev.preds.labels.size
         if 0.5 * np.abs(mix - _served_prior(ev.meta)).sum() > 0.05:
             far.append(split)
-    if not far:
-        return ""
-    return (f'<p class="note">The class mix of {", ".join(far)} differs from the applied '
-            f"prior ({html.escape(prior_text(next(iter(evals.values())).meta))}): as-served "
-            "NLL and ECE there also measure that mismatch. The reliability diagram corrects to "
-            "the split's own mix and shows calibration alone.</p>")
+    return far
 
 
-def _calibration_section(evals: dict[str, BundleEvaluation]) -> str:
-    parts = ["<h2>Calibration</h2>"]
-    fit = evals[VAL].metrics.get(SPLIT_PRIOR_CALIBRATION) if VAL in evals else None
-    if fit:
-        parts.append(_fit_table(fit))
+def _served(evals: dict[str, BundleEvaluation]) -> dict[str, list]:
     rows = []
     for split, ev in evals.items():
         before, after = ev.metrics[BEFORE_TEMPERATURE], ev.metrics
         for key, label in ((NLL, "NLL"), (ECE, "ECE (15 bins)"), (BRIER, "Brier")):
             rows.append([split, label, before[key], after[key], after[key] - before[key]])
-    prior = prior_text(next(iter(evals.values())).meta)
-    parts.append(f"<h3>As served (deployment prior {html.escape(prior)})</h3>")
-    parts.append(_table(["split", "metric", "before (T = 1)", "after", "change"], rows, left=2))
-    parts.append(_mismatch_note(evals))
-    return "".join(parts)
+    return _table(["split", "metric", "before (T = 1)", "after", "change"], rows)
 
 
 def _shot_group(metrics: dict[str, Any], k: int) -> str:
@@ -138,7 +169,7 @@ def _shot_group(metrics: dict[str, Any], k: int) -> str:
     return next((g for g, members in groups.items() if k in members), "")
 
 
-def _per_class_section(ev: BundleEvaluation) -> str:
+def _per_class(ev: BundleEvaluation) -> dict[str, list]:
     m = ev.metrics
     rows = [[name, _shot_group(m, k), ev.meta.train_class_counts[k], m[SUPPORT][k],
              m[PER_CLASS_PRECISION][k], m[PER_CLASS_RECALL][k], m[PER_CLASS_SPECIFICITY][k],
@@ -146,10 +177,10 @@ def _per_class_section(ev: BundleEvaluation) -> str:
             for k, name in enumerate(ev.meta.class_names)]
     headers = ["class", "shot group", "train n", f"{ev.split} n", "precision",
                "recall (sensitivity)", "specificity", "F1", "ROC-AUC", "PR-AUC (AP)"]
-    return f"<h2>Per class ({html.escape(ev.split)})</h2>" + _table(headers, rows, left=2)
+    return _table(headers, rows)
 
 
-def _setup_section(ev: BundleEvaluation, shots: ShotThresholds) -> str:
+def _setup(ev: BundleEvaluation, shots: ShotThresholds) -> dict[str, list]:
     meta = ev.meta
     prior = meta.deployment_prior
     rows = [
@@ -163,56 +194,38 @@ def _setup_section(ev: BundleEvaluation, shots: ShotThresholds) -> str:
         ["images evaluated", f"{ev.preds.labels.size} ({ev.preds.skipped} corrupt skipped)"],
         ["code version", meta.code_version],
     ]
-    return "<h2>Setup</h2>" + _table(["setting", "value"], rows, left=2)
+    return _table(["setting", "value"], rows)
 
 
-def _figures_section(figures: list[tuple[str, Path, str]], history_missing: bool) -> str:
-    parts = ["<h2>Figures</h2>"]
-    for title, png, caption in figures:
-        parts.append(f"<figure><figcaption><b>{html.escape(title)}</b> — "
-                     f"{html.escape(caption)}</figcaption>{_img_tag(png, title)}</figure>")
-    if history_missing:
-        parts.append('<p class="note">No training history was given, so there are no '
-                     "training curves.</p>")
-    return "".join(parts)
-
-
-def _robustness_section(rob: dict[str, Any] | None) -> str:
+def _robustness(rob: dict[str, Any] | None) -> dict[str, Any] | None:
     if rob is None:
-        return ""
+        return None
     from imgpipe.robustness import ROBUSTNESS_HEADERS, robustness_rows
 
     worst = rob["worst"]
-    return ("<h2>Robustness under corruptions</h2>"
-            f"<p>Balanced accuracy on corrupted copies of the {html.escape(rob['split'])} split "
-            "(ImageNet-C families at three severities, torchvision v2 ops, seeded), through the "
-            f"served probabilities. Mean over corruptions {fmt(rob['mean_corrupted_balanced_accuracy'])}"
-            f"; worst {html.escape(worst['corruption'])} at severity {worst['severity']}: "
-            f"{fmt(worst['value'])}.</p>"
-            + _table(ROBUSTNESS_HEADERS, robustness_rows(rob))
-            + _img_tag(Path(rob["plot"]), "Robustness under corruptions"))
+    return {"split": rob["split"], "mean": fmt(rob["mean_corrupted_balanced_accuracy"]),
+            "worst": worst["corruption"], "severity": worst["severity"],
+            "value": fmt(worst["value"]),
+            "table": _table(ROBUSTNESS_HEADERS, robustness_rows(rob)),
+            "png": _png_b64(Path(rob["plot"]))}
 
 
 def render_html(evals: dict[str, BundleEvaluation], main_split: str,
                 figures: list[tuple[str, Path, str]], shots: ShotThresholds,
                 data_root: str, history_missing: bool,
                 robustness: dict[str, Any] | None = None) -> str:
-    """The whole report as one HTML string (inline CSS, base64 images, no external URL)."""
-    ev = evals[main_split]
-    title = f"{ev.meta.name} v{ev.meta.version} — {main_split} split"
-    sub = (f"Bundle evaluated on {data_root} ({main_split}); created "
-           f"{ev.meta.created_at:%Y-%m-%d %H:%M} UTC. Probabilities are those serving returns.")
-    body = "".join([
-        f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(sub)}</p>",
-        '<div class="grid"><div>', _summary_section(evals), "</div><div>",
-        _setup_section(ev, shots), "</div></div>",
-        _calibration_section(evals),
-        _figures_section(figures, history_missing),
-        _robustness_section(robustness),
-        _per_class_section(ev),
-    ])
-    return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>"
-            f"<body>{body}</body></html>\n")
+    """The whole report as one HTML string (inline CSS, base64 images, no external URL).
 
+    Rendered with Jinja2 (autoescaped): class names, paths and notes are escaped there.
+    """
+    ev = evals[main_split]
+    return _ENV.from_string(_TEMPLATE).render(
+        title=f"{ev.meta.name} v{ev.meta.version} — {main_split} split",
+        sub=(f"Bundle evaluated on {data_root} ({main_split}); created "
+             f"{ev.meta.created_at:%Y-%m-%d %H:%M} UTC. Probabilities are those serving returns."),
+        css=_CSS, summary=_summary(evals), setup=_setup(ev, shots), fit=_fit(evals),
+        prior=prior_text(next(iter(evals.values())).meta), served=_served(evals),
+        mismatch=_mismatched_splits(evals),
+        figures=[{"title": t, "caption": c, "png": _png_b64(png)} for t, png, c in figures],
+        history_missing=history_missing, rob=_robustness(robustness), split=ev.split,
+        per_class=_per_class(ev))
