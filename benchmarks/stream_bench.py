@@ -34,7 +34,10 @@ from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain import load_split  # noqa: E402
 
-from imgpipe.config import PrepareConfig  # noqa: E402
+from imgpipe.config import (
+    Augment,  # noqa: E402
+    PrepareConfig,  # noqa: E402
+)
 from imgpipe.console import format_table  # noqa: E402
 from imgpipe.constants import LABEL, PIXELS, TRAIN  # noqa: E402
 from imgpipe.data.augment import augment_batch  # noqa: E402
@@ -48,7 +51,7 @@ from imgpipe.data.pipeline import (  # noqa: E402
 from imgpipe.data.prepare import prepare  # noqa: E402
 from imgpipe.data.rebalance import sampling_rates  # noqa: E402
 from imgpipe.data.shards import load_manifest  # noqa: E402
-from imgpipe.data.transforms import Augment, create_train_augment  # noqa: E402
+from imgpipe.data.transforms import create_train_augment  # noqa: E402
 from imgpipe.runtime import init_ray  # noqa: E402
 from imgpipe.training.trainer import quiet_data_progress  # noqa: E402
 

@@ -34,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain import iter_plain_epochs  # noqa: E402
 
 from imgpipe.config import PrepareConfig, TrainConfig, resolve_config  # noqa: E402
+from imgpipe.config.search import SearchSpace
 from imgpipe.console import format_table  # noqa: E402
 from imgpipe.data.prepare import ensure_prepared  # noqa: E402
 from imgpipe.runtime import init_ray  # noqa: E402
-from imgpipe.tuning.space import SearchSpace, define_space, params_to_overrides  # noqa: E402
+from imgpipe.tuning.space import define_space, params_to_overrides  # noqa: E402
 
 METRIC = "val_macro_f1"
 

@@ -24,11 +24,12 @@ from imgpipe.config import (
     TrainConfig,
     TuneJobConfig,
 )
+from imgpipe.config.search import SearchSpace
+from imgpipe.config.specs import parse_class_weights, parse_sampler
 from imgpipe.constants import TRAIN
-from imgpipe.data.rebalance import parse_class_weights, parse_sampler, sampling_rates
+from imgpipe.data.rebalance import sampling_rates
 from imgpipe.data.shards import Manifest, ManifestNotFoundError, load_manifest
 from imgpipe.losses import create_loss
-from imgpipe.tuning.space import SearchSpace
 
 # Class counts of the embedded datasets, for a tune run that will prepare them (no manifest yet).
 _DIGITS_CLASSES = 10

@@ -2,8 +2,8 @@
 
 Every ``import`` in ``imgpipe/`` and ``serving/`` — at module level or deferred inside a
 function, both count — is read from the source (AST, nothing is imported). A room may import
-only rooms in lower layers; the few known back-arrows are listed by name, each with the issue
-that removes it, and a listed arrow that no longer exists fails too, so the list only shrinks.
+only rooms in lower layers, and no two modules import each other, directly or round a loop
+(imports under ``if TYPE_CHECKING:`` never run and are left out of that check).
 """
 
 from __future__ import annotations
@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A room is a top-level module or subpackage of imgpipe, or serving/.
 LAYERS: list[set[str]] = [
     {"constants", "errors", "__init__"},
-    {"storage", "runtime", "console", "logs", "prediction_log_format", "checkpoint", "config"},
+    {"config"},
+    {"storage", "runtime", "console", "logs", "prediction_log_format", "checkpoint"},
     {"data"},
-    {"metrics", "losses", "models"},
     {"bundle_versions"},
     {"bundle", "calibrate"},
+    {"metrics", "losses", "models"},
     {"inference"},
     {"evaluate", "robustness", "transfer"},
     {"training"},
@@ -31,14 +32,6 @@ LAYERS: list[set[str]] = [
     {"serving"},
 ]
 LAYER = {room: i for i, rooms in enumerate(LAYERS) for room in rooms}
-
-# Known back-arrows (importer, imported), to be removed by the house redesign (issue 16).
-KNOWN_BACK_ARROWS = {
-    ("config", "data"): "config models hold data value types (Augment, rebalance specs)",
-    ("config", "models"): "ModelConfig validation resolves architecture names",
-    ("config", "tuning"): "TuneJobConfig validates its search section with SearchSpace",
-    ("models", "bundle"): "resolve_weights reads bundles (deferred import)",
-}
 
 
 def _room(module: str) -> str | None:
@@ -81,14 +74,84 @@ def test_every_room_has_a_layer():
     assert rooms <= set(LAYER), f"rooms without a layer: {sorted(rooms - set(LAYER))}"
 
 
-def test_imports_point_down_except_the_known_back_arrows():
-    edges = _edges()
-    upward = {e: files for e, files in edges.items() if LAYER[e[1]] >= LAYER[e[0]]}
-    new = {e: files for e, files in upward.items() if e not in KNOWN_BACK_ARROWS}
-    assert not new, "imports that point up or sideways (see docs/architecture.md):\n" + "\n".join(
-        f"  {a} -> {b}: {', '.join(sorted(f))}" for (a, b), f in sorted(new.items()))
-    gone = set(KNOWN_BACK_ARROWS) - set(upward)
-    assert not gone, f"fixed back-arrows still listed in KNOWN_BACK_ARROWS: {sorted(gone)}"
+def test_imports_point_down():
+    upward = {e: files for e, files in _edges().items() if LAYER[e[1]] >= LAYER[e[0]]}
+    assert not upward, "imports that point up or sideways (see docs/architecture.md):\n" + "\n".join(
+        f"  {a} -> {b}: {', '.join(sorted(f))}" for (a, b), f in sorted(upward.items()))
+
+
+def _module_name(path: Path) -> str:
+    name = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    return name.removesuffix(".__init__")
+
+
+def _type_checking_nodes(tree: ast.AST) -> set[int]:
+    skip: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for child in node.body for n in ast.walk(child))
+    return skip
+
+
+def _module_graph() -> dict[str, set[str]]:
+    paths = {_module_name(p): p for p in
+             [*(ROOT / "imgpipe").rglob("*.py"), *(ROOT / "serving").rglob("*.py")]}
+    graph: dict[str, set[str]] = {m: set() for m in paths}
+    for mod, path in paths.items():
+        tree = ast.parse(path.read_text(), str(path))
+        skip = _type_checking_nodes(tree)
+        for node in ast.walk(tree):
+            if id(node) in skip:
+                continue
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            graph[mod].update(n for n in names if n in paths and n != mod)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_module_import_cycles():
+    assert not _cycles(_module_graph()), _cycles(_module_graph())
+
+
+def test_the_cycle_finder_sees_a_loop():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_the_room_reader_sees_deferred_and_package_imports(tmp_path):

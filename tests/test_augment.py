@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from imgpipe.config import Augment
 from imgpipe.data.augment import augment_batch
-from imgpipe.data.transforms import Augment, Preprocess
+from imgpipe.data.transforms import Preprocess
 
 GREY = Preprocess(image_size=16, mode="L", mean=(0.5,), std=(0.25,))
 RGB = Preprocess(image_size=16, mode="RGB", mean=(0.5,) * 3, std=(0.25,) * 3)

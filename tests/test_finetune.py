@@ -12,13 +12,13 @@ import torch
 from torch import nn
 
 from imgpipe.config import OptimConfig
+from imgpipe.config.specs import parse_finetune
 from imgpipe.models import HEAD, create_model, parameter_stages
 from imgpipe.models.finetune import (
     apply_finetune,
     export_state_dict,
     frozen_norms,
     lora_target_modules,
-    parse_finetune,
 )
 from imgpipe.training.optim import create_optimizer, create_param_groups, set_lr
 
@@ -194,7 +194,8 @@ def test_search_space_covers_finetune_mode_depth_and_head_lr():
     import optuna
 
     from imgpipe.config import TrainConfig
-    from imgpipe.tuning.space import SearchSpace, define_space, params_to_overrides
+    from imgpipe.config.search import SearchSpace
+    from imgpipe.tuning.space import define_space, params_to_overrides
     from imgpipe.tuning.tuner import trial_config
 
     space = SearchSpace(finetune=["linear-probe", "partial", "bitfit"], head_lr_ratio=(1.0, 30.0),

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from imgpipe.config import LossConfig, MixConfig, TrainConfig, resolve_config
+from imgpipe.config import Augment, LossConfig, MixConfig, TrainConfig, resolve_config
+from imgpipe.config.search import SearchSpace
 from imgpipe.constants import LABEL, PIXELS
-from imgpipe.data.transforms import Augment, Preprocess
+from imgpipe.data.transforms import Preprocess
 from imgpipe.losses import create_loss, imbalanced_cross_entropy
 from imgpipe.training.mixing import BalancedPartners, create_batch_mixer, mixed_target_prior
-from imgpipe.tuning.space import SearchSpace, define_space, params_to_overrides
+from imgpipe.tuning.space import define_space, params_to_overrides
 
 PRE = Preprocess(image_size=8, mode="L", mean=(0.5,), std=(0.5,))
 NO_AUG = Augment(crop_padding=0, rotation_degrees=0.0)

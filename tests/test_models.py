@@ -19,7 +19,7 @@ from imgpipe.models import (
     get_classifier,
     get_model_spec,
     list_models,
-    load_init_checkpoint,
+    load_init_weights,
     parameter_stages,
     reset_classifier,
     unwrap_model,
@@ -115,7 +115,9 @@ def test_init_from_safetensors_reproduces_outputs(tmp_path, name):
     path = tmp_path / "init.safetensors"
     _save_safetensors(source, path)
     torch.manual_seed(2)
-    copy = create_model(name, 10, init_checkpoint=str(path)).eval()
+    copy = create_model(name, 10)
+    load_init_weights(copy, path)
+    copy.eval()
     x = _images()
     with torch.no_grad():
         torch.testing.assert_close(copy(x), source(x))
@@ -128,7 +130,7 @@ def test_head_mismatch_skips_head(tmp_path, caplog):
     target = create_model("cnn", 10)
     fc_before = target.fc.weight.detach().clone()
     with caplog.at_level(logging.WARNING, logger="imgpipe.models"):
-        report = load_init_checkpoint(target, path)
+        report = load_init_weights(target, path)
     assert report["skipped_shape"] == ["fc.bias", "fc.weight"]
     assert "fc.weight" in caplog.text
     torch.testing.assert_close(target.features[0].weight, source.features[0].weight)
@@ -140,21 +142,22 @@ def test_init_from_wrapped_pt_checkpoint(tmp_path):
     state = {f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}
     path = tmp_path / "ckpt.pt"
     torch.save({"model": state, "epoch": 7}, path)
-    target = create_model("cnn", 4, in_channels=3, init_checkpoint=str(path))
+    target = create_model("cnn", 4, in_channels=3)
+    load_init_weights(target, path)
     torch.testing.assert_close(target.fc.weight, source.fc.weight)
 
 
 def test_missing_checkpoint_names_path(tmp_path):
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        create_model("cnn", 10, init_checkpoint=str(missing))
+        load_init_weights(create_model("cnn", 10), missing)
 
 
 def test_unrelated_checkpoint_is_refused(tmp_path):
     path = tmp_path / "other.safetensors"
     save_file({"encoder.weight": torch.zeros(3)}, str(path))
     with pytest.raises(ValueError, match="no tensor matches"):
-        create_model("cnn", 10, init_checkpoint=str(path))
+        load_init_weights(create_model("cnn", 10), path)
 
 
 class _DDPLike(nn.Module):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import ray
 
+from imgpipe.config import Augment
 from imgpipe.constants import LABEL, PIXELS, TRAIN
 from imgpipe.data.pipeline import (
     StreamPlan,
@@ -16,7 +17,6 @@ from imgpipe.data.pipeline import (
 )
 from imgpipe.data.rebalance import repeat_counts, sampling_rates
 from imgpipe.data.shards import load_manifest, read_split_table
-from imgpipe.data.transforms import Augment
 
 pytestmark = pytest.mark.ray
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from imgpipe.config.specs import parse_class_weights, parse_sampler
 from imgpipe.data.rebalance import (
     class_weights,
     effective_prior,
     id_hashes,
-    parse_class_weights,
-    parse_sampler,
     repeat_counts,
     row_uniforms,
     sampling_rates,

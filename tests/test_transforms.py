@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from imgpipe.config import Augment
 from imgpipe.data.transforms import (
-    Augment,
     ImageDecodeError,
     Preprocess,
     augment_batch,

@@ -10,8 +10,9 @@ import pytest
 
 from imgpipe.bundle import load_bundle
 from imgpipe.config import ConfigError, TuneJobConfig, resolve_config
+from imgpipe.config.search import SearchSpace
 from imgpipe.tuning.candidates import NoUsableCandidateError, top_candidates
-from imgpipe.tuning.space import SearchSpace, candidate_overrides, params_to_overrides
+from imgpipe.tuning.space import candidate_overrides, params_to_overrides
 
 
 def test_candidate_specs_become_model_fields(tmp_path):

@@ -17,9 +17,11 @@ import pytest
 
 from imgpipe.bundle import load_bundle
 from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig, resolve_config
-from imgpipe.data.rebalance import class_weights, parse_class_weights
+from imgpipe.config.search import SearchSpace
+from imgpipe.config.specs import parse_class_weights
+from imgpipe.data.rebalance import class_weights
 from imgpipe.runtime import ResourcePlanError, plan_resources
-from imgpipe.tuning.space import SearchSpace, define_space, params_to_overrides
+from imgpipe.tuning.space import define_space, params_to_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 COUNTS = [104, 62, 37, 22, 13, 8, 4, 2, 1, 1]

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from imgpipe.data.transforms import Augment, Preprocess
+from imgpipe.config import Augment
+from imgpipe.data.transforms import Preprocess
 
 _GREY = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
 

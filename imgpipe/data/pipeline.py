@@ -16,11 +16,12 @@ import numpy as np
 import ray
 import torch
 
+from imgpipe.config import Augment
 from imgpipe.constants import CORRUPT, ID, IMAGE, LABEL, PIXELS
 from imgpipe.data.augment import augment_batch
 from imgpipe.data.rebalance import id_hashes, repeat_counts, row_uniforms
 from imgpipe.data.shards import split_files
-from imgpipe.data.transforms import Augment, ImageDecodeError, Preprocess, decode_image
+from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image
 
 ID_HASH = "id_hash"
 

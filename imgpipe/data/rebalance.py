@@ -7,66 +7,10 @@ same whatever the batching, block order or worker that sees the row, and a new e
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import numpy as np
 
-SAMPLER_STRATEGIES = ("none", "oversample", "undersample", "sqrt", "explicit")
-
-
-@dataclass(frozen=True)
-class WeightSpec:
-    scheme: str
-    beta: float | None = None
-    vector: tuple[float, ...] | None = None
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    strategy: str
-    target: tuple[float, ...] | None = None
-
-
-def _floats(text: str, what: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
-    if any(not np.isfinite(v) or v < 0 for v in values) or not any(v > 0 for v in values):
-        raise ValueError(f"{what}: values must be finite, >= 0 and not all zero, got {text!r}")
-    return values
-
-
-def parse_class_weights(text: str) -> WeightSpec:
-    """``none`` | ``power:BETA`` (w ∝ n^-β, β∈[0,1]) | ``effective:BETA`` (β∈[0,1)) | ``w1,w2,...``."""
-    text = text.strip()
-    if text == "none":
-        return WeightSpec("none")
-    name, _, arg = text.partition(":")
-    if name in ("power", "effective"):
-        try:
-            beta = float(arg)
-        except ValueError:
-            raise ValueError(f"class_weights: {name} needs a number, e.g. {name}:0.5") from None
-        hi_ok = beta <= 1 if name == "power" else beta < 1
-        if not (beta >= 0 and hi_ok):
-            rng = "[0, 1]" if name == "power" else "[0, 1)"
-            raise ValueError(f"class_weights: {name} beta must be in {rng}, got {beta}")
-        return WeightSpec(name, beta=beta)
-    return WeightSpec("explicit", vector=_floats(text, "class_weights"))
-
-
-def parse_sampler(text: str) -> SamplerSpec:
-    """``none`` | ``oversample`` | ``undersample`` | ``sqrt`` | ``p1,p2,...`` (target distribution)."""
-    text = text.strip()
-    if text in SAMPLER_STRATEGIES[:4]:
-        return SamplerSpec(text)
-    if text and (text[0].isdigit() or text[0] == "."):
-        return SamplerSpec("explicit", target=_floats(text, "sampler"))
-    raise ValueError(
-        f"sampler: unknown strategy {text!r}; choose one of none, oversample, undersample, "
-        "sqrt, or a comma-separated target distribution"
-    )
+from imgpipe.config.specs import SamplerSpec, WeightSpec, parse_class_weights, parse_sampler
 
 
 def class_weights(counts: np.ndarray | list[int], spec: WeightSpec | str) -> np.ndarray:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision.transforms import v2
 
 # Decoding lives in its own module; these names stay importable from here (one preprocessing).
+from imgpipe.config import Augment
 from imgpipe.data.decode import (
     MAX_SOURCE_PIXELS,
     MAX_SOURCE_SIDE,
@@ -24,7 +25,7 @@ from imgpipe.data.decode import (
 )
 
 __all__ = [
-    "MAX_SOURCE_PIXELS", "MAX_SOURCE_SIDE", "Augment", "ImageDecodeError", "ImageTooLargeError",
+    "MAX_SOURCE_PIXELS", "MAX_SOURCE_SIDE", "ImageDecodeError", "ImageTooLargeError",
     "Preprocess", "augment_batch", "create_train_augment", "decode_image", "normalize",
     "preprocess_images", "to_mode",
 ]
@@ -55,18 +56,6 @@ class Preprocess(BaseModel):
     @property
     def channels(self) -> int:
         return 1 if self.mode == "L" else 3
-
-
-class Augment(BaseModel):
-    """Train-time augmentation; off for evaluation and serving."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    crop_padding: int = Field(2, ge=0, description="random crop after zero padding (pixels)")
-    hflip: bool = Field(False, description="random horizontal flip (wrong for digits/text)")
-    rotation_degrees: float = Field(10.0, ge=0, le=180)
-    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast strength")
-    random_erasing: float = Field(0.0, ge=0, le=1, description="probability")
 
 
 def normalize(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:

@@ -30,6 +30,7 @@ from imgpipe.models.weights import (
     ResolvedWeights,
     WeightsNotCachedError,
     create_model_from_weights,
+    load_init_weights,
     resolve_weights,
     torchvision_cache_path,
 )
@@ -38,6 +39,6 @@ __all__ = [
     "HEAD", "ModelSpec", "ResolvedWeights", "SmallCNN", "WeightsNotCachedError",
     "adapt_input_conv", "create_model", "create_model_from_weights", "feature_dim",
     "forward_features", "get_classifier", "get_model_spec", "list_models", "load_init_checkpoint",
-    "load_state_dict_file", "model_spec_of", "parameter_stages", "register_model",
+    "load_init_weights", "load_state_dict_file", "model_spec_of", "parameter_stages", "register_model",
     "reset_classifier", "resolve_weights", "torchvision_cache_path", "unwrap_model",
 ]

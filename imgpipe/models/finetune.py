@@ -17,57 +17,16 @@ from any caller (the loop, DDP) cannot turn it back on.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
+from imgpipe.config.specs import Finetune, parse_finetune
 from imgpipe.models.heads import HEAD, get_classifier, model_spec_of, parameter_stages
 from imgpipe.models.registry import get_model_spec
 from imgpipe.models.state import unwrap_model
 
-FINETUNE_MODES = ("full", "linear-probe", "partial:K", "bitfit", "lora")
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
               nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm)
 LORA_ADAPTER = "default"
-_PARTIAL = re.compile(r"^partial:(\d+|0?\.\d+)$")
-
-
-@dataclass(frozen=True)
-class Finetune:
-    """A parsed ``--finetune`` value: ``mode`` and, for ``partial``, the first trained stage
-    (``stage``) or the frozen fraction of the stages (``fraction``)."""
-
-    mode: str
-    stage: int = 0
-    fraction: float | None = None
-
-    def __str__(self) -> str:
-        if self.mode != "partial":
-            return self.mode
-        return f"partial:{self.fraction:g}" if self.fraction is not None else f"partial:{self.stage}"
-
-    def frozen_stages(self, num_stages: int) -> int:
-        """K for a model with ``num_stages`` stages (``partial`` only)."""
-        if self.fraction is not None:
-            return int(round(self.fraction * num_stages))
-        return self.stage
-
-
-def parse_finetune(text: str) -> Finetune:
-    """``full | linear-probe | partial:K | bitfit | lora`` → ``Finetune``.
-
-    Raises:
-        ValueError: anything else (the message lists the valid forms).
-    """
-    value = str(text).strip().lower().replace("_", "-")
-    if value in ("full", "linear-probe", "bitfit", "lora"):
-        return Finetune(value)
-    m = _PARTIAL.match(value)
-    if m:
-        k = m.group(1)
-        return Finetune("partial", fraction=float(k)) if "." in k else Finetune("partial", int(k))
-    raise ValueError(f"finetune: {text!r} is not one of {' | '.join(FINETUNE_MODES)}")
 
 
 def num_stages(model: nn.Module) -> int:

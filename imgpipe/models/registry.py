@@ -221,8 +221,9 @@ def _vit_b_16(num_classes: int, in_channels: int, cifar_stem: bool,
 
 
 def create_model(name: str, num_classes: int, in_channels: int = 3, cifar_stem: bool = True,
-                 init_checkpoint: str | None = None, image_size: int | None = None) -> nn.Module:
-    """Build a registered model with a ``num_classes`` head, optionally from local weights.
+                 image_size: int | None = None) -> nn.Module:
+    """Build a registered model with a ``num_classes`` head, randomly initialised (starting
+    weights: ``models.weights.load_init_weights`` or ``create_model_from_weights``).
 
     Args:
         name: one of ``list_models()``.
@@ -230,14 +231,10 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, cifar_stem: 
         in_channels: image channels (1 grey, 3 RGB).
         cifar_stem: small-image stem (ResNets: 3×3 stride-1 conv, no max-pool; small CNN: no
             stride-2 first conv); other architectures ignore it.
-        init_checkpoint: a weights spec for ``resolve_weights`` (local file, torchvision
-            weights name, bundle or checkpoint folder), loaded non-strictly (head skipped when
-            its size differs).
         image_size: input side in pixels; only ViT depends on it (position embeddings;
             default 224).
     Raises:
         ValueError: unknown name (lists the valid ones) or bad sizes.
-        FileNotFoundError: ``init_checkpoint`` does not exist.
     """
     spec = get_model_spec(name)
     if num_classes < 2:
@@ -246,8 +243,4 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, cifar_stem: 
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     model = spec.builder(num_classes, in_channels, cifar_stem, image_size)
     model.imgpipe_model = name  # read by imgpipe.models.heads (head path, stages)
-    if init_checkpoint is not None:
-        from imgpipe.models.state import load_init_checkpoint
-
-        load_init_checkpoint(model, init_checkpoint)
     return model

@@ -113,11 +113,12 @@ def _resize_pos_embedding(pos: Tensor, length: int) -> Tensor:
         "encoder.pos_embedding"]
 
 
-def load_init_checkpoint(model: nn.Module, source: str | Path | Mapping[str, Tensor]
+def load_init_checkpoint(model: nn.Module, state: Mapping[str, Tensor], where: str = "state dict"
                          ) -> dict[str, list[str]]:
-    """Load matching tensors from weights into ``model`` (non-strict).
+    """Load matching tensors of a state dict into ``model`` (non-strict).
 
-    ``source`` is a state dict or anything ``resolve_weights`` accepts. Tensors that fit by
+    ``where`` names the source in logs and errors. From a file, folder or torchvision weights
+    name: ``models.weights.load_init_weights``. Tensors that fit by
     name and shape are loaded; a first conv with another channel count and ViT position
     embeddings of another grid are adapted; other shape mismatches (typically the head when
     the class count changed) are skipped, as are names the model lacks; all skips are logged.
@@ -125,16 +126,11 @@ def load_init_checkpoint(model: nn.Module, source: str | Path | Mapping[str, Ten
     Returns:
         ``{"loaded", "adapted", "skipped_shape", "unexpected", "missing"}`` name lists.
     Raises:
-        FileNotFoundError: no such file. ValueError: nothing in the weights fits the model.
+        ValueError: nothing in the weights fits the model.
     """
     target = unwrap_model(model)
     own = target.state_dict()
-    if isinstance(source, Mapping):
-        state, where = {strip_prefixes(k): v for k, v in source.items()}, "state dict"
-    else:
-        from imgpipe.models.weights import resolve_weights
-
-        state, where = resolve_weights(str(source)).state_dict, str(source)
+    state = {strip_prefixes(k): v for k, v in state.items()}
     fits: dict[str, Tensor] = {}
     adapted, skipped = [], []
     for k, v in state.items():

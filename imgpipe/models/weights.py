@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -191,6 +191,18 @@ def _resolve_checkpoint(spec: str, path: Path) -> ResolvedWeights:
                            source_classes=list(meta.get("class_names") or []) or None)
 
 
+def load_init_weights(model: nn.Module, source: str | Path | Mapping[str, Tensor]
+                      ) -> dict[str, list[str]]:
+    """``load_init_checkpoint`` from a state dict or anything ``resolve_weights`` accepts.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError: nothing in the weights fits the model.
+    """
+    if isinstance(source, Mapping):
+        return load_init_checkpoint(model, source)
+    return load_init_checkpoint(model, resolve_weights(str(source)).state_dict, str(source))
+
+
 def create_model_from_weights(weights: ResolvedWeights | str, num_classes: int | None = None,
                               *, model: str | None = None, in_channels: int | None = None,
                               cifar_stem: bool | None = None,
@@ -241,7 +253,8 @@ def resolve_model_config(cfg: ModelConfig, data_preprocess: Callable[[int], Prep
         ConfigError: naming the field that contradicts the weights, a ``partial:K`` beyond the
             architecture's stages, or ``lora`` without the ``peft`` package.
     """
-    from imgpipe.models.finetune import num_stages_of, parse_finetune
+    from imgpipe.config.specs import parse_finetune
+    from imgpipe.models.finetune import num_stages_of
 
     w = weights
     name = cfg.name or (w.model if w else None) or "cnn"
@@ -337,7 +350,7 @@ def add_transfer_args(parser, prefix: str = "") -> None:
     """The model / weights / fine-tuning flags of the train job (``prefix=""``) and the tune
     job (``prefix="train."``: they set the fields every trial shares)."""
     from imgpipe.config import MODEL_NAMES
-    from imgpipe.models.finetune import FINETUNE_MODES
+    from imgpipe.config.specs import FINETUNE_MODES
 
     p, m = parser, f"{prefix}model."
     p.add_argument("--model", dest=f"{m}name", choices=MODEL_NAMES,

@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from imgpipe.config import MixConfig
+from imgpipe.config import Augment, MixConfig
 from imgpipe.constants import LABEL, PIXELS
-from imgpipe.data.transforms import Augment, Preprocess, augment_batch, normalize
+from imgpipe.data.transforms import Preprocess, augment_batch, normalize
 
 
 def create_mix_transform(cfg: MixConfig, num_classes: int) -> v2.Transform:

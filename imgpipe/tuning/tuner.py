@@ -22,6 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from imgpipe import storage
 from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig, resolve_config
+from imgpipe.config.search import SearchSpace
 from imgpipe.constants import METRIC_MODES, val_key
 from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.errors import ImgpipeError, ImgpipeFailure
@@ -35,7 +36,6 @@ from imgpipe.training.trainer import (
     prepare_inputs,
 )
 from imgpipe.tuning.space import (
-    SearchSpace,
     candidate_overrides,
     define_space,
     params_to_overrides,

@@ -11,12 +11,25 @@ from typing import Any, Literal, TypeVar, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imgpipe.config.search import SearchSpace
+from imgpipe.config.specs import parse_class_weights, parse_finetune, parse_sampler
 from imgpipe.constants import METRIC_MODES, TRANSFER_SCORE_NAMES
-from imgpipe.data.transforms import Augment
 from imgpipe.errors import UserError
 
 EmbeddedDataset = Literal["digits-lt", "shapes-lt"]
 EMBEDDED_DATASETS: tuple[str, ...] = get_args(EmbeddedDataset)
+
+
+class Augment(BaseModel):
+    """Train-time augmentation; off for evaluation and serving."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    crop_padding: int = Field(2, ge=0, description="random crop after zero padding (pixels)")
+    hflip: bool = Field(False, description="random horizontal flip (wrong for digits/text)")
+    rotation_degrees: float = Field(10.0, ge=0, le=180)
+    color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast strength")
+    random_erasing: float = Field(0.0, ge=0, le=1, description="probability")
 
 
 class ConfigError(UserError, ValueError):
@@ -75,8 +88,6 @@ class LossConfig(StrictModel):
     @field_validator("class_weights")
     @classmethod
     def _scheme_parses(cls, v: str) -> str:
-        from imgpipe.data.rebalance import parse_class_weights
-
         parse_class_weights(v)
         return v
 
@@ -105,8 +116,6 @@ class SamplerConfig(StrictModel):
     @field_validator("strategy")
     @classmethod
     def _strategy_parses(cls, v: str) -> str:
-        from imgpipe.data.rebalance import parse_sampler
-
         parse_sampler(v)
         return v
 
@@ -180,8 +189,6 @@ class ModelConfig(StrictModel):
     @field_validator("finetune")
     @classmethod
     def _finetune_parses(cls, v: str) -> str:
-        from imgpipe.models.finetune import parse_finetune
-
         parse_finetune(v)
         return v
 
@@ -235,8 +242,6 @@ class TrainConfig(StrictModel):
         the tail — a common mistake that silently costs head-class accuracy."""
         if self.sampler.strategy not in ("oversample", "undersample"):
             return
-        from imgpipe.data.rebalance import parse_class_weights
-
         w = parse_class_weights(self.loss.class_weights)
         full_weights = (w.scheme == "power" and w.beta >= 0.99) or (
             w.scheme == "effective" and w.beta >= 0.999)
@@ -297,8 +302,6 @@ class TuneJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TuneJobConfig:
-        from imgpipe.tuning.space import SearchSpace
-
         if self.grace_period is not None and self.grace_period > self.epochs:
             raise ValueError(f"grace_period ({self.grace_period}) exceeds epochs ({self.epochs})")
         if self.candidates:
