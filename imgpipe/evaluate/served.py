@@ -1,9 +1,6 @@
-"""Offline evaluation on exactly one split of the shards (driver side, no Ray needed).
-
-Training checkpoints are scored on raw logits (``evaluate_checkpoint``, used by the train job).
-Bundles are scored through the serving ``Predictor`` (temperature, prior correction, binary
-threshold), so an evaluation reports what serving will do (``evaluate_bundle``), and
-``calibrate_bundle`` fits the temperature/threshold that the Predictor then applies.
+"""A bundle scored exactly as serving scores it: the ``Predictor`` (temperature, prior
+correction, binary threshold) on one split; metrics, ``metrics.json`` and
+``predictions.parquet``; the evaluate job's config.
 """
 
 from __future__ import annotations
@@ -16,36 +13,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from imgpipe.bundle import PRIOR_CHOICES, BundleMeta, DeploymentPrior, update_bundle_meta
-from imgpipe.calibrate import (
-    ThresholdMode,
-    choose_threshold,
-    fit_temperature,
-    nll_at_temperature,
-)
-from imgpipe.checkpoint import load_meta, load_weights
+from imgpipe.calibrate import ThresholdMode, nll_at_temperature
 from imgpipe.config import StrictModel
 from imgpipe.console import write_json
-from imgpipe.constants import (
-    BRIER,
-    ECE,
-    ID,
-    IMAGE,
-    LABEL,
-    LABEL_NAME,
-    NLL,
-    RELIABILITY,
-    SHOT_CLASSES,
-    TEST,
-    VAL,
-)
-from imgpipe.data.shards import load_manifest, read_split_table
-from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image, normalize
+from imgpipe.constants import BRIER, ECE, ID, LABEL, LABEL_NAME, NLL, RELIABILITY, SHOT_CLASSES, TEST, VAL
+from imgpipe.data.shards import load_manifest
 from imgpipe.errors import DataSourceError
+from imgpipe.evaluate.predictions import SplitPredictions, predict_split
 from imgpipe.inference import Predictor, adjusted_probabilities, prior_shift
 from imgpipe.metrics import (
     brier_score,
@@ -57,82 +34,6 @@ from imgpipe.metrics import (
     probabilistic_metrics,
     shot_accuracy,
 )
-from imgpipe.models import create_model
-
-
-@dataclass
-class SplitPredictions:
-    ids: list[str]
-    labels: np.ndarray  # (N,) int64
-    logits: np.ndarray  # (N, C) float32, before any temperature/prior adjustment
-    skipped: int  # corrupt images left out (counted, never fatal)
-
-
-@torch.no_grad()
-def predict_split(model: torch.nn.Module, pre: Preprocess, data_root: str, split: str,
-                  batch_size: int = 256) -> SplitPredictions:
-    """Logits for every decodable image of ``split``, in shard order."""
-    model.eval()
-    table = read_split_table(data_root, split)
-    images, labels, ids = table[IMAGE].to_pylist(), table[LABEL].to_numpy(), table[ID].to_pylist()
-    keep_ids, keep_labels, chunks, skipped = [], [], [], 0
-    pixels: list[np.ndarray] = []
-
-    def flush() -> None:
-        if pixels:
-            x = normalize(torch.from_numpy(np.stack(pixels)), pre)
-            chunks.append(model(x).float().numpy())
-            pixels.clear()
-
-    for data, label, ident in zip(images, labels, ids, strict=True):
-        try:
-            pixels.append(decode_image(data, pre))
-        except ImageDecodeError:
-            skipped += 1
-            continue
-        keep_ids.append(ident)
-        keep_labels.append(int(label))
-        if len(pixels) == batch_size:
-            flush()
-    flush()
-    logits = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-    return SplitPredictions(keep_ids, np.asarray(keep_labels, dtype=np.int64), logits, skipped)
-
-
-def load_checkpoint_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, Preprocess, dict]:
-    """Rebuild the model of a training checkpoint (weights-only) with its preprocessing."""
-    meta = load_meta(ckpt_dir)
-    pre = Preprocess.model_validate(meta["preprocess"])
-    mcfg = meta["train"]["model"]
-    model = create_model(mcfg["name"], len(meta["class_names"]), in_channels=pre.channels,
-                         cifar_stem=mcfg["cifar_stem"], image_size=pre.image_size)
-    model.load_state_dict(load_weights(ckpt_dir))
-    return model.eval(), pre, meta
-
-
-def score_split(model: torch.nn.Module, pre: Preprocess, data_root: str, split: str,
-                num_classes: int) -> dict[str, Any]:
-    """Raw-argmax metrics of ``model`` on one split, plus the unweighted CE of its logits (NLL)
-    — the numbers training reports per epoch, so checkpoints and bundles can be compared."""
-    preds = predict_split(model, pre, data_root, split)
-    out = classification_metrics(
-        confusion_matrix(preds.labels, preds.logits.argmax(1), num_classes))
-    out[NLL] = float(F.cross_entropy(torch.from_numpy(preds.logits).double(),
-                                     torch.from_numpy(preds.labels))) if preds.labels.size else None
-    out["num_rows"] = len(preds.labels)
-    out["skipped_corrupt"] = preds.skipped
-    return out
-
-
-def evaluate_checkpoint(ckpt_dir: str | Path, data_root: str, split: str) -> dict[str, Any]:
-    """Metrics of a training checkpoint on one split (argmax of the raw logits)."""
-    model, pre, meta = load_checkpoint_model(ckpt_dir)
-    return score_split(model, pre, data_root, split, len(meta["class_names"]))
-
-
-# ---------------------------------------------------------------------------------------------
-# bundles: evaluation through the Predictor (the serving path), calibration on val
-# ---------------------------------------------------------------------------------------------
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.parquet"
@@ -343,7 +244,7 @@ def evaluate_bundle(bundle_dir: str | Path, data_root: str, split: str, out_dir:
     return payload
 
 
-def _fit_prior(labels: np.ndarray, num_classes: int) -> list[float]:
+def split_class_mix(labels: np.ndarray, num_classes: int) -> list[float]:
     """The validation split's class frequencies; an absent class counts as half an example so
     that it stays possible (its log prior is finite)."""
     counts = np.maximum(np.bincount(labels, minlength=num_classes), 0.5)
@@ -360,7 +261,7 @@ def calibration_at_split_prior(logits: np.ndarray, labels: np.ndarray, meta: Bun
     measure that mismatch.)
     """
     c = meta.architecture.num_classes
-    fit_prior = _fit_prior(labels, c)
+    fit_prior = split_class_mix(labels, c)
     fit_meta = meta.model_copy(update={"deployment_prior": fit_prior})
     shift = prior_shift(fit_meta)
     before = calibration(labels, adjusted_probabilities(logits, _with_temperature(fit_meta, 1.0)))
@@ -371,51 +272,6 @@ def calibration_at_split_prior(logits: np.ndarray, labels: np.ndarray, meta: Bun
         "nll_after": nll_at_temperature(logits, labels, meta.temperature, shift),
         "ece_before": before[ECE], "ece_after": after[ECE],
         "reliability_before": before[RELIABILITY], "reliability_after": after[RELIABILITY],
-    }
-
-
-def calibrate_bundle(bundle_dir: str | Path, data_root: str, *,
-                     deployment_prior: DeploymentPrior | str | None = None,
-                     threshold_mode: ThresholdMode | None = "max_f1",
-                     target_recall: float = 0.9) -> dict[str, Any]:
-    """Fit the temperature (and, for 2 classes, the decision threshold) on the val split and
-    store them in ``bundle.json`` via ``update_bundle_meta``; serving then applies them.
-
-    T is fitted on raw logits (re-running gives the same T) with the prior corrected to the
-    validation class mix, so T measures over/under-confidence only and stays valid whichever
-    deployment prior is chosen later. The threshold is chosen on the probabilities the
-    Predictor gives with the new T and the deployment prior, which is stored too when given
-    (a threshold is only meaningful for its prior). ``threshold_mode=None`` clears it.
-
-    Returns:
-        ``calibration_at_split_prior`` on val (without the bins) plus ``"decision_threshold",
-        "threshold_mode", "target_recall", "deployment_prior"``.
-    Raises:
-        BundleError / ManifestError as for ``run_evaluation``; ValueError: an empty val split,
-        or a binary val split without positives.
-    """
-    predictor = load_predictor(bundle_dir, parse_prior(deployment_prior))
-    meta = predictor.meta
-    preds = predict_split(predictor.model, meta.preprocess, data_root, VAL)
-    if preds.labels.size == 0:
-        raise DataSourceError(f"{data_root}: the val split has no decodable image to calibrate on")
-    c = meta.architecture.num_classes
-    fit_meta = meta.model_copy(update={"deployment_prior": _fit_prior(preds.labels, c)})
-    t = fit_temperature(preds.logits, preds.labels, prior_shift(fit_meta))
-    predictor.set_adjustment(temperature=t)
-    threshold = None
-    if c == 2 and threshold_mode is not None:
-        probs = predictor.probabilities(preds.logits)
-        threshold = choose_threshold(probs[:, 1], preds.labels, threshold_mode, target_recall)
-    update_bundle_meta(bundle_dir, temperature=t, deployment_prior=meta.deployment_prior,
-                       decision_threshold=threshold)
-    return {
-        **bundle_block(calibration_at_split_prior(preds.logits, preds.labels, predictor.meta)),
-        "decision_threshold": threshold,
-        "threshold_mode": threshold_mode if threshold is not None else None,
-        "target_recall": target_recall if threshold is not None and threshold_mode == "recall"
-        else None,
-        "deployment_prior": meta.deployment_prior,
     }
 
 
