@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from imgpipe.cluster import publish
+from imgpipe.publish import publish
 
 
 def get_args_parser() -> argparse.ArgumentParser:

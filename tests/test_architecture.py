@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"training"},
     {"report"},
     {"tuning"},
-    {"decoupled", "preflight", "cluster"},
+    {"decoupled", "preflight", "cluster", "publish"},
     {"monitoring"},
     {"serving"},
 ]

@@ -16,9 +16,11 @@ import re
 import shlex
 from pathlib import Path
 
+import cluster_checks as cl
 import pytest
 
-from imgpipe import cluster as cl
+from imgpipe import cluster
+from imgpipe import publish as publishing
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -439,7 +441,7 @@ def test_readme_commands_match_the_configs():
         assert needed in text, needed
     assert re.search(r"approximate.*dated 2026.*to be checked", text, re.IGNORECASE | re.DOTALL)
     excludes = json.loads(re.search(r"--runtime-env-json '(\{.*?\})'", text).group(1))["excludes"]
-    assert excludes == list(cl.JOB_EXCLUDES)
+    assert excludes == list(cluster.JOB_EXCLUDES)
     for rel in set(re.findall(r"\bcluster/[\w./-]+\.(?:ya?ml|py)\b", text)):
         assert (REPO / rel).is_file(), f"README mentions {rel}, which does not exist"
 
@@ -448,7 +450,7 @@ def test_job_excludes_drop_outputs_but_keep_the_package():
     # The same matcher `ray job submit --working-dir` uses for runtime_env excludes.
     from ray._private.runtime_env.packaging import _get_excludes
 
-    excluded = _get_excludes(REPO, list(cl.JOB_EXCLUDES))
+    excluded = _get_excludes(REPO, list(cluster.JOB_EXCLUDES))
     for rel in ("data", "data/digits-lt/train/part-0.parquet", "runs/tune-1", "bundles", ".git"):
         assert excluded(REPO / rel), rel
     for rel in ("imgpipe/data", "imgpipe/data/pipeline.py", "jobs/tune.py", "serving/app.py"):
@@ -472,7 +474,7 @@ def _fake_bundle(root: Path, name: str, version: str, complete: bool = True) -> 
     d.mkdir(parents=True)
     (d / "model.safetensors").write_bytes(b"\x00weights")
     if complete:
-        (d / cl.BUNDLE_META).write_text(json.dumps({"name": name}))
+        (d / publishing.BUNDLE_META).write_text(json.dumps({"name": name}))
     return d
 
 
@@ -484,7 +486,7 @@ def test_published_bundle_unpacks_where_serve_expects_it(tmp_path):
     run = tmp_path / "runs" / "tune-1"
     run.mkdir(parents=True)
     (run / "results.json").write_text("{}")
-    manifest = cl.publish(str(tmp_path / "out"), runs=[run], bundles_root=tmp_path / "bundles",
+    manifest = publishing.publish(str(tmp_path / "out"), runs=[run], bundles_root=tmp_path / "bundles",
                           stamp="20260101-000000")
     assert list(manifest["bundles"]) == ["digits-lt/v1"]
     stamp_dir = tmp_path / "out" / "20260101-000000"
@@ -496,10 +498,10 @@ def test_published_bundle_unpacks_where_serve_expects_it(tmp_path):
     unzip_package(str(zip_copy), str(tmp_path / "wd"), remove_top_level_directory=True,
                   unlink_zip=True)
     served = tmp_path / "wd" / "bundles" / "digits-lt" / "v1"
-    assert json.loads((served / cl.BUNDLE_META).read_text()) == {"name": "digits-lt"}
+    assert json.loads((served / publishing.BUNDLE_META).read_text()) == {"name": "digits-lt"}
     assert (served / "model.safetensors").read_bytes() == b"\x00weights"
     with pytest.raises(FileExistsError, match="never overwritten"):
-        cl.publish(str(tmp_path / "out"), runs=[run], stamp="20260101-000000")
+        publishing.publish(str(tmp_path / "out"), runs=[run], stamp="20260101-000000")
 
 
 def test_publish_cli_fails_when_the_run_made_no_bundle(tmp_path, capsys):
@@ -538,7 +540,7 @@ class _FakeCluster:
 
 def test_wait_for_resources_returns_when_gpus_arrive_and_releases_the_request():
     fake = _FakeCluster()
-    seen = cl.wait_for_resources(3, timeout_s=60, poll_s=5, request=fake.requests.append,
+    seen = cluster.wait_for_resources(3, timeout_s=60, poll_s=5, request=fake.requests.append,
                                  available=fake.available, clock=lambda: fake.now,
                                  sleep=fake.sleep)
     assert seen == 3
@@ -548,7 +550,7 @@ def test_wait_for_resources_returns_when_gpus_arrive_and_releases_the_request():
 def test_wait_for_resources_times_out_and_still_releases_the_request():
     fake = _FakeCluster(arrive_every=100)
     with pytest.raises(TimeoutError, match="0 of 2 GPUs"):
-        cl.wait_for_resources(2, timeout_s=30, poll_s=5, request=fake.requests.append,
+        cluster.wait_for_resources(2, timeout_s=30, poll_s=5, request=fake.requests.append,
                               available=fake.available, clock=lambda: fake.now,
                               sleep=fake.sleep)
     assert fake.requests[-1] == [] and fake.now >= 30
