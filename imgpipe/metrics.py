@@ -6,7 +6,9 @@ not samples. Every result is JSON-serialisable: plain ``float``/``int``/``list``
 where a number is undefined (never NaN).
 
 Conventions follow scikit-learn with ``labels=range(C)`` and ``zero_division=0``; the
-extended metrics follow imbalanced-learn. The tests check each number against those libraries.
+extended metrics follow imbalanced-learn. Rates come from the (summable) confusion matrix here;
+the scores that need per-sample probabilities — ROC-AUC, average precision, top-k, log loss,
+Brier — are scikit-learn's own functions. The tests check each number against those libraries.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from sklearn import metrics as skm
 
 from imgpipe.constants import (
     ACCURACY,
@@ -195,27 +198,16 @@ def confusion_extras(cm: Any, iba_alpha: float = 0.1) -> dict[str, Any]:
 
 
 def _binary_ranking(positive: np.ndarray, score: np.ndarray) -> tuple[float | None, float | None]:
-    """(ROC-AUC, average precision) of one-vs-rest scores, sklearn's tie handling.
-
-    None when undefined: ROC-AUC needs both positives and negatives, AP needs positives.
-    """
+    """(ROC-AUC, average precision) of one-vs-rest scores (scikit-learn's ``roc_auc_score`` /
+    ``average_precision_score``); None when undefined: ROC-AUC needs both positives and
+    negatives, AP needs positives (sklearn would warn and return nan or 0)."""
     n_pos = int(positive.sum())
     if n_pos == 0:
         return None, None
-    order = np.argsort(score, kind="mergesort")[::-1]
-    score, positive = score[order], positive[order]
-    # One operating point per distinct score (ties move together), as sklearn's curves.
-    last = np.r_[np.flatnonzero(np.diff(score)), score.size - 1]
-    tps = np.cumsum(positive)[last].astype(np.float64)
-    fps = (last + 1) - tps
-    recall = np.r_[0.0, tps / n_pos]
-    ap = float(np.sum(np.diff(recall) * tps / (tps + fps)))
-    n_neg = score.size - n_pos
-    if n_neg == 0:
+    ap = float(skm.average_precision_score(positive, score))
+    if n_pos == positive.size:
         return None, ap
-    fpr = np.r_[0.0, fps / n_neg]
-    auc = float(np.sum(np.diff(fpr) * (recall[1:] + recall[:-1]) / 2))
-    return auc, ap
+    return float(skm.roc_auc_score(positive, score)), ap
 
 
 def ranking_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
@@ -223,8 +215,7 @@ def ranking_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
 
     A class absent from y_true (or, for ROC-AUC, making up all of it) has None and is left
     out of the macro mean; sklearn's ``roc_auc_score(multi_class="ovr")`` would refuse such
-    input instead. Per-class values equal sklearn's binary ``roc_auc_score`` /
-    ``average_precision_score`` on ``(y_true == c, probs[:, c])``.
+    input instead, so the per-class binary scores are computed and averaged here.
     """
     aucs: list[float | None] = []
     aps: list[float | None] = []
@@ -241,32 +232,32 @@ def ranking_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
 
 
 def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
-    """Fraction of samples whose true class is among the k highest scores (sklearn's ties)."""
+    """Fraction of samples whose true class is among the k highest scores
+    (``sklearn.metrics.top_k_accuracy_score``); 1.0 when k >= C."""
     if k < 1:
         raise ValueError(f"top-k: k must be >= 1, got {k}")
-    if k >= probs.shape[1]:
+    c = probs.shape[1]
+    if k >= c:
         return 1.0
-    ranked = np.argsort(probs, axis=1, kind="mergesort")[:, ::-1][:, :k]
-    return float((ranked == y_true[:, None]).any(axis=1).mean())
+    # sklearn reads a binary problem's score as one column (the positive class).
+    score = probs[:, 1] if c == 2 else probs
+    return float(skm.top_k_accuracy_score(y_true, score, k=k, labels=np.arange(c)))
 
 
 def negative_log_likelihood(y_true: np.ndarray, probs: np.ndarray) -> float:
-    """Mean ``-log p_y``, p clipped to ``[eps, 1 - eps]`` (float64 eps, as sklearn's log_loss)."""
-    eps = np.finfo(np.float64).eps
-    p_true = np.clip(probs[np.arange(y_true.size), y_true], eps, 1 - eps)
-    return float(-np.log(p_true).mean())
+    """Mean ``-log p_y`` (``sklearn.metrics.log_loss``, which clips p to float64 eps)."""
+    return float(skm.log_loss(y_true, probs, labels=np.arange(probs.shape[1])))
 
 
 def brier_score(y_true: np.ndarray, probs: np.ndarray) -> float:
     """Multiclass Brier score: mean over samples of ``Σ_c (p_c − 1[y = c])²``, in [0, 2].
 
-    Equals sklearn's ``brier_score_loss(y, probs, labels=range(C), scale_by_half=False)``.
-    For two classes sklearn's default halves it (the classic binary ``mean (p_1 − y)²``);
-    we never halve, so the number means the same thing for every C.
+    ``sklearn.metrics.brier_score_loss(y, probs, labels=range(C), scale_by_half=False)``: for
+    two classes sklearn's default halves it (the classic binary ``mean (p_1 − y)²``); we never
+    halve, so the number means the same thing for every C.
     """
-    onehot = np.zeros_like(probs)
-    onehot[np.arange(y_true.size), y_true] = 1.0
-    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+    return float(skm.brier_score_loss(y_true, probs, labels=np.arange(probs.shape[1]),
+                                      scale_by_half=False))
 
 
 def calibration(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> dict[str, Any]:
