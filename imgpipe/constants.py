@@ -72,3 +72,6 @@ def val_key(metric: str) -> str:
 TRANSFER_SCORES = ("logme", "leep", "nce", "hscore", "knn", "linear_probe")
 BALANCED_SUFFIX = "_balanced"
 TRANSFER_SCORE_NAMES = tuple(n for base in TRANSFER_SCORES for n in (base, base + BALANCED_SUFFIX))
+
+# Optimizers (the registry in training/optim.py builds each; config validates against these).
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")

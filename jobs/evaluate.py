@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe import storage
-from imgpipe.config import resolve_config
+from imgpipe.config import choices, resolve_config
 from imgpipe.console import format_table, per_class_table, write_json
 from imgpipe.constants import TEST, VAL
 from imgpipe.errors import run_job
@@ -50,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "(default: the bundle's; with --calibrate it is stored in the bundle)")
     p.add_argument("--calibrate", action="store_true", default=None,
                    help="fit temperature (and binary threshold) on val, store in the bundle")
-    p.add_argument("--threshold-mode", choices=["max_f1", "recall"],
+    p.add_argument("--threshold-mode", choices=choices(EvaluateConfig, "threshold_mode"),
                    help="binary decision threshold: max F1 or a target recall")
     p.add_argument("--target-recall", type=float, help="with --threshold-mode recall")
     p.add_argument("--many-threshold", type=int, help="many-shot: training count above this")

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from imgpipe.config import ConfigError, resolve_config
+from imgpipe.config import ConfigError, choices, resolve_config
 from imgpipe.errors import run_job
 from imgpipe.monitoring.job import MonitorConfig, run_monitor
 from imgpipe.monitoring.reference import init_reference
@@ -39,7 +39,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--apply-prior", action="store_true", default=None,
                    help="push the estimated prior to the running app (user_config)")
-    p.add_argument("--prior-method", choices=["em", "bbse"])
+    p.add_argument("--prior-method", choices=choices(MonitorConfig, "prior_method"))
     p.add_argument("--serve-address", help="Ray dashboard URL (default http://127.0.0.1:8265)")
     p.add_argument("--app-name", help="Serve application (default imgpipe)")
     p.add_argument("--trigger-drift-p", type=float, dest="trigger.drift_p_below")
@@ -51,7 +51,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrain-working-dir", help="upload this checkout with the job")
     p.add_argument("--active-learning", type=int, metavar="K", help="queue the K most "
                    "informative images (per-class quota) with a manifest.csv")
-    p.add_argument("--active-learning-score", choices=["margin", "entropy"])
+    p.add_argument("--active-learning-score", choices=choices(MonitorConfig, "active_learning_score"))
     return p
 
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from imgpipe import storage
-from imgpipe.config import RebalanceConfig, resolve_config
+from imgpipe.config import RebalanceConfig, choices, resolve_config
 from imgpipe.console import write_json
 from imgpipe.errors import run_job
 from imgpipe.runtime import init_ray
@@ -27,16 +27,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file (RebalanceConfig fields); flags override it")
     p.add_argument("--bundle", help="source bundle: bundles/<name>/v<N> or bundles/<name> (latest)")
     p.add_argument("--data", help="prepared shard folder the bundle was trained on")
-    p.add_argument("--method", choices=["crt", "tau-norm", "lws"],
+    p.add_argument("--method", choices=choices(RebalanceConfig, "method"),
                    help="crt: new head, class-balanced sampling; tau-norm: w_c / |w_c|^tau, "
                         "tau chosen on val; lws: learned per-class scales (default crt)")
     p.add_argument("--smote", type=int, metavar="K",
                    help="oversample train features with K neighbours before cRT")
-    p.add_argument("--smote-method", choices=["smote", "borderline", "adasyn"])
+    p.add_argument("--smote-method", choices=choices(RebalanceConfig, "smote_method"))
     p.add_argument("--out", help="folder for results.json (default runs/rebalance)")
     p.add_argument("--bundle-root", help="where the new version goes (default: the source's root)")
     p.add_argument("--bundle-name", help="bundle name of the new version (default: the source's)")
-    p.add_argument("--metric", choices=["balanced_accuracy", "macro_f1"],
+    p.add_argument("--metric", choices=choices(RebalanceConfig, "metric"),
                    help="val metric that picks tau / the best head epoch")
     p.add_argument("--epochs", type=int, help="cRT / LWS epochs over the features")
     p.add_argument("--lr", type=float)

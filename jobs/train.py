@@ -9,7 +9,7 @@ import argparse
 import sys
 
 from imgpipe import storage
-from imgpipe.config import TrainConfig, resolve_config
+from imgpipe.config import TrainConfig, choices, resolve_config
 from imgpipe.console import per_class_table
 from imgpipe.errors import run_job
 from imgpipe.logs import configure_console
@@ -33,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", default=None, help="mixed precision (GPU)")
     p.add_argument("--storage-path", help="Ray Train storage (local path, s3://, gs://)")
     p.add_argument("--seed", type=int)
-    p.add_argument("--metric", choices=["macro_f1", "balanced_accuracy", "accuracy"])
+    p.add_argument("--metric", choices=choices(TrainConfig, "metric"))
     p.add_argument("--patience", type=int, help="early stopping patience (epochs)")
     p.add_argument("--min-steps-per-epoch", type=int,
                    help="optimizer steps an epoch has at least on every worker (default 10)")
@@ -43,7 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="worker/node failures recovered from the latest checkpoint (default 3; "
                    "-1 unlimited, 0 off)")
     add_transfer_args(p, prefix="")
-    p.add_argument("--loss", dest="loss.name", choices=["ce", "focal", "logit-adjusted"])
+    p.add_argument("--loss", dest="loss.name", choices=choices(TrainConfig, "loss.name"))
     p.add_argument("--class-weights", dest="loss.class_weights",
                    help="none | power:BETA | effective:BETA | w1,w2,...")
     p.add_argument("--focal-gamma", dest="loss.focal_gamma", type=float)
@@ -57,10 +57,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="MixUp with Beta(ALPHA, ALPHA) mixing weights (torchvision v2); 0 = off")
     p.add_argument("--cutmix", dest="mix.cutmix_alpha", type=float, metavar="ALPHA",
                    help="CutMix with Beta(ALPHA, ALPHA) (with --mixup: one of the two per batch)")
-    p.add_argument("--mix-partner", dest="mix.partner", choices=["instance", "balanced"],
+    p.add_argument("--mix-partner", dest="mix.partner", choices=choices(TrainConfig, "mix.partner"),
                    help="second image: from the batch, or drawn class-balanced (Remix-style)")
     p.add_argument("--mix-prob", dest="mix.prob", type=float, help="share of batches mixed")
-    p.add_argument("--optimizer", dest="optim.name", choices=["sgd", "adam", "adamw", "rmsprop"])
+    p.add_argument("--optimizer", dest="optim.name", choices=choices(TrainConfig, "optim.name"))
     p.add_argument("--lr", dest="optim.lr", type=float)
     p.add_argument("--weight-decay", dest="optim.weight_decay", type=float)
     p.add_argument("--no-cache", dest="cache_decoded", action="store_false", default=None,

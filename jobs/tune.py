@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from imgpipe import storage
-from imgpipe.config import EMBEDDED_DATASETS, TuneJobConfig, resolve_config
+from imgpipe.config import EMBEDDED_DATASETS, TuneJobConfig, choices, resolve_config
 from imgpipe.errors import run_job
 from imgpipe.logs import configure_console
 from imgpipe.models.weights import add_transfer_args, check_weights
@@ -43,8 +43,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", default=None)
     p.add_argument("--storage-path", help="Tune/Train storage: local path, s3://, gs://")
     p.add_argument("--seed", type=int, help="seeds the TPE sampler and every trial")
-    p.add_argument("--metric", choices=["macro_f1", "balanced_accuracy"], help="val objective")
-    p.add_argument("--scheduler", choices=["asha", "median", "fifo"])
+    p.add_argument("--metric", choices=choices(TuneJobConfig, "metric"), help="val objective")
+    p.add_argument("--scheduler", choices=choices(TuneJobConfig, "scheduler"))
     p.add_argument("--epochs", type=int, help="max epochs per trial")
     p.add_argument("--grace-period", type=int, help="epochs before a trial may be stopped")
     p.add_argument("--resume", action="store_true", default=None,

@@ -24,6 +24,7 @@ from imgpipe.config.schema import (
     StrictModel,
     TrainConfig,
     TuneJobConfig,
+    choices,
     format_validation_error,
     load_yaml,
     resolve_config,
@@ -33,5 +34,5 @@ __all__ = [
     "EMBEDDED_DATASETS", "MODEL_NAMES", "Augment", "ConfigError", "EmbeddedDataset",
     "LossConfig", "MixConfig", "ModelConfig", "ModelName", "OptimConfig", "PrepareConfig",
     "RebalanceConfig", "SamplerConfig", "StrictModel", "TrainConfig", "TuneJobConfig",
-    "format_validation_error", "load_yaml", "resolve_config",
+    "choices", "format_validation_error", "load_yaml", "resolve_config",
 ]

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from imgpipe.config.search import SearchSpace
 from imgpipe.config.specs import parse_class_weights, parse_finetune, parse_sampler
-from imgpipe.constants import METRIC_MODES, TRANSFER_SCORE_NAMES
+from imgpipe.constants import METRIC_MODES, OPTIMIZER_NAMES, TRANSFER_SCORE_NAMES
 from imgpipe.errors import UserError
 
 EmbeddedDataset = Literal["digits-lt", "shapes-lt"]
@@ -93,7 +93,7 @@ class LossConfig(StrictModel):
 
 
 class OptimConfig(StrictModel):
-    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
+    name: Literal[OPTIMIZER_NAMES] = "adamw"  # one name per training.optim registry entry
     lr: float = Field(3e-3, gt=0, le=10)
     weight_decay: float = Field(5e-4, ge=0, le=1)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -407,3 +407,22 @@ def format_validation_error(e: ValidationError, what: str) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         lines.append(f"  {loc}: {err['msg']}")
     return "\n".join(lines)
+
+
+def choices(model: type[BaseModel], dotted: str) -> list[str]:
+    """The allowed values of a ``Literal`` config field, for ``argparse`` ``choices=``.
+
+    ``choices(TrainConfig, "optim.name")`` follows nested models, so a job's flag offers exactly
+    what the config accepts: names are written once, in the config.
+
+    Raises:
+        KeyError: no such field. TypeError: the field is not a Literal of strings.
+    """
+    target: Any = model
+    for part in dotted.split("."):
+        annotation = target.model_fields[part].annotation
+        target = annotation
+    values = get_args(target)
+    if not values or not all(isinstance(v, str) for v in values):
+        raise TypeError(f"{model.__name__}.{dotted} is not a Literal of strings: {target}")
+    return list(values)

@@ -11,7 +11,7 @@ every group relative to its scale. Frozen parameters (``requires_grad=False``) a
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -83,20 +83,21 @@ def create_optimizer(cfg: OptimConfig, params: Iterable[torch.nn.Parameter] | nn
         groups: list[dict[str, Any]] = create_param_groups(params, cfg)
     else:
         groups = [{"params": [p for p in params if p.requires_grad], "lr_scale": 1.0}]
-    if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    if cfg.name == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                 weight_decay=cfg.weight_decay)
-    if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(groups, lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
-    raise ValueError(f"optim.name: unknown optimizer {cfg.name!r}")
+    return OPTIMIZERS[cfg.name](groups, cfg)
+
+
+# The registry: one builder per name in ``constants.OPTIMIZER_NAMES`` (a test keeps them equal).
+OPTIMIZERS: dict[str, Callable[[list[dict[str, Any]], OptimConfig], torch.optim.Optimizer]] = {
+    "sgd": lambda groups, cfg: torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+        weight_decay=cfg.weight_decay),
+    "adam": lambda groups, cfg: torch.optim.Adam(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay),
+    "adamw": lambda groups, cfg: torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay),
+    "rmsprop": lambda groups, cfg: torch.optim.RMSprop(
+        groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+}
 
 
 def lr_factor(progress_epochs: float, total_epochs: int, cfg: OptimConfig) -> float:
