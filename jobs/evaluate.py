@@ -35,7 +35,7 @@ from imgpipe.evaluate import (
 )
 from imgpipe.metrics import ECE, NLL
 from imgpipe.preflight import check_evaluate_config
-from imgpipe.report import SUMMARY_METRICS, write_report
+from imgpipe.report import SUMMARY_METRICS, document_bundle, write_report
 from imgpipe.robustness import ROBUSTNESS_FILE, ROBUSTNESS_PLOT
 
 
@@ -77,9 +77,12 @@ def run(cfg: EvaluateConfig) -> dict[str, Any]:
     shots = ShotThresholds(cfg.many_threshold, cfg.few_threshold)
     robustness = None
     if cfg.report:
-        write_report(cfg.bundle, cfg.data, cfg.out, split=cfg.split, prior=prior,
-                     shot_thresholds=shots, calibrate=False, robustness=cfg.robustness,
-                     robustness_seed=cfg.robustness_seed)
+        common = {"split": cfg.split, "shot_thresholds": shots, "robustness": cfg.robustness,
+                  "robustness_seed": cfg.robustness_seed}
+        if prior is None:  # the bundle's own numbers: recorded in it, with its report and card
+            document_bundle(cfg.bundle, cfg.data, cfg.out, calibrate=False, **common)
+        else:
+            write_report(cfg.bundle, cfg.data, cfg.out, prior=prior, **common)
         payload = json.loads((Path(cfg.out) / METRICS_FILE).read_text())
         if cfg.robustness:
             robustness = json.loads((Path(cfg.out) / ROBUSTNESS_FILE).read_text())

@@ -15,7 +15,7 @@ from test_evaluate import write_tiny_shards
 from imgpipe.bundle import load_bundle_meta
 from imgpipe.constants import MACRO_F1, TEST, VAL
 from imgpipe.evaluate import METRICS_FILE, PREDICTIONS_FILE
-from imgpipe.report import MODEL_CARD_FILE, REPORT_FILE, write_report
+from imgpipe.report import MODEL_CARD_FILE, REPORT_FILE, document_bundle, write_report
 
 HISTORY = [{"epoch": e, "train_loss": 2.0 / (e + 1), "val_loss": 2.2 / (e + 1) + 0.1,
             "val_macro_f1": 0.2 + 0.1 * e, "val_balanced_accuracy": 0.25 + 0.1 * e}
@@ -41,7 +41,7 @@ def _check_self_contained(page: str, n_figures: int) -> None:
 def test_report_with_history(data, tmp_path):
     bundle = make_test_bundle(tmp_path / "b", num_classes=4, train_class_counts=[600, 60, 25, 3])
     out = tmp_path / "report"
-    path = write_report(bundle, data, out, history=HISTORY)
+    path = document_bundle(bundle, data, out, history=HISTORY)
     assert path == out / REPORT_FILE
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["confusion_matrix.png", "per_class_vs_frequency.png", "reliability.png",
@@ -66,8 +66,7 @@ def test_report_with_history(data, tmp_path):
 def test_report_without_history_or_calibration_under_another_prior(data, tmp_path):
     bundle = make_test_bundle(tmp_path / "b", num_classes=4, train_class_counts=[600, 60, 25, 3])
     out = tmp_path / "report"
-    page = write_report(bundle, data, out, split=VAL, prior="balanced", calibrate=False
-                        ).read_text()
+    page = write_report(bundle, data, out, split=VAL, prior="balanced").read_text()
     _check_self_contained(page, 4)
     assert "No training history" in page
     meta = load_bundle_meta(bundle)
@@ -81,10 +80,12 @@ def test_names_from_the_data_are_escaped_in_the_page(tmp_path):
     data = write_tiny_shards(tmp_path / "data", names=names)
     bundle = make_test_bundle(tmp_path / "b", num_classes=4, class_names=names,
                               train_class_counts=[600, 60, 25, 3])
-    page = write_report(bundle, data, tmp_path / "report", calibrate=False).read_text()
+    page = write_report(bundle, data, tmp_path / "report").read_text()
     assert "<i>" not in page and "&lt;i&gt;rare &amp; odd&lt;/i&gt;" in page
     assert "a&#34;b" in page
     _check_self_contained(page, 4)
+    # write_report only writes its output folder: the bundle is left as it was
+    assert not (bundle / REPORT_FILE).exists() and not load_bundle_meta(bundle).metrics.test
 
 
 def _evaluate_job():
@@ -119,7 +120,7 @@ def test_evaluate_job_end_to_end(data, tmp_path, capsys):
 def test_report_with_robustness_has_its_table_plot_and_card_line(data, tmp_path):
     bundle = make_test_bundle(tmp_path / "b", num_classes=4, train_class_counts=[600, 60, 25, 3])
     out = tmp_path / "report"
-    page = write_report(bundle, data, out, robustness=True, robustness_seed=1).read_text()
+    page = document_bundle(bundle, data, out, robustness=True, robustness_seed=1).read_text()
     _check_self_contained(page, 5)  # four figures + the robustness plot
     rob = json.loads((out / "robustness.json").read_text())
     assert (out / "robustness.png").is_file() and rob["seed"] == 1

@@ -14,7 +14,7 @@ from imgpipe.console import format_table, write_json
 from imgpipe.constants import TEST, val_key
 from imgpipe.data.prepare import ensure_prepared
 from imgpipe.data.shards import Manifest, ManifestNotFoundError, load_manifest
-from imgpipe.report import write_report
+from imgpipe.report import document_bundle
 from imgpipe.tuning.export import best_checkpoint_dir, export_bundle
 from imgpipe.tuning.tuner import TuneOutcome, plan_search, run_search
 
@@ -108,7 +108,7 @@ def _export_and_report(tcfg: TuneJobConfig, outcome: TuneOutcome, work: Path) ->
 
     def finish(staged: Path) -> None:
         if tcfg.report:  # calibrated and reported before publication: a version is complete
-            write_report(staged, tcfg.data, report_dir, history=history, robustness=True)
+            document_bundle(staged, tcfg.data, report_dir, history=history, robustness=True)
 
     bundle, metrics = export_bundle(ckpt, tcfg.data, tcfg.bundle_root, name,
                                     {"search_params": outcome.best_params,
