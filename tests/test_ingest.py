@@ -14,10 +14,10 @@ from PIL import Image
 
 from imgpipe.config import PrepareConfig
 from imgpipe.constants import ID, IMAGE, LABEL, SPLITS, TEST, TRAIN, VAL
-from imgpipe.data.datasets import long_tail_counts
-from imgpipe.data.ingest import ingest_image_folder, ingest_manifest, stratified_assign
+from imgpipe.data.ingest import ingest_image_folder, ingest_manifest
 from imgpipe.data.prepare import effective_imbalance_ratio, prepare
 from imgpipe.data.shards import load_manifest, read_split_table
+from imgpipe.data.splits import long_tail_counts, stratified_assign
 
 
 def _image_bytes(seed: int, mode: str = "RGB", fmt: str = "PNG", size: int = 10) -> bytes:

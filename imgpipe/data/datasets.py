@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from imgpipe.constants import ID, IMAGE, LABEL, LABEL_NAME, TEST, TRAIN, VAL
-from imgpipe.errors import DataSourceError
+from imgpipe.data.splits import holdout_per_class, long_tail_counts
 
 Record = dict[str, Any]
 
@@ -36,29 +36,6 @@ class LabeledImages:
     ignored: dict[str, int] = field(default_factory=dict)  # files left out on purpose, by reason
 
 
-def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> list[int]:
-    """Per-class counts of a long-tailed split: ``int(n_max * rho^(-i/(C-1)))``, class 0 the head.
-
-    A class never gets fewer than one image (a class with no training rows cannot be learned and
-    breaks per-class weights), so for ``n_max / rho < 1`` the tail is 1, not 0.
-
-    Raises:
-        ValueError: ``n_max`` < 1, ``num_classes`` < 1, or ``imbalance_ratio`` not a finite >= 1.
-    """
-    if not isinstance(n_max, (int, np.integer)) or n_max < 1:
-        raise ValueError(f"n_max must be an integer >= 1, got {n_max!r}")
-    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
-    if not (math.isfinite(imbalance_ratio) and imbalance_ratio >= 1):
-        raise ValueError(f"imbalance_ratio must be a finite number >= 1, got {imbalance_ratio!r}")
-    if num_classes == 1:
-        return [int(n_max)]
-    return [
-        max(1, int(n_max * imbalance_ratio ** (-i / (num_classes - 1))))
-        for i in range(num_classes)
-    ]
-
-
 def encode_png(pixels: np.ndarray) -> bytes:
     """uint8 ``(H, W)`` or ``(H, W, 3)`` → PNG bytes (lossless, so stats are exact)."""
     buf = io.BytesIO()
@@ -73,29 +50,6 @@ def make_record(image: bytes, label: int, class_names: list[str], record_id: str
 # ---------------------------------------------------------------------------------------------
 # digits-lt
 # ---------------------------------------------------------------------------------------------
-
-
-def _holdout_per_class(
-    labels: np.ndarray, num_classes: int, val_per_class: int, test_per_class: int, seed: int
-) -> tuple[dict[str, list[int]], list[list[int]]]:
-    """Balanced test then val indices per class; returns (split → indices, remaining pools)."""
-    counts = np.bincount(labels, minlength=num_classes)
-    need = val_per_class + test_per_class
-    if counts.min() <= need:
-        small = int(np.argmin(counts))
-        raise DataSourceError(
-            f"val_per_class + test_per_class = {need} leaves no training images for class "
-            f"{small} ({counts[small]} images); lower val_per_class/test_per_class"
-        )
-    rng = np.random.default_rng(seed)
-    held: dict[str, list[int]] = {TEST: [], VAL: []}
-    pools: list[list[int]] = []
-    for c in range(num_classes):
-        idx = rng.permutation(np.flatnonzero(labels == c)).tolist()
-        held[TEST] += idx[:test_per_class]
-        held[VAL] += idx[test_per_class:need]
-        pools.append(idx[need:])
-    return held, pools
 
 
 def load_digits_lt(imbalance_ratio: float | None = 100.0, seed: int = 0, val_per_class: int = 20,
@@ -117,7 +71,7 @@ def load_digits_lt(imbalance_ratio: float | None = 100.0, seed: int = 0, val_per
     # Pixel values are 0..16; scale to the full uint8 range so they look like ordinary images.
     pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
     class_names = [str(int(c)) for c in np.unique(labels)]
-    held, pools = _holdout_per_class(labels, len(class_names), val_per_class, test_per_class, seed)
+    held, pools = holdout_per_class(labels, len(class_names), val_per_class, test_per_class, seed)
     if imbalance_ratio is None:
         train_idx = [i for pool in pools for i in pool]
     else:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from imgpipe.constants import LABEL, SPLITS, TEST, TRAIN, VAL
-from imgpipe.data.datasets import LabeledImages, Record, long_tail_counts, make_record
+from imgpipe.data.datasets import LabeledImages, Record, make_record
 from imgpipe.data.decode import GREY_MODES, ImageDecodeError, decode_image, read_image_header
 from imgpipe.data.shards import read_bytes, resolve_filesystem
 from imgpipe.data.sources import (  # noqa: F401 — listing names stay importable from here
@@ -33,6 +33,7 @@ from imgpipe.data.sources import (  # noqa: F401 — listing names stay importab
     look_alike_classes,
     sort_class_names,
 )
+from imgpipe.data.splits import long_tail_keep, stratified_assign
 from imgpipe.data.transforms import Preprocess
 from imgpipe.errors import DataSourceError
 
@@ -122,56 +123,8 @@ def load_images(items: list[SourceItem]) -> tuple[list[_Loaded], list[dict[str, 
 
 
 # ---------------------------------------------------------------------------------------------
-# splits and long tail
+# splits (the draws themselves: data/splits.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def stratified_assign(labels: np.ndarray, fractions: dict[str, float],
-                      seed: int) -> tuple[np.ndarray, list[int]]:
-    """Assign rows to splits per class: ``round(n * f)`` (at least 1) to each split, rest train.
-
-    Per-class allocation (rather than sklearn's ``train_test_split(stratify=...)``, which only
-    approximates per-class proportions and may give a rare class no val/test row at all) puts
-    every splittable class in every split, so per-class recall exists. Classes with fewer than
-    ``len(fractions) + 1`` rows stay wholly in train; their labels are returned.
-    """
-    out = np.full(len(labels), TRAIN, dtype=object)
-    rng = np.random.default_rng(seed)
-    small = []
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        if len(idx) < len(fractions) + 1:
-            small.append(int(c))
-            continue
-        take = [max(1, round(len(idx) * f)) for f in fractions.values()]
-        while sum(take) > len(idx) - 1:  # keep at least one training row
-            take[int(np.argmax(take))] -= 1
-        start = 0
-        for split, k in zip(fractions, take, strict=True):
-            out[idx[start:start + k]] = split
-            start += k
-    return out, small
-
-
-def long_tail_keep(labels: np.ndarray, imbalance_ratio: float, seed: int) -> np.ndarray:
-    """Boolean mask that subsamples ``labels`` (train rows) to a long tail with ratio ``rho``.
-
-    Classes are ranked by their own size (the natural head stays the head) and ``n_max`` is the
-    largest head count every rank can supply, so as few rows as possible are dropped.
-    """
-    counts = np.bincount(labels)
-    ranked = [int(c) for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
-    keep = np.zeros(len(labels), dtype=bool)
-    if len(ranked) < 2:
-        keep[:] = True
-        return keep
-    n_max = min(counts[c] * imbalance_ratio ** (r / (len(ranked) - 1))
-                for r, c in enumerate(ranked))
-    quotas = long_tail_counts(max(1, int(n_max)), len(ranked), imbalance_ratio)
-    rng = np.random.default_rng([seed, 0x7A11])
-    for c, q in zip(ranked, quotas, strict=True):
-        keep[rng.permutation(np.flatnonzero(labels == c))[:q]] = True
-    return keep
 
 
 def _assign_splits(given: list[str | None], labels: np.ndarray, val_fraction: float,
