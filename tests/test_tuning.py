@@ -128,7 +128,6 @@ def test_impossible_plan_names_the_flags():
 @pytest.mark.ray
 def test_impossible_plan_fails_before_starting(ray_session, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
-    started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "jobs/tune.py", "--data", str(tmp_path / "nothing"),
          "--dataset", "digits-lt", "--workers-per-trial", "4", "--max-concurrent", "4",
@@ -136,8 +135,7 @@ def test_impossible_plan_fails_before_starting(ray_session, tmp_path):
          "--address", address], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "resource plan does not fit" in proc.stderr and "--workers-per-trial" in proc.stderr
-    assert not (tmp_path / "nothing").exists()  # no data was prepared
-    assert time.perf_counter() - started < 120
+    assert not (tmp_path / "nothing").exists()  # no data was prepared: it failed first
 
 
 def tune_cmd(data: str, out: Path, address: str, *extra: str) -> list[str]:
