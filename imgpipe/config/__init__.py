@@ -3,15 +3,22 @@
 - ``schema``: the strict, layered job configs (defaults < YAML < flags) and their loading.
 - ``search``: the search space of a tune run (its ``search:`` section).
 - ``specs``: the small option languages (class weights, sampler, fine-tuning mode), parsed.
+- ``loading``: YAML + flag overrides → a validated config; errors that name the field.
 
 The room imports only ``constants`` and ``errors``: every other room may read its configs.
 """
 
+from imgpipe.config.loading import (
+    ConfigError,
+    choices,
+    format_validation_error,
+    load_yaml,
+    resolve_config,
+)
 from imgpipe.config.schema import (
     EMBEDDED_DATASETS,
     MODEL_NAMES,
     Augment,
-    ConfigError,
     EmbeddedDataset,
     LossConfig,
     MixConfig,
@@ -24,10 +31,6 @@ from imgpipe.config.schema import (
     StrictModel,
     TrainConfig,
     TuneJobConfig,
-    choices,
-    format_validation_error,
-    load_yaml,
-    resolve_config,
 )
 
 __all__ = [

@@ -5,16 +5,14 @@ Unknown keys and wrong types fail before any work starts, and the message names 
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args
+from typing import Any, Literal, get_args
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imgpipe.config.loading import format_validation_error
 from imgpipe.config.search import SearchSpace
 from imgpipe.config.specs import parse_class_weights, parse_finetune, parse_sampler
 from imgpipe.constants import METRIC_MODES, OPTIMIZER_NAMES, TRANSFER_SCORE_NAMES
-from imgpipe.errors import UserError
 
 EmbeddedDataset = Literal["digits-lt", "shapes-lt"]
 EMBEDDED_DATASETS: tuple[str, ...] = get_args(EmbeddedDataset)
@@ -30,10 +28,6 @@ class Augment(BaseModel):
     rotation_degrees: float = Field(10.0, ge=0, le=180)
     color_jitter: float = Field(0.0, ge=0, le=1, description="brightness/contrast strength")
     random_erasing: float = Field(0.0, ge=0, le=1, description="probability")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration that cannot run; the message names the offending field(s)."""
 
 
 class StrictModel(BaseModel):
@@ -354,75 +348,3 @@ class RebalanceConfig(StrictModel):
             raise ValueError(f"smote: feature oversampling trains a new head, so it needs "
                              f"method crt (got {self.method})")
         return self
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file. Raises ConfigError for a missing, unreadable or invalid file."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise ConfigError(f"--config {path}: cannot read it ({e.strerror or e})") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
-
-
-def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = target
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"{dotted}: {p} is not a section")
-    node[leaf] = value
-
-
-def resolve_config(model: type[M], yaml_path: str | Path | None = None,
-                   overrides: dict[str, Any] | None = None) -> M:
-    """Defaults < YAML < overrides (dotted keys, ``None`` values ignored) → validated model.
-
-    Raises:
-        ConfigError: naming every invalid field, e.g. ``optim.lr: Input should be greater than 0``.
-    """
-    data: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(data, key, value)
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, model.__name__)) from None
-
-
-def format_validation_error(e: ValidationError, what: str) -> str:
-    lines = [f"invalid {what}:"]
-    for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
-
-
-def choices(model: type[BaseModel], dotted: str) -> list[str]:
-    """The allowed values of a ``Literal`` config field, for ``argparse`` ``choices=``.
-
-    ``choices(TrainConfig, "optim.name")`` follows nested models, so a job's flag offers exactly
-    what the config accepts: names are written once, in the config.
-
-    Raises:
-        KeyError: no such field. TypeError: the field is not a Literal of strings.
-    """
-    target: Any = model
-    for part in dotted.split("."):
-        annotation = target.model_fields[part].annotation
-        target = annotation
-    values = get_args(target)
-    if not values or not all(isinstance(v, str) for v in values):
-        raise TypeError(f"{model.__name__}.{dotted} is not a Literal of strings: {target}")
-    return list(values)
