@@ -179,15 +179,17 @@ def run_scenario(name, pool, labels, prior, meta, ref, args, rng) -> dict[str, A
         truth = np.bincount(y, minlength=c) / len(y)
         em = np.array(list(res["label_shift"]["em"]["prior"].values()))
         bbse = np.array(list(res["label_shift"]["bbse"]["prior"].values()))
-        t_ref = res["label_shift"]["em_recalibration"]["temperature"]
-        # What --apply-prior serves: the prior on the recalibrated probabilities.
-        adapted = decisions(recalibrate(win.probabilities, t_ref), np.asarray(meta.model_prior),
-                            em)
+        temps = res["label_shift"]["em_recalibration"]
+        # What --apply-prior serves: the prior at the calibrated T (rows here are at the
+        # reference's T: nothing was pushed yet).
+        adapted = decisions(recalibrate(win.probabilities, temps["temperature"]),
+                            np.asarray(meta.model_prior), em)
         reps.append({"alarm": res["shift_detected"],
                      "prior_p": res["label_shift"]["test"]["p_value"],
                      "drift_p": res["drift"]["p_value"], "tv_em": total_variation(em, truth),
                      "tv_bbse": total_variation(bbse, truth), "em": em.tolist(), "rows": rows,
-                     "t_ref": t_ref,
+                     "t_ref": temps["temperature"],
+                     "t_calibrated": temps["calibrated_temperature"],
                      "before": accuracy(y, win.predicted, c), "after": accuracy(y, adapted, c)})
         print(f"  {name} rep {r + 1}/{args.reps}: alarm={reps[-1]['alarm']} "
               f"p_prior={reps[-1]['prior_p']:.3g} p_drift={reps[-1]['drift_p']:.3g}", flush=True)
@@ -342,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                 for i in pick.choice(len(clean[k]), counts[k], replace=False)]
         served = serve_all(url, imgs, args.concurrency)
         before = accuracy(y, np.array([names.index(s) for s in served]), c)
-        temperature = meta.temperature * b["t_ref"] if b["t_ref"] != 1.0 else None
+        temperature = b["t_calibrated"] if b["t_ref"] != 1.0 else None
         after = apply_prior_for_real(dashboard, url, b["em"], temperature, imgs, y, names)
     finally:
         serve.shutdown()

@@ -22,7 +22,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import _free_port, _pngs, _random_bundle, run_cell  # noqa: E402
+from serve_bench import free_port, load_cell, pngs, random_bundle, summarize  # noqa: E402
+
+
+def run_cell(url: str, images: list[bytes], requests: int, concurrency: int) -> dict:
+    """``requests`` single-image POSTs at ``concurrency``: req/s, p50/p99 ms, errors."""
+    return summarize([load_cell(url, images, requests, concurrency)], concurrency)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -44,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = get_args_parser().parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="predlog-bench-"))
-    bundle = Path(args.bundle) if args.bundle else _random_bundle(tmp / "bundles", "cnn", 32)
-    images = _pngs(64, 32)
-    port = _free_port()
+    bundle = Path(args.bundle) if args.bundle else random_bundle(tmp / "bundles", "cnn", 32)
+    images = pngs(64, 32)
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     ray.init(num_cpus=4, include_dashboard=False, configure_logging=False, log_to_driver=False)
     rows = []

@@ -35,6 +35,7 @@ PREDICTED = "predicted"  # served decision (class name): argmax or binary thresh
 PREDICTED_INDEX = "predicted_index"
 PROBABILITIES = "probabilities"  # calibrated: softmax(logits / T), no prior correction
 DEPLOYMENT_PRIOR = "deployment_prior"  # the prior in effect when served (JSON text)
+TEMPERATURE = "temperature"  # the T of PROBABILITIES (the app's, which --apply-prior may change)
 SERVED_PROBABILITY = "served_probability"  # probability of the served decision
 MARGIN = "margin"  # top-1 minus top-2 of the served (prior-corrected) probabilities
 ENTROPY = "entropy"  # of the served probabilities, nats
@@ -50,6 +51,7 @@ LOG_SCHEMA = pa.schema([
     pa.field(PREDICTED_INDEX, pa.int32()),
     pa.field(PROBABILITIES, pa.list_(pa.float32())),
     pa.field(DEPLOYMENT_PRIOR, pa.string()),
+    pa.field(TEMPERATURE, pa.float32()),
     pa.field(SERVED_PROBABILITY, pa.float32()),
     pa.field(MARGIN, pa.float32()),
     pa.field(ENTROPY, pa.float32()),

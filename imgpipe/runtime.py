@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
@@ -56,9 +58,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if ray.is_initialized():
         return
     if address and address != "local":
-        ctx = ray.init(address=address)
-        if ctx.dashboard_url:
-            os.environ.setdefault(API_SERVER_ENV, f"http://{ctx.dashboard_url}")
+        ray.init(address=address)
         return
     start_local_ray(num_cpus=num_cpus or max(os.cpu_count() or 1, 4), configure_logging=False)
 
@@ -70,15 +70,40 @@ def start_local_ray(**init_kwargs) -> None:
     a second Ray instance on the machine (a test session, another user's job) that lookup
     fails ("Found multiple active Ray instances"), the cleanup never runs, and the leaked
     bundles starve Ray Data: the next run hangs. Ray reads ``RAY_API_SERVER_ADDRESS`` first,
-    and the raylet and every worker inherit this process's environment, so naming this
-    instance's dashboard there (on a port chosen here, bound to 127.0.0.1) pins the lookup.
+    and the raylet (hence every worker) inherits the environment it is started with, so naming
+    this instance's dashboard there (on a port chosen here, bound to 127.0.0.1) pins the lookup
+    for every process of the instance.
+
+    This process drops the variable again once the instance is up: Ray also lets it override
+    an explicit address (``JobSubmissionClient(address)``, ``ray job submit --address``), and
+    a driver may well talk to another cluster.
 
     ``init_kwargs`` go to ``ray.init`` (``num_cpus``, ``object_store_memory``, ...).
     """
     port = _free_port()
+    before = os.environ.get(API_SERVER_ENV)
     os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, **init_kwargs)
+    try:
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, **init_kwargs)
+    finally:
+        if before is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = before
+
+
+@contextmanager
+def explicit_address() -> Iterator[None]:
+    """Within this block ``RAY_API_SERVER_ADDRESS`` is unset, so a client built with an explicit
+    address (``JobSubmissionClient(address)``) goes there: Ray would let the variable win, and
+    every process of an instance from ``start_local_ray`` inherits it."""
+    before = os.environ.pop(API_SERVER_ENV, None)
+    try:
+        yield
+    finally:
+        if before is not None:
+            os.environ[API_SERVER_ENV] = before
 
 
 def _free_port() -> int:

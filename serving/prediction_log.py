@@ -218,7 +218,7 @@ def rows_table(batches: list[_Batch], replica: str) -> pa.Table:
     Python work would eat into serving throughput).
     """
     parts: dict[str, list[Any]] = {k: [] for k in ("time", "name", "version", "predicted",
-                                                   "index", "calibrated", "prior", "served",
+                                                   "index", "calibrated", "prior", "temperature", "served",
                                                    "margin", "entropy", "embedding", "image")}
     for b in batches:
         meta, n = b.meta, len(b.logits)
@@ -235,6 +235,7 @@ def rows_table(batches: list[_Batch], replica: str) -> pa.Table:
         parts["index"].append(idx)
         parts["calibrated"].append(calibrated_probabilities(b.logits, meta.temperature))
         parts["prior"] += [json.dumps(meta.deployment_prior)] * n
+        parts["temperature"] += [meta.temperature] * n
         parts["served"].append(served[np.arange(n), idx])
         parts["margin"].append(margin)
         parts["entropy"].append(entropy)
@@ -259,6 +260,7 @@ def rows_table(batches: list[_Batch], replica: str) -> pa.Table:
         pa.array(cat(parts["index"]).astype(np.int32)),
         _list_column(cat(parts["calibrated"]).astype(np.float32), pa.float32()),
         pa.array(parts["prior"], pa.string()),
+        pa.array(parts["temperature"], pa.float32()),
         pa.array(cat(parts["served"]).astype(np.float32)),
         pa.array(cat(parts["margin"]).astype(np.float32)),
         pa.array(cat(parts["entropy"]).astype(np.float32)),

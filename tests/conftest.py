@@ -28,19 +28,13 @@ def pytest_collection_modifyitems(config, items):
 def _no_leaked_ray():
     """A test that starts Ray in this process (a job's ``main`` run in-process) must not leave it
     up: later tests assert that preflight errors come before Ray starts. Session-scoped
-    ``ray_session`` is set up before this fixture, so the shared instance is left alone.
-    The State API address (``start_local_ray``) is put back as it was, too."""
+    ``ray_session`` is set up before this fixture, so the shared instance is left alone."""
     import ray
 
     was_up = ray.is_initialized()
-    api_server = os.environ.get("RAY_API_SERVER_ADDRESS")
     yield
     if not was_up and ray.is_initialized():
         ray.shutdown()
-    if api_server is None:
-        os.environ.pop("RAY_API_SERVER_ADDRESS", None)
-    else:
-        os.environ["RAY_API_SERVER_ADDRESS"] = api_server
 
 
 @pytest.fixture(scope="session")

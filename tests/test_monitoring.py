@@ -75,6 +75,38 @@ def test_em_on_overconfident_probabilities_is_fixed_by_the_reference_temperature
     np.testing.assert_allclose(recalibrate(sharp_win, t).sum(1), 1.0)
 
 
+def test_a_pushed_temperature_is_not_applied_twice_on_the_next_pass(tmp_path):
+    """Pass 1 reads rows logged at T = 1 by an overconfident model and finds T' ≈ 3; after
+    --apply-prior the app logs at T = 3. Pass 2 must estimate the same prior from those rows."""
+    from imgpipe.bundle import load_bundle_meta
+    from imgpipe.monitoring.analyze import AnalysisSettings, analyze
+    from imgpipe.monitoring.log_reader import LogWindow
+    from imgpipe.monitoring.reference import Reference
+
+    rng = np.random.default_rng(5)
+    meta = load_bundle_meta(make_test_bundle(tmp_path, num_classes=C,
+                                             train_class_counts=[40, 30, 20, 10]))
+    y_ref, p_ref = _synthetic(np.full(C, 0.25), 4000, rng)
+    _, p_win = _synthetic(np.array([0.1, 0.2, 0.3, 0.4]), 3000, rng)
+    ref = Reference(y_ref, _overconfident(p_ref), None, {"temperature": 1.0})
+    settings = AnalysisSettings(n_bootstrap=0, seed=0)
+
+    def window(probs, temperature):
+        n = len(probs)
+        return LogWindow(np.arange(n).astype("datetime64[us]"), probs.argmax(1), probs,
+                         probs.max(1), np.zeros(n), np.zeros(n), None,
+                         temperatures=np.full(n, temperature))
+
+    sharp = _overconfident(p_win)
+    first = analyze(meta, ref, window(sharp, 1.0), settings)["label_shift"]
+    t_cal = first["em_recalibration"]["calibrated_temperature"]
+    assert 2.5 < t_cal < 3.5 and first["em_recalibration"]["served_temperature"] == 1.0
+    second = analyze(meta, ref, window(recalibrate(sharp, t_cal), t_cal), settings)["label_shift"]
+    assert second["em_recalibration"]["served_temperature"] == pytest.approx(t_cal, rel=1e-5)
+    for k in first["em"]["prior"]:
+        assert second["em"]["prior"][k] == pytest.approx(first["em"]["prior"][k], abs=1e-4)
+
+
 def test_prior_test_holds_level_and_detects_shift():
     rng = np.random.default_rng(1)
     p_null, p_alt = [], []

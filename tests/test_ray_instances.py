@@ -8,6 +8,7 @@ placement groups starve Ray Data and the next run hangs. ``start_local_ray`` pin
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh process beside the test session's instance: init_ray starts a second one.
 SECOND_INSTANCE = """
-import json, ray
+import json, os, ray
 from ray._private.worker import get_dashboard_url
 from imgpipe.runtime import init_ray
 
@@ -33,7 +34,9 @@ def state_api_from_a_worker():
     return get_address_for_submission_client(None)
 
 print(json.dumps({"own": "http://" + get_dashboard_url(),
-                  "seen_by_worker": ray.get(state_api_from_a_worker.remote())}))
+                  "seen_by_worker": ray.get(state_api_from_a_worker.remote()),
+                  # the driver itself keeps no override: an explicit address must still win
+                  "driver_env": os.environ.get("RAY_API_SERVER_ADDRESS")}))
 ray.shutdown()
 """
 
@@ -48,3 +51,5 @@ def test_a_second_local_instance_and_its_workers_use_their_own_state_api(ray_ses
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["seen_by_worker"] == seen["own"] != session
+    assert seen["driver_env"] is None
+    assert "RAY_API_SERVER_ADDRESS" not in os.environ  # nor does the test session's driver

@@ -34,6 +34,7 @@ from imgpipe.bundle import BundleMeta
 from imgpipe.errors import UserError
 from imgpipe.monitoring.log_reader import LogWindow
 from imgpipe.prediction_log_format import IMAGE, PREDICTED, TIME
+from imgpipe.runtime import explicit_address
 
 MODEL_DEPLOYMENT = "ImgpipeModel"  # serving.schemas.MODEL_DEPLOYMENT (not imported: one way)
 
@@ -163,7 +164,8 @@ def submit_retraining(address: str, meta: BundleMeta, bundle_dir: Path, data: st
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     entrypoint = shlex.join(["python", "jobs/tune.py", "--config", str(cfg_path.resolve()),
                              *(extra_args or [])])
-    client = JobSubmissionClient(address)
+    with explicit_address():
+        client = JobSubmissionClient(address)
     sid = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                             metadata={"imgpipe": "retraining", "bundle": f"{meta.name}"})
     return {"submission_id": sid, "entrypoint": entrypoint, "config": str(cfg_path)}

@@ -71,26 +71,59 @@ def _named(names: list[str], values: np.ndarray) -> dict[str, float | None]:
     return {n: (None if np.isnan(v) else round(float(v), 6)) for n, v in zip(names, values, strict=True)}
 
 
+@dataclass(frozen=True)
+class _Temperatures:
+    """Which temperature each set of probabilities is at, and the calibrated one.
+
+    The reference was scored once, at the bundle's T then (``reference``); each logged row
+    carries the T it was served at (``rows``), which ``--apply-prior`` may have changed. A T
+    refitted on the reference (``fit``) makes ``reference · fit`` the calibrated temperature.
+    """
+
+    reference: float
+    rows: np.ndarray  # (N,)
+    fit: float
+
+    @property
+    def calibrated(self) -> float:
+        return self.reference * self.fit
+
+    @property
+    def served(self) -> float:
+        return float(self.rows[-1])
+
+    def summary(self) -> dict[str, Any]:
+        return {"temperature": round(self.fit, 6), "reference_temperature": self.reference,
+                "served_temperature": round(self.served, 6),
+                "calibrated_temperature": round(self.calibrated, 6),
+                "why": "temperature refitted on the labelled reference before EM (EM needs "
+                       "calibrated probabilities); 1 = already calibrated"}
+
+
+def _temperatures(meta: BundleMeta, ref: Reference, win: LogWindow) -> _Temperatures:
+    model_prior = np.asarray(meta.model_prior) / np.sum(meta.model_prior)
+    t_ref = float(ref.info.get("temperature", meta.temperature))
+    rows = win.temperatures if win.temperatures is not None else np.full(len(win), t_ref)
+    return _Temperatures(t_ref, rows, reference_temperature(ref.probabilities, ref.labels,
+                                                            model_prior))
+
+
 def _label_shift(meta: BundleMeta, ref: Reference, win: LogWindow, ref_idx: np.ndarray,
-                 s: AnalysisSettings) -> tuple[dict[str, Any], np.ndarray]:
+                 temps: _Temperatures, s: AnalysisSettings) -> tuple[dict[str, Any], np.ndarray]:
     names, c = meta.class_names, meta.architecture.num_classes
     model_prior = np.asarray(meta.model_prior) / np.sum(meta.model_prior)
     train = training_prior(meta)
     win_pred = win.probabilities.argmax(axis=1)  # the model-prior rule, as on the reference
     m = confusion_given_label(ref.labels, ref.probabilities.argmax(axis=1), c)
-    # EM needs calibrated posteriors; refit T on the reference (≈ 1 for a calibrated bundle).
-    t_ref = reference_temperature(ref.probabilities, ref.labels, model_prior)
-    win_probs = recalibrate(win.probabilities, t_ref)
+    # EM needs calibrated posteriors: every row goes from the T it was logged at to the
+    # calibrated T (a row at T_a reaches T_b with factor T_b / T_a).
+    win_probs = recalibrate(win.probabilities, temps.calibrated / temps.rows)
     est = {"bbse": bbse_prior(m, win_pred), "em": em_prior(win_probs, model_prior)}
     boot = bootstrap_priors(win_probs, ref.labels, ref.probabilities, model_prior,
                             s.n_bootstrap, s.seed) if s.n_bootstrap > 0 else None
     stat, p = prior_unchanged_test(win_pred, ref.probabilities[ref_idx].argmax(axis=1), c)
     out: dict[str, Any] = {"training_prior": _named(names, train),
-                           "em_recalibration": {
-                               "temperature": round(t_ref, 6),
-                               "why": "temperature refitted on the labelled reference before EM "
-                                      "(EM needs calibrated probabilities); 1 = already "
-                                      "calibrated"}}
+                           "em_recalibration": temps.summary()}
     for method, pi in est.items():
         lo, hi = (np.percentile(boot[method], [2.5, 97.5], axis=0) if boot is not None
                   else (np.full(c, np.nan), np.full(c, np.nan)))
@@ -121,17 +154,18 @@ def _drift(ref: Reference, win: LogWindow, ref_idx: np.ndarray, s: AnalysisSetti
 
 
 def _performance(meta: BundleMeta, ref: Reference, win: LogWindow, em: np.ndarray,
-                 t_ref: float, s: AnalysisSettings) -> dict[str, Any]:
+                 temps: _Temperatures, s: AnalysisSettings) -> dict[str, Any]:
     names, c = meta.class_names, meta.architecture.num_classes
     model_prior = np.asarray(meta.model_prior)
     current = meta.deployment_prior
     if win.table is not None and DEPLOYMENT_PRIOR in win.table.column_names and len(win):
         current = json.loads(win.table[DEPLOYMENT_PRIOR][-1].as_py())
-    rec_now = per_class_recall(ref.labels, decisions(ref.probabilities, model_prior,
+    # The rule in effect: the served T and prior, on the reference images.
+    now = recalibrate(ref.probabilities, temps.served / temps.reference)
+    rec_now = per_class_recall(ref.labels, decisions(now, model_prior,
                                                      deployment_target(meta, current)), c)
-    # The adapted rule is what --apply-prior serves: the estimated prior on the recalibrated
-    # probabilities (the app also gets the refitted temperature).
-    rec_adapted = per_class_recall(ref.labels, decisions(recalibrate(ref.probabilities, t_ref),
+    # The adapted rule is what --apply-prior serves: the estimated prior at the calibrated T.
+    rec_adapted = per_class_recall(ref.labels, decisions(recalibrate(ref.probabilities, temps.fit),
                                                          model_prior, em), c)
     return {
         "deployment_prior_in_effect": current,
@@ -170,8 +204,8 @@ def analyze(meta: BundleMeta, ref: Reference, win: LogWindow,
     if len(win) == 0:
         raise DataSourceError("the window holds no rows of this bundle: nothing to monitor yet")
     ref_idx = stratified_sample(ref.labels, training_prior(meta), s.seed)
-    label_shift, em = _label_shift(meta, ref, win, ref_idx, s)
-    t_ref = label_shift["em_recalibration"]["temperature"]
+    temps = _temperatures(meta, ref, win)
+    label_shift, em = _label_shift(meta, ref, win, ref_idx, temps, s)
     drift = _drift(ref, win, ref_idx, s)
     p_prior = label_shift["test"]["p_value"]
     p_drift = drift.get("p_value", 1.0)
@@ -183,7 +217,7 @@ def analyze(meta: BundleMeta, ref: Reference, win: LogWindow,
                    "files_skipped": win.files_skipped, "other_model_rows": win.other_model_rows},
         "label_shift": label_shift,
         "drift": drift,
-        "performance": _performance(meta, ref, win, em, t_ref, s),
+        "performance": _performance(meta, ref, win, em, temps, s),
         "prediction_rate": _prediction_rate(meta, win, s.time_bins),
         "shift_detected": bool(min(p_prior, p_drift) < s.alpha / 2),
         "alpha": s.alpha,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -96,7 +97,7 @@ def run_pass(cfg: MonitorConfig) -> dict[str, Any]:
                 cfg.retrain_address, meta, bundle_dir, cfg.retrain_data, out / "retrain",
                 cfg.retrain_args, _runtime_env(cfg))
     if cfg.apply_prior:
-        result["apply_prior"] = _maybe_apply_prior(cfg, result, meta.temperature)
+        result["apply_prior"] = _maybe_apply_prior(cfg, result)
     if cfg.active_learning:
         result["active_learning"] = save_active_learning_queue(
             win, out / "active_learning", cfg.active_learning, cfg.active_learning_score)
@@ -110,18 +111,17 @@ def _runtime_env(cfg: MonitorConfig) -> dict[str, Any] | None:
     return {"working_dir": cfg.retrain_working_dir, "excludes": list(JOB_EXCLUDES)}
 
 
-def _maybe_apply_prior(cfg: MonitorConfig, result: dict[str, Any],
-                       bundle_temperature: float) -> dict[str, Any]:
+def _maybe_apply_prior(cfg: MonitorConfig, result: dict[str, Any]) -> dict[str, Any]:
     test_p = result["label_shift"]["test"]["p_value"]
     if test_p >= cfg.alpha / 2:
         return {"applied": False, "reason": f"prior test p = {test_p:.3g} ≥ α/2: no label "
                                              "shift detected, the app keeps its prior"}
     prior = [result["label_shift"][cfg.prior_method]["prior"][n]
              for n in result["bundle"]["class_names"]]
-    # The reference was scored at the bundle's T; a refit T' ≠ 1 means those probabilities
-    # were not calibrated, so the app serves T · T' with the new prior.
-    t_ref = result["label_shift"]["em_recalibration"]["temperature"]
-    temperature = bundle_temperature * t_ref if t_ref != 1.0 else None
+    # The prior was estimated on calibrated probabilities: serve it at the calibrated T.
+    temps = result["label_shift"]["em_recalibration"]
+    temperature = (temps["calibrated_temperature"] if not math.isclose(
+        temps["calibrated_temperature"], temps["served_temperature"], rel_tol=1e-5) else None)
     user_config = apply_prior(cfg.serve_address, cfg.app_name, prior, temperature)
     return {"applied": True, "method": cfg.prior_method, "user_config": user_config}
 

@@ -55,19 +55,27 @@ def reference_temperature(ref_probs: np.ndarray, ref_labels: np.ndarray,
     c = p.shape[1]
     mix = np.maximum(np.bincount(ref_labels, minlength=c), 0.5)
     src = np.asarray(source_prior, dtype=np.float64)
-    shift = np.log(mix / mix.sum()) - np.log(np.maximum(src / src.sum(), _MIN_PROB))
+    src = src / src.sum()
+    # a class the model gives prior 0 is left uncorrected, as inference.prior_shift does
+    with np.errstate(divide="ignore"):
+        shift = np.where(src > 0, np.log(mix / mix.sum()) - np.log(src), 0.0)
     return fit_temperature(np.log(np.maximum(p, _MIN_PROB)), ref_labels, shift)
 
 
-def recalibrate(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """``softmax(log p / T)`` row-wise, ``(N, C)`` float64; T = 1 returns ``probs`` as float64.
+def recalibrate(probs: np.ndarray, temperature: float | np.ndarray) -> np.ndarray:
+    """``softmax(log p / T)`` row-wise, ``(N, C)`` float64; ``temperature`` is one T or one
+    per row ``(N,)``; T = 1 everywhere returns ``probs`` as float64.
 
-    Temperature never changes a row's argmax, so BBSE and the prior test are unaffected.
+    Probabilities logged at temperature T_a are put at T_b by ``T = T_b / T_a`` (log p is
+    z / T_a up to a per-row constant). Temperature never changes a row's argmax, so BBSE and
+    the prior test are unaffected.
     """
     p = np.asarray(probs, dtype=np.float64)
-    if temperature == 1.0:
+    t = np.asarray(temperature, dtype=np.float64)
+    if np.all(t == 1.0):
         return p
-    return np.exp(log_softmax(np.log(np.maximum(p, _MIN_PROB)) / temperature, axis=1))
+    t = t[:, None] if t.ndim == 1 else t
+    return np.exp(log_softmax(np.log(np.maximum(p, _MIN_PROB)) / t, axis=1))
 
 
 def confusion_given_label(labels: np.ndarray, predicted: np.ndarray, num_classes: int

@@ -29,6 +29,7 @@ from imgpipe.prediction_log_format import (
     PROBABILITIES,
     REQUIRED_COLUMNS,
     SERVED_PROBABILITY,
+    TEMPERATURE,
     TIME,
     part_time,
 )
@@ -80,6 +81,9 @@ class LogWindow:
     files_skipped: list[dict[str, str]] = field(default_factory=list)
     other_model_rows: int = 0
     table: pa.Table | None = None  # the rows as read (for the active-learning queue)
+    # (N,) the T each row's probabilities were logged at; None for logs written before the
+    # column existed (their rows are taken to be at the reference's T)
+    temperatures: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.predicted)
@@ -172,10 +176,13 @@ def _to_window(tables: list[pa.Table], since: datetime | None, last_rows: int | 
         emb = np.asarray(table[EMBEDDING].to_pylist(), dtype=np.float32)
     served = (table[SERVED_PROBABILITY].to_numpy(zero_copy_only=False)
               if SERVED_PROBABILITY in table.column_names else np.full(table.num_rows, np.nan))
+    temps = None
+    if TEMPERATURE in table.column_names and table[TEMPERATURE].null_count == 0:
+        temps = table[TEMPERATURE].to_numpy(zero_copy_only=False).astype(np.float64)
     return LogWindow(
         table[TIME].to_numpy(zero_copy_only=False).astype("datetime64[us]"),
         table[PREDICTED_INDEX].to_numpy(zero_copy_only=False).astype(np.int64),
         np.asarray(probs, dtype=np.float64), served.astype(np.float64),
         table[MARGIN].to_numpy(zero_copy_only=False).astype(np.float64),
         table[ENTROPY].to_numpy(zero_copy_only=False).astype(np.float64),
-        emb, files_read, skipped, other, table)
+        emb, files_read, skipped, other, table, temps)
