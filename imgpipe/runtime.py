@@ -66,7 +66,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
 def start_local_ray(**init_kwargs) -> None:
     """Start a fresh local Ray instance whose State API every process of it can find.
 
-    Train V2's placement-group cleaner and Tune query the State API without an address. With
+    Train V2's placement-group cleaner (an actor) queries the State API without an address. With
     a second Ray instance on the machine (a test session, another user's job) that lookup
     fails ("Found multiple active Ray instances"), the cleanup never runs, and the leaked
     bundles starve Ray Data: the next run hangs. Ray reads ``RAY_API_SERVER_ADDRESS`` first,
