@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from imgpipe.runtime import free_port
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -66,12 +67,6 @@ def corrupt(png: bytes, seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def deploy(dashboard: str, port: int, bundle: str, log: str) -> None:
@@ -304,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                  for k, imgs in enumerate(clean)]
     work = Path(args.work).resolve()
     log = str(work / f"log-{int(time.time())}")
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     ctx = _init_ray()
     dashboard = f"http://{ctx.dashboard_url}"

@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import free_port, load_cell, pngs, random_bundle, summarize  # noqa: E402
+from serve_bench import load_cell, pngs, random_bundle, summarize  # noqa: E402
+
+from imgpipe.runtime import free_port  # noqa: E402
 
 
 def run_cell(url: str, images: list[bytes], requests: int, concurrency: int) -> dict:

@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from imgpipe.runtime import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SERVERS = ("imgpipe", "plain")
@@ -134,12 +135,6 @@ def summarize(parts: list[dict], concurrency: int) -> dict[str, Any]:
 
 
 # ----- servers -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, timeout_s: float = 180) -> None:

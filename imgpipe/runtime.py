@@ -80,33 +80,35 @@ def start_local_ray(**init_kwargs) -> None:
 
     ``init_kwargs`` go to ``ray.init`` (``num_cpus``, ``object_store_memory``, ...).
     """
-    port = _free_port()
-    before = os.environ.get(API_SERVER_ENV)
-    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
-    try:
+    port = free_port()
+    with _api_server_env(f"http://127.0.0.1:{port}"):
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, **init_kwargs)
-    finally:
-        if before is None:
-            os.environ.pop(API_SERVER_ENV, None)
-        else:
-            os.environ[API_SERVER_ENV] = before
 
 
-@contextmanager
-def explicit_address() -> Iterator[None]:
+def explicit_address():
     """Within this block ``RAY_API_SERVER_ADDRESS`` is unset, so a client built with an explicit
     address (``JobSubmissionClient(address)``) goes there: Ray would let the variable win, and
     every process of an instance from ``start_local_ray`` inherits it."""
+    return _api_server_env(None)
+
+
+@contextmanager
+def _api_server_env(value: str | None) -> Iterator[None]:
+    """``RAY_API_SERVER_ADDRESS`` set to ``value`` (None: unset) inside the block, then restored."""
     before = os.environ.pop(API_SERVER_ENV, None)
+    if value is not None:
+        os.environ[API_SERVER_ENV] = value
     try:
         yield
     finally:
+        os.environ.pop(API_SERVER_ENV, None)
         if before is not None:
             os.environ[API_SERVER_ENV] = before
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imgpipe.config.specs import parse_finetune
+from imgpipe.constants import OPTIMIZER_NAMES
 
 FloatRange = float | tuple[float, float]
 Choices = str | list[str]
@@ -27,7 +28,7 @@ class SearchSpace(BaseModel):
     lr_sgd: FloatRange = (1e-2, 3e-1)
     lr_adam: FloatRange = Field((3e-4, 1e-2), description="adam and adamw")
     lr_rmsprop: FloatRange = (1e-4, 3e-3)
-    optimizer: Choices = Field(default_factory=lambda: ["sgd", "adam", "adamw", "rmsprop"])
+    optimizer: Choices = Field(default_factory=lambda: list(OPTIMIZER_NAMES))
     momentum: FloatRange = (0.8, 0.99)
     beta1: FloatRange = (0.8, 0.95)
     weight_decay: FloatRange = (1e-6, 1e-2)
