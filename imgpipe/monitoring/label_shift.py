@@ -29,6 +29,7 @@ from scipy.special import log_softmax
 from scipy.stats import chi2_contingency
 
 from imgpipe.calibrate import fit_temperature
+from imgpipe.evaluate import split_class_mix
 
 # Floor for log-probabilities read back from the log (float32 softmax can round to 0).
 _MIN_PROB = 1e-12
@@ -52,13 +53,12 @@ def reference_temperature(ref_probs: np.ndarray, ref_labels: np.ndarray,
         ValueError: shapes disagree or labels out of range.
     """
     p = np.asarray(ref_probs, dtype=np.float64)
-    c = p.shape[1]
-    mix = np.maximum(np.bincount(ref_labels, minlength=c), 0.5)
+    mix = np.asarray(split_class_mix(ref_labels, p.shape[1]))  # what calibrate_bundle fits to
     src = np.asarray(source_prior, dtype=np.float64)
     src = src / src.sum()
     # a class the model gives prior 0 is left uncorrected, as inference.prior_shift does
     with np.errstate(divide="ignore"):
-        shift = np.where(src > 0, np.log(mix / mix.sum()) - np.log(src), 0.0)
+        shift = np.where(src > 0, np.log(mix) - np.log(src), 0.0)
     return fit_temperature(np.log(np.maximum(p, _MIN_PROB)), ref_labels, shift)
 
 
