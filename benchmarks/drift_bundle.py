@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     res = run_training(TrainConfig.model_validate({
         "data": args.data, "out": str(work / "train"), "epochs": args.epochs, "num_workers": 1,
         "cpus_per_worker": 1.0, "batch_size": 64, "seed": args.seed,
-        "metric": "balanced_accuracy", "verbose": False,
+        "metric": "balanced_accuracy", "progress": False,
         "model": {"image_size": args.image_size}}))
     bundle, metrics = export_bundle(Path(res["best_checkpoint"]), args.data,
                                     str(work / "bundles"), "shapes-ce")

@@ -60,7 +60,7 @@ def train(data: str, out: Path, epochs: int, lr: float, image_size: int, workers
           **model: object) -> dict:
     cfg = TrainConfig.model_validate({
         "data": data, "out": str(out), "epochs": epochs, "num_workers": workers, "batch_size": 32,
-        "seed": 0, "metric": "balanced_accuracy", "verbose": False,
+        "seed": 0, "metric": "balanced_accuracy", "progress": False,
         "model": {"image_size": image_size, **model},
         "optim": {"name": "adamw", "lr": lr, "weight_decay": 1e-4}})
     return run_training(cfg)

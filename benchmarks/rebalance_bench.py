@@ -62,7 +62,7 @@ def shot_scores(test: dict[str, Any], counts: list[int], t: ShotThresholds) -> d
 def train_and_export(data: str, work: Path, label: str, seed: int, args) -> tuple[str, dict, float]:
     base = {"data": data, "out": str(work / f"{label}-{seed}"), "epochs": args.epochs,
             "num_workers": 1, "cpus_per_worker": 1.0, "batch_size": 64, "seed": seed,
-            "metric": "balanced_accuracy", "verbose": False,
+            "metric": "balanced_accuracy", "progress": False,
             "model": {"image_size": args.image_size}, **TRAINED[label]}
     t0 = time.perf_counter()
     res = run_training(TrainConfig.model_validate(base))

@@ -75,3 +75,6 @@ TRANSFER_SCORE_NAMES = tuple(n for base in TRANSFER_SCORES for n in (base, base 
 
 # Optimizers (the registry in training/optim.py builds each; config validates against these).
 OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
+# losses.LOSSES and training's mix partners; the config and the search space offer these
+LOSS_NAMES = ("ce", "focal", "logit-adjusted")
+MIX_PARTNERS = ("instance", "balanced")

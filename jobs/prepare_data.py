@@ -15,7 +15,8 @@ import sys
 import time
 
 from imgpipe import storage
-from imgpipe.config import EMBEDDED_DATASETS, PrepareConfig, resolve_config
+from imgpipe.config import PrepareConfig
+from imgpipe.config.cli import config_parser, parse_job_args
 from imgpipe.constants import MANIFEST_FILE, SPLITS
 from imgpipe.data.prepare import prepare, resolve_out
 from imgpipe.data.shards import Manifest, join_location
@@ -25,27 +26,9 @@ MAX_TABLE_ROWS = 100
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    # Every default is None so that only what the user typed overrides the YAML/config defaults
-    # (and, for own data, an explicit --imbalance-ratio is what turns the long tail on).
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--dataset", choices=EMBEDDED_DATASETS, help="embedded dataset")
-    src.add_argument("--image-folder", help="class-per-folder tree (local path or s3:// gs://)")
-    src.add_argument("--manifest", help="CSV/Parquet with columns path,label[,split]")
-    p.add_argument("--out", help="output directory (local path or URI)")
-    p.add_argument("--imbalance-ratio", type=float,
-                   help="long-tail ratio rho >= 1 (own data: applied only when given)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--val-per-class", type=int, help="embedded data: balanced val size")
-    p.add_argument("--test-per-class", type=int, help="embedded data: balanced test size")
-    p.add_argument("--num-classes", type=int, help="shapes-lt: number of classes")
-    p.add_argument("--images-per-class", type=int, help="shapes-lt: head class size")
-    p.add_argument("--image-size", type=int, help="shapes-lt: image side in pixels")
-    p.add_argument("--val-fraction", type=float, help="own data without val/: fraction per class")
-    p.add_argument("--test-fraction", type=float, help="own data without test/: fraction per class")
-    p.add_argument("--rows-per-shard", type=int)
-    p.add_argument("--config", help="PrepareConfig YAML; command-line values override it")
-    return p
+    # Only what the user typed overrides the YAML/config defaults (and, for own data, an
+    # explicit --imbalance-ratio is what turns the long tail on).
+    return config_parser(PrepareConfig, __doc__.split("\n")[0])
 
 
 def format_counts(manifest: Manifest) -> str:
@@ -67,10 +50,9 @@ def format_counts(manifest: Manifest) -> str:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = get_args_parser().parse_args(argv)
+    cfg, _ = parse_job_args(PrepareConfig, get_args_parser(), argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in vars(args).items() if k != "config"}
-    cfg = resolve_out(resolve_config(PrepareConfig, args.config, overrides))
+    cfg = resolve_out(cfg)
     storage.check_durable({"--out": cfg.out})
     start = time.perf_counter()
     manifest = prepare(cfg)  # bad input data or settings raise UserError subclasses

@@ -17,36 +17,19 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imgpipe.config import resolve_config
+from imgpipe.config.cli import add_job_flag, config_parser, parse_job_args
 from imgpipe.console import format_table
 from imgpipe.errors import run_job
 from imgpipe.runtime import init_ray
 from imgpipe.transfer.ranking import OK, RANKING_FILE, RankConfig, rank_candidates
-from imgpipe.transfer.scores import score_names
 
 TABLE_SCORES = ("logme", "logme_balanced", "leep_balanced", "nce_balanced", "hscore_balanced",
                 "knn_balanced", "linear_probe_balanced")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", help="YAML file (RankConfig fields); flags override it")
-    p.add_argument("--data", help="prepared target shards (local, s3://, gs://)")
-    p.add_argument("--candidates", nargs="+", help="candidate checkpoints (see above)")
-    p.add_argument("--out", help="output folder (default runs/rank)")
-    p.add_argument("--primary", choices=score_names(),
-                   help="score that orders the table (default logme_balanced)")
-    p.add_argument("--scores", nargs="+", choices=score_names(), help="subset of scores")
-    p.add_argument("--finetuned", help="JSON {candidate: fine-tuned balanced accuracy}: adds "
-                   "Kendall's tau per score and the score-vs-accuracy plot")
-    p.add_argument("--num-actors", type=int, help="actor-pool size per candidate (default 1)")
-    p.add_argument("--cpus-per-actor", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--image-size", type=int,
-                   help="decode size for candidates without their own preprocessing (32)")
-    p.add_argument("--seed", type=int, help="seeds random:ARCH candidates")
-    p.add_argument("--no-plot", dest="plot", action="store_false", default=None)
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p = config_parser(RankConfig, __doc__)
+    add_job_flag(p, "--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     return p
 
 
@@ -79,10 +62,8 @@ def format_ranking(doc: dict) -> str:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = vars(get_args_parser().parse_args(argv))
-    config_file, address = args.pop("config"), args.pop("address")
-    cfg = resolve_config(RankConfig, config_file, {k.replace("-", "_"): v for k, v in args.items()})
-    init_ray(address)
+    cfg, job = parse_job_args(RankConfig, get_args_parser(), argv)
+    init_ray(job["address"])
     doc = rank_candidates(cfg)
     print()
     print(format_ranking(doc))

@@ -16,34 +16,16 @@ import argparse
 import sys
 
 from imgpipe import storage
-from imgpipe.config import RebalanceConfig, choices, resolve_config
+from imgpipe.config import RebalanceConfig
+from imgpipe.config.cli import add_job_flag, config_parser, parse_job_args
 from imgpipe.console import write_json
 from imgpipe.errors import run_job
 from imgpipe.runtime import init_ray
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--config", help="YAML file (RebalanceConfig fields); flags override it")
-    p.add_argument("--bundle", help="source bundle: bundles/<name>/v<N> or bundles/<name> (latest)")
-    p.add_argument("--data", help="prepared shard folder the bundle was trained on")
-    p.add_argument("--method", choices=choices(RebalanceConfig, "method"),
-                   help="crt: new head, class-balanced sampling; tau-norm: w_c / |w_c|^tau, "
-                        "tau chosen on val; lws: learned per-class scales (default crt)")
-    p.add_argument("--smote", type=int, metavar="K",
-                   help="oversample train features with K neighbours before cRT")
-    p.add_argument("--smote-method", choices=choices(RebalanceConfig, "smote_method"))
-    p.add_argument("--out", help="folder for results.json (default runs/rebalance)")
-    p.add_argument("--bundle-root", help="where the new version goes (default: the source's root)")
-    p.add_argument("--bundle-name", help="bundle name of the new version (default: the source's)")
-    p.add_argument("--metric", choices=choices(RebalanceConfig, "metric"),
-                   help="val metric that picks tau / the best head epoch")
-    p.add_argument("--epochs", type=int, help="cRT / LWS epochs over the features")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-actors", type=int, help="feature-extraction actors")
-    p.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    p = config_parser(RebalanceConfig, __doc__)
+    add_job_flag(p, "--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
     return p
 
 
@@ -66,13 +48,11 @@ def _summary(res: dict) -> str:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = vars(get_args_parser().parse_args(argv))
-    config_file, address = args.pop("config"), args.pop("address")
     # user mistakes (ConfigError, BundleError, ManifestError, ...) are UserErrors: run_job
     # prints them and exits 2; anything else is a bug and keeps its traceback
-    cfg = resolve_config(RebalanceConfig, config_file, args)
+    cfg, job = parse_job_args(RebalanceConfig, get_args_parser(), argv)
     storage.check_durable({"--out": cfg.out})
-    init_ray(address)
+    init_ray(job["address"])
     from imgpipe.decoupled.stage import rebalance_classifier
 
     res = rebalance_classifier(cfg)

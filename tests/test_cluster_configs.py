@@ -234,17 +234,18 @@ def test_rayjob_runs_tune_script_that_exists(rayjob):
 def test_rayjob_commands_parse_with_the_scripts_own_parsers(rayjob):
     # Flag drift (a renamed option) would only show up on a GPU cluster; catch it here.
     _pending_skip("jobs/tune.py")
-    from imgpipe.config import TuneJobConfig, resolve_config
+    from imgpipe.config import TuneJobConfig
+    from imgpipe.config.cli import parse_job_args
 
     for segment in _segments(rayjob["spec"]["entrypoint"]):
         if segment[0] != "python":
             continue
         script, argv = segment[1], segment[2:]
-        args = vars(_load_script(Path(script).stem, REPO / script).get_args_parser()
-                    .parse_args(argv))
+        parser = _load_script(Path(script).stem, REPO / script).get_args_parser()
         if script == "jobs/tune.py":  # what tune.py's main() does before it starts Ray
-            args.pop("config"), args.pop("address"), args.pop("ray_verbose")
-            assert resolve_config(TuneJobConfig, None, args).use_gpu is True
+            assert parse_job_args(TuneJobConfig, parser, argv)[0].use_gpu is True
+        else:
+            parser.parse_args(argv)
 
 
 def test_rayjob_runs_in_the_image_code_dir(rayjob):

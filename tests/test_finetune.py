@@ -267,7 +267,7 @@ def test_linear_probe_of_pretrained_backbone_beats_random_init(ray_session, tiny
     def probe(out: str, **model) -> dict:
         cfg = TrainConfig.model_validate({
             "data": tiny_digits, "out": str(tmp_path / out), "epochs": 3, "num_workers": 1,
-            "batch_size": 32, "verbose": False, "metric": "balanced_accuracy",
+            "batch_size": 32, "progress": False, "metric": "balanced_accuracy",
             "model": {"finetune": "linear-probe", **model},
             "optim": {"name": "adamw", "lr": 0.01}, "augment": {"rotation_degrees": 0.0}})
         return run_training(cfg)

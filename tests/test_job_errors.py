@@ -48,10 +48,10 @@ def _user_mistake(name: str, tmp_path: Path) -> list[str]:
 
 
 # The function each job calls first with the parsed arguments: a bug planted there must surface.
-FIRST_CALL = {"prepare_data": "resolve_config", "train": "resolve_config",
-              "tune": "resolve_config", "evaluate": "resolve_config",
+FIRST_CALL = {"prepare_data": "parse_job_args", "train": "parse_job_args",
+              "tune": "parse_job_args", "evaluate": "parse_job_args",
               "serve": "resolve_serve_args", "monitor": "resolve_config",
-              "rebalance_classifier": "resolve_config", "rank_checkpoints": "resolve_config"}
+              "rebalance_classifier": "parse_job_args", "rank_checkpoints": "parse_job_args"}
 
 
 def test_every_job_is_covered():

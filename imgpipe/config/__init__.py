@@ -4,13 +4,13 @@
 - ``search``: the search space of a tune run (its ``search:`` section).
 - ``specs``: the small option languages (class weights, sampler, fine-tuning mode), parsed.
 - ``loading``: YAML + flag overrides → a validated config; errors that name the field.
+- ``cli``: the jobs' command lines, generated from these models (pydantic-settings).
 
 The room imports only ``constants`` and ``errors``: every other room may read its configs.
 """
 
 from imgpipe.config.loading import (
     ConfigError,
-    choices,
     format_validation_error,
     load_yaml,
     resolve_config,
@@ -37,5 +37,5 @@ __all__ = [
     "EMBEDDED_DATASETS", "MODEL_NAMES", "Augment", "ConfigError", "EmbeddedDataset",
     "LossConfig", "MixConfig", "ModelConfig", "ModelName", "OptimConfig", "PrepareConfig",
     "RebalanceConfig", "SamplerConfig", "StrictModel", "TrainConfig", "TuneJobConfig",
-    "choices", "format_validation_error", "load_yaml", "resolve_config",
+    "format_validation_error", "load_yaml", "resolve_config",
 ]

@@ -1,10 +1,10 @@
 """Reading configs: YAML files, dotted command-line overrides, validation errors that name the
-field, and the allowed values of a field for ``argparse``."""
+field."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -67,22 +67,3 @@ def format_validation_error(e: ValidationError, what: str) -> str:
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
         lines.append(f"  {loc}: {err['msg']}")
     return "\n".join(lines)
-
-
-def choices(model: type[BaseModel], dotted: str) -> list[str]:
-    """The allowed values of a ``Literal`` config field, for ``argparse`` ``choices=``.
-
-    ``choices(TrainConfig, "optim.name")`` follows nested models, so a job's flag offers exactly
-    what the config accepts: names are written once, in the config.
-
-    Raises:
-        KeyError: no such field. TypeError: the field is not a Literal of strings.
-    """
-    target: Any = model
-    for part in dotted.split("."):
-        annotation = target.model_fields[part].annotation
-        target = annotation
-    values = get_args(target)
-    if not values or not all(isinstance(v, str) for v in values):
-        raise TypeError(f"{model.__name__}.{dotted} is not a Literal of strings: {target}")
-    return list(values)

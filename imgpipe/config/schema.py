@@ -8,11 +8,18 @@ from __future__ import annotations
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import CliVariadicArg  # list fields take `--flag a b c` on the command line
 
 from imgpipe.config.loading import format_validation_error
 from imgpipe.config.search import SearchSpace
 from imgpipe.config.specs import parse_class_weights, parse_finetune, parse_sampler
-from imgpipe.constants import METRIC_MODES, OPTIMIZER_NAMES, TRANSFER_SCORE_NAMES
+from imgpipe.constants import (
+    LOSS_NAMES,
+    METRIC_MODES,
+    MIX_PARTNERS,
+    OPTIMIZER_NAMES,
+    TRANSFER_SCORE_NAMES,
+)
 
 EmbeddedDataset = Literal["digits-lt", "shapes-lt"]
 EMBEDDED_DATASETS: tuple[str, ...] = get_args(EmbeddedDataset)
@@ -68,7 +75,7 @@ class PrepareConfig(StrictModel):
 
 
 class LossConfig(StrictModel):
-    name: Literal["ce", "focal", "logit-adjusted"] = "ce"
+    name: Literal[LOSS_NAMES] = "ce"
     class_weights: str = Field(
         "none", description="none | power:BETA | effective:BETA | w1,w2,... (normalised to mean 1)"
     )
@@ -131,7 +138,7 @@ class MixConfig(StrictModel):
     mixup_alpha: float = Field(0.0, ge=0, le=10, description="MixUp Beta(alpha, alpha); 0 = off")
     cutmix_alpha: float = Field(0.0, ge=0, le=10, description="CutMix Beta(alpha, alpha); 0 = off")
     prob: float = Field(1.0, ge=0, le=1, description="probability that a batch is mixed")
-    partner: Literal["instance", "balanced"] = "instance"
+    partner: Literal[MIX_PARTNERS] = "instance"
     pool_per_class: int = Field(32, ge=1, le=10_000,
                                 description="balanced partner: images kept per class")
 
@@ -213,7 +220,7 @@ class TrainConfig(StrictModel):
     shuffle_buffer: int = Field(256, ge=0)
     deterministic: bool = Field(False, description="preserve Ray Data order (slower)")
     storage_path: str | None = Field(None, description="Ray Train storage (local or s3:// gs://)")
-    verbose: bool = Field(True, description="one progress line per epoch")
+    progress: bool = Field(True, description="one progress line per epoch on the console")
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -282,7 +289,7 @@ class TuneJobConfig(StrictModel):
     train: dict[str, Any] = Field(
         default_factory=dict, description="TrainConfig fields shared by all trials")
     search: dict[str, Any] = Field(default_factory=dict, description="SearchSpace overrides")
-    candidates: list[str] | None = Field(
+    candidates: CliVariadicArg[list[str] | None] = Field(
         None, min_length=1, description="starting weights to choose from (any --weights form, "
         "ARCH=PATH or random:ARCH): ranked by transferability before the search, which then "
         "searches over the top_k")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from imgpipe.config.specs import parse_finetune
-from imgpipe.constants import OPTIMIZER_NAMES
+from imgpipe.constants import LOSS_NAMES, MIX_PARTNERS, OPTIMIZER_NAMES
 
 FloatRange = float | tuple[float, float]
 Choices = str | list[str]
@@ -37,7 +37,7 @@ class SearchSpace(BaseModel):
     power_beta: FloatRange = (0.0, 1.0)
     effective_beta: FloatRange = (0.9, 0.9999)
     free_log_weight: FloatRange = (-2.0, 2.0)
-    loss: Choices = Field(default_factory=lambda: ["ce", "focal", "logit-adjusted"])
+    loss: Choices = Field(default_factory=lambda: list(LOSS_NAMES))
     focal_gamma: FloatRange = (0.5, 4.0)
     tau: FloatRange = (0.25, 2.0)
     sampler: Choices = Field(default_factory=lambda: ["none", "oversample", "sqrt"])
@@ -71,7 +71,7 @@ class SearchSpace(BaseModel):
                         parse_finetune(mode)
                     except ValueError as e:
                         raise ValueError(f"search.{e} (or partial: search the depth)") from None
-        for name, allowed in (("mix", MIX_CHOICES), ("mix_partner", ("instance", "balanced"))):
+        for name, allowed in (("mix", MIX_CHOICES), ("mix_partner", MIX_PARTNERS)):
             value = getattr(self, name)
             bad = sorted(set([value] if isinstance(value, str) else value) - set(allowed))
             if bad:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from imgpipe.bundle import PRIOR_CHOICES, BundleMeta, DeploymentPrior, update_bundle_meta
 from imgpipe.calibrate import ThresholdMode, nll_at_temperature
@@ -282,7 +282,7 @@ class EvaluateConfig(StrictModel):
     data: str
     split: str = TEST
     out: str = "reports/evaluate"
-    prior: str | list[float] | None = Field(
+    prior: str | None = Field(
         None, description="model | balanced | train | p1,p2,...; default: the bundle's own")
     calibrate: bool = Field(False, description="fit temperature/threshold on val first")
     threshold_mode: ThresholdMode = "max_f1"
@@ -293,6 +293,14 @@ class EvaluateConfig(StrictModel):
     robustness: bool = Field(False, description="also score corrupted copies of the split "
                              "(noise, blur, JPEG, brightness, contrast, rotation, occlusion)")
     robustness_seed: int = 0
+
+    @field_validator("prior", mode="before")
+    @classmethod
+    def _prior_list_is_text(cls, v: Any) -> Any:
+        """A YAML list ``[0.5, 0.5]`` is the same prior as the flag's ``0.5,0.5``."""
+        if isinstance(v, (list, tuple)):
+            return ",".join(str(p) for p in v)
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> EvaluateConfig:

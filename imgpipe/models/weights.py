@@ -344,27 +344,3 @@ def check_weights(spec: str | None) -> None:
             _resolve_torchvision(spec)  # raises WeightsNotCachedError with the full message
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.weights: {e}") from None
-
-
-def add_transfer_args(parser, prefix: str = "") -> None:
-    """The model / weights / fine-tuning flags of the train job (``prefix=""``) and the tune
-    job (``prefix="train."``: they set the fields every trial shares)."""
-    from imgpipe.config import MODEL_NAMES
-    from imgpipe.config.specs import FINETUNE_MODES
-
-    p, m = parser, f"{prefix}model."
-    p.add_argument("--model", dest=f"{m}name", choices=MODEL_NAMES,
-                   help="architecture (default: the weights', else cnn)")
-    p.add_argument("--image-size", dest=f"{m}image_size", type=int,
-                   help="input side in px (default: the weights', else 32)")
-    p.add_argument("--weights", dest=f"{m}weights",
-                   help="starting weights: FILE.safetensors|.pt|.pth, a torchvision weights name "
-                        "(resnet50.IMAGENET1K_V2; local hub cache only), a bundle or checkpoint "
-                        "folder")
-    p.add_argument("--init-checkpoint", dest=f"{m}init_checkpoint", help="old name of --weights")
-    p.add_argument("--finetune", dest=f"{m}finetune", help=" | ".join(FINETUNE_MODES))
-    p.add_argument("--lora-rank", dest=f"{m}lora_rank", type=int)
-    p.add_argument("--head-lr", dest=f"{prefix}optim.head_lr", type=float,
-                   help="classifier head learning rate (default: --lr)")
-    p.add_argument("--layer-decay", dest=f"{prefix}optim.layer_decay", type=float,
-                   help="layer-wise lr decay d: stage s of S trains at lr * d^(S-s)")

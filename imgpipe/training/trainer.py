@@ -229,7 +229,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     out = storage.absolute_location(cfg.out)
     cfg, size_line = resolve_input_size(cfg, load_manifest(cfg.data))
     inputs = prepare_inputs(cfg)
-    if cfg.verbose:
+    if cfg.progress:
         steps, repeat = inputs.loop_config["epoch_steps"], inputs.loop_config["epoch_repeat"]
         passes = f" ({repeat} augmented passes)" if repeat > 1 else ""
         # the architecture is known only once the weights are resolved (prepare_inputs)
@@ -239,7 +239,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     try:
         trainer = build_trainer(inputs, name=f"train-{int(time.time())}",
                                 storage_path=storage_for(cfg),
-                                callbacks=[EpochProgress(cfg.epochs)] if cfg.verbose else None)
+                                callbacks=[EpochProgress(cfg.epochs)] if cfg.progress else None)
         result = trainer.fit()
     finally:
         inputs.close()

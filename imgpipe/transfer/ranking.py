@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator
+from pydantic_settings import CliVariadicArg
 
 from imgpipe.config import StrictModel
 from imgpipe.constants import TRAIN, VAL
@@ -35,10 +36,11 @@ class RankConfig(StrictModel):
     """``jobs/rank_checkpoints.py`` settings (flags override YAML, like every job)."""
 
     data: str = Field(description="prepared target shards")
-    candidates: list[str] = Field(min_length=1, description="candidate specs (see candidate.py)")
+    candidates: CliVariadicArg[list[str]] = Field(
+        min_length=1, description="bundle, checkpoint folder, ARCH=FILE or random:ARCH")
     out: str = "runs/rank"
     primary: str = Field(DEFAULT_PRIMARY, description="score that orders the table")
-    scores: list[str] | None = Field(None, description="scores to compute (default: all)")
+    scores: CliVariadicArg[list[str] | None] = Field(None, description="scores to compute (default: all)")
     finetuned: str | None = Field(
         None, description="JSON {candidate: fine-tuned test balanced accuracy} for Kendall's τ")
     num_actors: int = Field(1, ge=1, description="actor-pool size per candidate")

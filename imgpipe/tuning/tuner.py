@@ -49,7 +49,7 @@ def base_train_config(tcfg: TuneJobConfig) -> TrainConfig:
         "data": absolute(tcfg.data), "epochs": tcfg.epochs, "num_workers": tcfg.workers_per_trial,
         "cpus_per_worker": tcfg.cpus_per_worker, "gpus_per_worker": tcfg.gpus_per_worker,
         "use_gpu": tcfg.use_gpu, "seed": tcfg.seed, "metric": tcfg.metric,
-        "out": absolute(tcfg.out), "verbose": False,
+        "out": absolute(tcfg.out), "progress": False,
     }
     try:
         return TrainConfig.model_validate({**tcfg.train, **overrides})
