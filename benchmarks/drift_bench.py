@@ -120,7 +120,8 @@ def replay(url: str, by_class: list[list[bytes]], concurrency: int
 
 def pool_from_log(log: str, meta, phases, expected: list[int]):
     """Logged rows of the phases as one LogWindow plus true labels; checks one row per image."""
-    from imgpipe.monitoring.log_reader import parse_window, read_window
+    from imgpipe.config.specs import parse_window
+    from imgpipe.monitoring.log_reader import read_window
 
     win = read_window(log, parse_window("7d"), meta.name, str(meta.version),
                       meta.architecture.num_classes)

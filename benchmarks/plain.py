@@ -15,8 +15,9 @@ import torch
 from imgpipe.config import TrainConfig
 from imgpipe.constants import ID, IMAGE, LABEL, TRAIN, VAL
 from imgpipe.data.augment import augment_batch
+from imgpipe.data.manifest import load_manifest
 from imgpipe.data.rebalance import id_hashes, repeat_counts, sampling_rates
-from imgpipe.data.shards import load_manifest, read_split_table
+from imgpipe.data.shards import read_split_table
 from imgpipe.data.transforms import Preprocess, decode_image, normalize
 from imgpipe.losses import create_loss
 from imgpipe.metrics import classification_metrics, confusion_matrix

@@ -41,6 +41,7 @@ from imgpipe.config import (
 from imgpipe.console import format_table  # noqa: E402
 from imgpipe.constants import LABEL, PIXELS, TRAIN  # noqa: E402
 from imgpipe.data.augment import augment_batch  # noqa: E402
+from imgpipe.data.manifest import load_manifest  # noqa: E402
 from imgpipe.data.pipeline import (  # noqa: E402
     StreamPlan,
     build_decoded,
@@ -50,7 +51,6 @@ from imgpipe.data.pipeline import (  # noqa: E402
 )
 from imgpipe.data.prepare import prepare  # noqa: E402
 from imgpipe.data.rebalance import sampling_rates  # noqa: E402
-from imgpipe.data.shards import load_manifest  # noqa: E402
 from imgpipe.data.transforms import create_train_augment  # noqa: E402
 from imgpipe.runtime import init_ray  # noqa: E402
 from imgpipe.training.trainer import quiet_data_progress  # noqa: E402

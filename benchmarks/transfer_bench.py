@@ -37,8 +37,9 @@ sys.path.insert(0, str(ROOT))
 from imgpipe.bundle import save_bundle  # noqa: E402
 from imgpipe.config import PrepareConfig  # noqa: E402
 from imgpipe.constants import IMAGE, LABEL, TEST, TRAIN  # noqa: E402
+from imgpipe.data.manifest import Manifest, load_manifest  # noqa: E402
 from imgpipe.data.prepare import prepare  # noqa: E402
-from imgpipe.data.shards import Manifest, load_manifest, read_split_table  # noqa: E402
+from imgpipe.data.shards import read_split_table  # noqa: E402
 from imgpipe.data.transforms import Preprocess, decode_image, normalize  # noqa: E402
 from imgpipe.models import create_model  # noqa: E402
 
@@ -196,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     finetune_s = time.perf_counter() - t0
     (out / "finetuned.json").write_text(json.dumps(finetuned, indent=2))
 
+    from imgpipe.config import RankConfig
     from imgpipe.runtime import init_ray
-    from imgpipe.transfer.ranking import RankConfig, rank_candidates
+    from imgpipe.transfer.ranking import rank_candidates
 
     init_ray()
     cfg = RankConfig(data=data["target"], candidates=list(zoo.values()), out=str(out / "rank"),

@@ -29,6 +29,7 @@ from safetensors.torch import save as save_safetensors_bytes
 import imgpipe
 from imgpipe import bundle_versions, storage
 from imgpipe.config import format_validation_error
+from imgpipe.constants import PRIOR_CHOICES
 from imgpipe.data.rebalance import effective_prior
 from imgpipe.data.transforms import Preprocess
 from imgpipe.errors import UserError
@@ -36,14 +37,13 @@ from imgpipe.errors import UserError
 BUNDLE_SCHEMA_VERSION = 1
 META_FILE = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
-PRIOR_CHOICES = ("model", "balanced", "train")
 # Fields that may change after a bundle is written (calibration, evaluation). Everything else,
 # and the weights above all, is fixed once the version exists.
 UPDATABLE_FIELDS = frozenset({"temperature", "deployment_prior", "decision_threshold", "metrics"})
 _VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
-DeploymentPrior = Literal["model", "balanced", "train"] | list[float]
+DeploymentPrior = Literal[PRIOR_CHOICES] | list[float]
 
 
 class BundleError(UserError, ValueError):

@@ -19,12 +19,13 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp
 
+from imgpipe.constants import THRESHOLD_MODES
+
 # Temperatures outside this range mean a broken model (or logits that are not logits).
 T_MIN, T_MAX = 1e-2, 1e2
 # bundle.json requires 0 < threshold < 1.
 _THRESHOLD_EPS = 1e-6
-ThresholdMode = Literal["max_f1", "recall"]
-THRESHOLD_MODES: tuple[str, ...] = ("max_f1", "recall")
+ThresholdMode = Literal[THRESHOLD_MODES]
 
 
 def _check_logits(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

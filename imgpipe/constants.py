@@ -78,3 +78,8 @@ OPTIMIZER_NAMES = ("sgd", "adam", "adamw", "rmsprop")
 # losses.LOSSES and training's mix partners; the config and the search space offer these
 LOSS_NAMES = ("ce", "focal", "logit-adjusted")
 MIX_PARTNERS = ("instance", "balanced")
+
+# Deployment priors a bundle/evaluation accepts besides an explicit vector (imgpipe.bundle), and
+# the binary decision-threshold rules (imgpipe.calibrate); configs validate against these.
+PRIOR_CHOICES = ("model", "balanced", "train")
+THRESHOLD_MODES = ("max_f1", "recall")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, get_args
 
-from imgpipe.bundle import PRIOR_CHOICES, BundleMeta, check_prior_vector, load_bundle_meta
+from imgpipe.bundle import BundleMeta, check_prior_vector, load_bundle_meta
 from imgpipe.checkpoint import META_FILE, load_meta
 from imgpipe.config import (
     ConfigError,
@@ -26,9 +26,9 @@ from imgpipe.config import (
 )
 from imgpipe.config.search import SearchSpace
 from imgpipe.config.specs import parse_class_weights, parse_sampler
-from imgpipe.constants import TRAIN
+from imgpipe.constants import PRIOR_CHOICES, TRAIN
+from imgpipe.data.manifest import Manifest, ManifestNotFoundError, load_manifest
 from imgpipe.data.rebalance import sampling_rates
-from imgpipe.data.shards import Manifest, ManifestNotFoundError, load_manifest
 from imgpipe.losses import create_loss
 
 # Class counts of the embedded datasets, for a tune run that will prepare them (no manifest yet).

@@ -36,19 +36,22 @@ def absolute_location(location: str) -> str:
     return str(Path(location).expanduser().resolve())
 
 
-def resolve_fs(location: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path inside it)`` for a local path or a URI pyarrow understands.
+def resolve_fs(location: str, error: type[Exception] = OutputLocationError
+               ) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or a URI pyarrow understands
+    (``s3://``, ``gs://``, ``file://``, ...); a local path is made absolute.
 
     Raises:
-        OutputLocationError: an empty location or an unsupported scheme.
+        error: an empty location or an unsupported scheme (``OutputLocationError`` for an
+            output; readers pass ``DataSourceError``).
     """
     if not location:
-        raise OutputLocationError("empty output location")
+        raise error("empty location")
     if is_uri(location):
         try:
             fs, path = pafs.FileSystem.from_uri(location)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise OutputLocationError(f"{location}: unsupported location ({e})") from None
+            raise error(f"{location}: unsupported location ({e})") from None
         return fs, path.rstrip("/") or "/"
     return pafs.LocalFileSystem(), absolute_location(location)
 

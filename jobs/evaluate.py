@@ -14,9 +14,9 @@ import argparse
 import sys
 
 from imgpipe import storage
+from imgpipe.config import EvaluateConfig
 from imgpipe.config.cli import config_parser, parse_job_args
 from imgpipe.errors import run_job
-from imgpipe.evaluate import EvaluateConfig
 from imgpipe.preflight import check_evaluate_config
 from imgpipe.report.evaluate_job import run_evaluate_job
 

@@ -15,10 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-from imgpipe.config import ConfigError, resolve_config
+from imgpipe.config import ConfigError, MonitorConfig, resolve_config
 from imgpipe.config.cli import add_job_flag, config_parser, parse_job_flags
 from imgpipe.errors import run_job
-from imgpipe.monitoring.job import MonitorConfig, run_monitor
+from imgpipe.monitoring.job import run_monitor
 from imgpipe.monitoring.reference import init_reference
 
 # Short names for the alert criteria (``--help`` lists all flags).

@@ -18,8 +18,8 @@ from imgpipe import storage
 from imgpipe.config import PrepareConfig
 from imgpipe.config.cli import config_parser, parse_job_args
 from imgpipe.constants import MANIFEST_FILE, SPLITS
+from imgpipe.data.manifest import Manifest
 from imgpipe.data.prepare import prepare, resolve_out
-from imgpipe.data.shards import Manifest, join_location
 from imgpipe.errors import run_job
 
 MAX_TABLE_ROWS = 100
@@ -58,7 +58,7 @@ def _main(argv: list[str] | None) -> int:
     manifest = prepare(cfg)  # bad input data or settings raise UserError subclasses
     print(format_counts(manifest))
     print(f"({time.perf_counter() - start:.1f}s) manifest: "
-          f"{join_location(storage.absolute_location(cfg.out), MANIFEST_FILE)}")
+          f"{storage.join(storage.absolute_location(cfg.out), MANIFEST_FILE)}")
     return 0
 
 

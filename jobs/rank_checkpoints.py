@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from imgpipe.config import RankConfig
 from imgpipe.config.cli import add_job_flag, config_parser, parse_job_args
 from imgpipe.console import format_table
 from imgpipe.errors import run_job
 from imgpipe.runtime import init_ray
-from imgpipe.transfer.ranking import OK, RANKING_FILE, RankConfig, rank_candidates
+from imgpipe.transfer.ranking import OK, RANKING_FILE, rank_candidates
 
 TABLE_SCORES = ("logme", "logme_balanced", "leep_balanced", "nce_balanced", "hscore_balanced",
                 "knn_balanced", "linear_probe_balanced")

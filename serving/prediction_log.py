@@ -32,8 +32,8 @@ import torch
 from prometheus_client import CollectorRegistry, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
+from imgpipe import storage
 from imgpipe.bundle import BundleMeta
-from imgpipe.data.shards import join_location, resolve_filesystem
 from imgpipe.errors import OutputLocationError
 from imgpipe.inference import Predictor, adjusted_probabilities
 from imgpipe.prediction_log_format import (
@@ -77,7 +77,7 @@ def resolve_prediction_log(settings: PredictionLogSettings | None
     location = settings.location
     if "://" not in location:
         location = os.path.abspath(os.path.expanduser(location))
-    fs, root = resolve_filesystem(location)
+    fs, root = storage.resolve_fs(location)
     try:
         fs.create_dir(root, recursive=True)
     except OSError as e:
@@ -108,7 +108,7 @@ class PredictionLogger:
     def __init__(self, settings: PredictionLogSettings, replica: str | None = None) -> None:
         self.settings = settings
         self.replica = replica or f"r{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._fs, self._root = resolve_filesystem(settings.location)
+        self._fs, self._root = storage.resolve_fs(settings.location)
         self._fs.create_dir(self._root, recursive=True)
         self._local = settings.location.find("://") < 0 or settings.location.startswith("file://")
         # crc32, not hash(): str hashes are salted per process, the sample must be seeded.
@@ -307,7 +307,7 @@ class MonitorGauges:
     """
 
     def __init__(self, registry: CollectorRegistry, location: str) -> None:
-        self._path = join_location(location, MONITOR_DIR, MONITOR_STATUS_FILE)
+        self._path = storage.join(location, MONITOR_DIR, MONITOR_STATUS_FILE)
         self._seen: str | None = None
         self.rows = Gauge("imgpipe_prediction_log_rows", "Prediction log rows per replica "
                           "(logged, written, dropped, failed, buffered)", ["replica", "outcome"],
@@ -335,7 +335,7 @@ class MonitorGauges:
 
     def refresh(self) -> None:
         with contextlib.suppress(Exception):
-            fs, path = resolve_filesystem(self._path)
+            fs, path = storage.resolve_fs(self._path)
             with fs.open_input_stream(path) as f:
                 text = f.read().decode()
             if text == self._seen:

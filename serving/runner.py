@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from imgpipe.config import ConfigError, format_validation_error, load_yaml
+from imgpipe.config import ConfigError, apply_overrides, format_validation_error, load_yaml
 from serving.schemas import MODEL_DEPLOYMENT, ServeArgs
 from serving.security import resolve_token
 
@@ -22,7 +22,8 @@ DEFAULT_APP_NAME = "imgpipe"
 
 def resolve_serve_args(config_path: str | Path | None,
                        overrides: dict[str, Any]) -> tuple[ServeArgs, dict[str, Any]]:
-    """ServeArgs and http_options from: defaults < Serve config file < overrides (non-None).
+    """ServeArgs and http_options from: defaults < Serve config file < overrides (dotted keys
+    such as ``prediction_log.location``; None values skipped).
 
     The config file is a Serve config (``serving/config.yaml``): its first application's
     ``args``, the model deployment's ``user_config`` and the ``http_options`` are used.
@@ -40,7 +41,7 @@ def resolve_serve_args(config_path: str | Path | None,
             if dep.get("name") == MODEL_DEPLOYMENT:  # its user_config keys are ServeArgs fields
                 args.update(dep.get("user_config") or {})
         http = dict(data.get("http_options") or {})
-    args.update({k: v for k, v in overrides.items() if v is not None})
+    apply_overrides(args, overrides)
     try:
         return ServeArgs.model_validate(args), http
     except ValidationError as e:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import CliSuppress
 
+from imgpipe.config.specs import parse_prior
+from imgpipe.constants import PRIOR_CHOICES
 from serving.prediction_log import PredictionLogSettings
 
 TOKEN_ENV = "IMGPIPE_SERVE_TOKEN"
@@ -34,7 +37,7 @@ class LiveConfig(_Strict):
     max_batch_size: int = Field(16, ge=1, le=1024, description="1 turns dynamic batching off")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
     temperature: float | None = Field(None, gt=0)
-    deployment_prior: Literal["model", "balanced", "train"] | list[float] | None = None
+    deployment_prior: Literal[PRIOR_CHOICES] | list[float] | None = None
     decision_threshold: float | None = Field(None, gt=0, lt=1)
 
 
@@ -63,13 +66,23 @@ class ServeArgs(_Strict):
     max_body_bytes: int = Field(10 * MiB, ge=1024)
     max_images_per_request: int = Field(64, ge=1)
     max_image_pixels: int = Field(16_000_000, ge=1, description="width*height of a source image")
-    token: SecretStr | None = Field(None, description=f"bearer token; else ${TOKEN_ENV}")
+    # never a command-line flag (argv is visible to every user): jobs/serve.py refuses it
+    token: CliSuppress[SecretStr | None] = Field(None, description=f"bearer token; else ${TOKEN_ENV}")
     health_check_period_s: float = Field(10.0, gt=0)
     health_check_timeout_s: float = Field(30.0, gt=0)
     temperature: float | None = Field(None, gt=0, description="override the bundle's")
-    deployment_prior: Literal["model", "balanced", "train"] | list[float] | None = None
+    deployment_prior: Literal[PRIOR_CHOICES] | list[float] | None = None
     decision_threshold: float | None = Field(None, gt=0, lt=1)
     prediction_log: PredictionLogSettings | None = Field(None, description="off when absent")
+
+    @field_validator("deployment_prior", mode="before")
+    @classmethod
+    def _prior_text(cls, v: Any) -> Any:
+        """``balanced`` / ``0.2,0.8`` as typed on the command line (where a lone name arrives
+        as a one-element list) → the prior the field holds."""
+        if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str):
+            v = v[0]
+        return parse_prior(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeArgs:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from imgpipe.config import TrainConfig
-from imgpipe.data.shards import ImageInfo, load_manifest
+from imgpipe.data.manifest import ImageInfo, load_manifest
 from imgpipe.training.defaults import resolve_input_size
 
 

@@ -14,6 +14,7 @@ from helpers import make_test_bundle
 from sklearn import metrics as skm
 
 from imgpipe.bundle import BundleError, load_bundle_meta
+from imgpipe.config.specs import parse_prior
 from imgpipe.constants import (
     ACCURACY,
     BALANCED_ACCURACY,
@@ -41,7 +42,6 @@ from imgpipe.evaluate import (
     SPLIT_PRIOR_CALIBRATION,
     calibrate_bundle,
     evaluate_bundle,
-    parse_prior,
     run_evaluation,
 )
 from imgpipe.inference import adjusted_probabilities

@@ -15,8 +15,9 @@ from PIL import Image
 from imgpipe.config import PrepareConfig
 from imgpipe.constants import ID, IMAGE, LABEL, SPLITS, TEST, TRAIN, VAL
 from imgpipe.data.ingest import ingest_image_folder, ingest_manifest
+from imgpipe.data.manifest import load_manifest
 from imgpipe.data.prepare import effective_imbalance_ratio, prepare
-from imgpipe.data.shards import load_manifest, read_split_table
+from imgpipe.data.shards import read_split_table
 from imgpipe.data.splits import long_tail_counts, stratified_assign
 
 

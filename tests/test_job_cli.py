@@ -12,18 +12,27 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from imgpipe.config import ConfigError, PrepareConfig, RebalanceConfig, TrainConfig, TuneJobConfig
+from imgpipe.config import (
+    ConfigError,
+    EvaluateConfig,
+    MonitorConfig,
+    PrepareConfig,
+    RankConfig,
+    RebalanceConfig,
+    TrainConfig,
+    TuneJobConfig,
+)
 from imgpipe.config.cli import parse_job_args, parse_job_flags
 from imgpipe.constants import OPTIMIZER_NAMES
-from imgpipe.evaluate import EvaluateConfig
-from imgpipe.monitoring.job import MonitorConfig
 from imgpipe.training.optim import OPTIMIZERS
-from imgpipe.transfer.ranking import RankConfig
+from serving.runner import resolve_serve_args
+from serving.schemas import ServeArgs
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_CONFIGS = {"train": TrainConfig, "tune": TuneJobConfig, "prepare_data": PrepareConfig,
                "evaluate": EvaluateConfig, "monitor": MonitorConfig,
-               "rebalance_classifier": RebalanceConfig, "rank_checkpoints": RankConfig}
+               "rebalance_classifier": RebalanceConfig, "rank_checkpoints": RankConfig,
+               "serve": ServeArgs}
 
 
 def _job(name: str):
@@ -162,3 +171,18 @@ def test_loss_and_partner_names_are_the_registries():
     options = _options(_job("train").get_args_parser())
     assert all(n in options["--loss.name"].metavar for n in LOSS_NAMES)
     assert all(n in options["--mix-partner"].metavar for n in MIX_PARTNERS)
+
+
+def test_serve_flags_fill_the_serve_args_and_never_take_a_token(capsys):
+    serve = _job("serve")
+    config_file, flags, job = parse_job_flags(serve.get_args_parser(), [
+        "--bundle", "bundles/x", "--prediction-log", "logs/p", "--prediction-log-sample-rate",
+        "0.5", "--deployment-prior", "balanced", "--max-batch-size", "4", "--port", "8001"])
+    args, _ = resolve_serve_args(config_file, flags)
+    assert (args.prediction_log.location, args.prediction_log.sample_rate) == ("logs/p", 0.5)
+    assert (args.deployment_prior, args.max_batch_size, job["port"]) == ("balanced", 4, 8001)
+    _, flags, _ = parse_job_flags(serve.get_args_parser(), ["--deployment-prior", "0.2,0.8"])
+    assert resolve_serve_args(None, {**flags, "bundle": "b"})[0].deployment_prior == [0.2, 0.8]
+    assert "--token" not in serve.get_args_parser().format_help()
+    assert serve.main(["--bundle", "bundles/x", "--token", "s3cret"]) == 2
+    assert "IMGPIPE_SERVE_TOKEN" in capsys.readouterr().err

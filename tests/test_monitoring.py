@@ -13,6 +13,7 @@ import torch
 from helpers import make_test_bundle
 from scipy.stats import kstest
 
+from imgpipe.config.specs import parse_window
 from imgpipe.monitoring.drift import mmd_permutation_test
 from imgpipe.monitoring.label_shift import (
     bbse_prior,
@@ -23,7 +24,7 @@ from imgpipe.monitoring.label_shift import (
     reference_temperature,
     total_variation,
 )
-from imgpipe.monitoring.log_reader import parse_window, read_window
+from imgpipe.monitoring.log_reader import read_window
 from imgpipe.monitoring.reference import stratified_sample
 from imgpipe.prediction_log_format import MONITOR_DIR, MONITOR_STATUS_FILE
 

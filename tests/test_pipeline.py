@@ -8,6 +8,7 @@ import ray
 
 from imgpipe.config import Augment
 from imgpipe.constants import LABEL, PIXELS, TRAIN
+from imgpipe.data.manifest import load_manifest
 from imgpipe.data.pipeline import (
     StreamPlan,
     build_decoded,
@@ -16,7 +17,7 @@ from imgpipe.data.pipeline import (
     start_epoch_clock,
 )
 from imgpipe.data.rebalance import repeat_counts, sampling_rates
-from imgpipe.data.shards import load_manifest, read_split_table
+from imgpipe.data.shards import read_split_table
 
 pytestmark = pytest.mark.ray
 

@@ -13,8 +13,9 @@ import pytest
 
 from imgpipe.config import ConfigError, PrepareConfig
 from imgpipe.constants import MANIFEST_FILE
+from imgpipe.data.manifest import load_manifest
 from imgpipe.data.prepare import ensure_prepared, prepare, resolve_out
-from imgpipe.data.shards import load_manifest, read_split_table
+from imgpipe.data.shards import read_split_table
 from imgpipe.data.splits import long_tail_counts
 
 REPO = Path(__file__).resolve().parents[1]

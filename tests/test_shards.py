@@ -12,17 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from imgpipe import storage
 from imgpipe.constants import ID, IMAGE, LABEL, LABEL_NAME, MANIFEST_FILE, SHARD_SCHEMA_VERSION
 from imgpipe.data.datasets import encode_png, make_record
-from imgpipe.data.shards import (
-    Manifest,
-    ManifestError,
-    load_manifest,
-    read_split_table,
-    resolve_filesystem,
-    split_files,
-    write_shards,
-)
+from imgpipe.data.manifest import Manifest, ManifestError, load_manifest
+from imgpipe.data.shards import read_split_table, split_files, write_shards
 
 CLASSES = ["cat", "dog", "owl"]
 
@@ -135,7 +129,7 @@ def test_file_uri(written) -> None:
     assert load_manifest(uri) == manifest
     assert read_split_table(uri, "test").num_rows == 9
     assert split_files(uri, "val") == [uri + "/val/part-00000.parquet"]
-    fs, path = resolve_filesystem(uri)
+    fs, path = storage.resolve_fs(uri)
     assert path == out
 
 

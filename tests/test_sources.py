@@ -14,8 +14,8 @@ from PIL import Image
 from imgpipe.config import PrepareConfig
 from imgpipe.constants import LABEL, SPLITS, TRAIN, VAL
 from imgpipe.data.ingest import ingest_image_folder, ingest_manifest
+from imgpipe.data.manifest import load_manifest
 from imgpipe.data.prepare import prepare
-from imgpipe.data.shards import load_manifest
 from imgpipe.data.sources import is_debris, look_alike_classes, sort_class_names
 
 

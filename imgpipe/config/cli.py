@@ -32,7 +32,8 @@ _JOB = "job_"
 
 def config_parser(model: type[BaseModel], description: str | None, *,
                   shortcuts: Mapping[str, str | Sequence[str]] | None = None,
-                  renamed: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+                  renamed: Mapping[str, str] | None = None,
+                  config_help: str | None = None) -> argparse.ArgumentParser:
     """An ``argparse`` parser with one flag per field of ``model`` (nested: ``--section.field``).
 
     Args:
@@ -42,6 +43,7 @@ def config_parser(model: type[BaseModel], description: str | None, *,
         renamed: alias → generated flag for names pydantic-settings cannot alias (a shorthand
             equal to a section's name, such as ``--loss`` for ``--loss.name``, or an old
             ``--no-*`` flag); rewritten before parsing and listed in ``--help``.
+        config_help: ``--config``'s help when the file is not simply the model's fields.
 
     Add the job's own flags with ``add_job_flag`` so they stay apart from the config's.
     """
@@ -53,7 +55,7 @@ def config_parser(model: type[BaseModel], description: str | None, *,
     parser = argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False,
                                      formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--config", dest=f"{_JOB}config", metavar="YAML",
-                        help=f"YAML file ({model.__name__} fields); flags override it")
+                        help=config_help or f"YAML file ({model.__name__} fields); flags override it")
     source = CliSettingsSource(
         model, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True,
         cli_avoid_json=True, cli_hide_none_type=True, cli_exit_on_error=True,

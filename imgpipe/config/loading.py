@@ -44,6 +44,19 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """Set each dotted key of ``overrides`` (``optim.lr``) in ``data``, in place; ``None``
+    values are skipped (a flag the user did not give). Returns ``data``.
+
+    Raises:
+        ConfigError: a dotted key runs through a value that is not a section.
+    """
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, key, value)
+    return data
+
+
 def resolve_config(model: type[M], yaml_path: str | Path | None = None,
                    overrides: dict[str, Any] | None = None) -> M:
     """Defaults < YAML < overrides (dotted keys, ``None`` values ignored) → validated model.
@@ -51,10 +64,7 @@ def resolve_config(model: type[M], yaml_path: str | Path | None = None,
     Raises:
         ConfigError: naming every invalid field, e.g. ``optim.lr: Input should be greater than 0``.
     """
-    data: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(data, key, value)
+    data = apply_overrides(load_yaml(yaml_path) if yaml_path else {}, overrides)
     try:
         return model.model_validate(data)
     except ValidationError as e:

@@ -1,14 +1,19 @@
-"""The small languages of string options, parsed: class-weight schemes, sampler strategies and
-fine-tuning modes. One parser each, shared by config validation (which must fail before any
-work with the field's name) and by the code that applies the option.
+"""The small languages of string options, parsed: class-weight schemes, sampler strategies,
+fine-tuning modes, deployment priors and monitoring windows. One parser each, shared by config
+validation (which must fail before any work with the field's name) and by the code that
+applies the option.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
+
+from imgpipe.config.loading import ConfigError
+from imgpipe.constants import PRIOR_CHOICES
 
 FINETUNE_MODES = ("full", "linear-probe", "partial:K", "bitfit", "lora")
 _PARTIAL = re.compile(r"^partial:(\d+|0?\.\d+)$")
@@ -106,3 +111,54 @@ def parse_finetune(text: str) -> Finetune:
         k = m.group(1)
         return Finetune("partial", fraction=float(k)) if "." in k else Finetune("partial", int(k))
     raise ValueError(f"finetune: {text!r} is not one of {' | '.join(FINETUNE_MODES)}")
+
+
+def parse_prior(value: str | list[float] | None) -> str | list[float] | None:
+    """``model`` | ``balanced`` | ``train`` | ``"p1,p2,..."`` (or a list) → a deployment prior.
+
+    None stays None (= the bundle's own choice).
+
+    Raises:
+        ConfigError: neither a prior name nor a comma-separated vector (the message names it).
+    """
+    if value is None or isinstance(value, list):
+        return value
+    text = value.strip()
+    if text in PRIOR_CHOICES:
+        return text
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"prior {value!r}: expected one of {', '.join(PRIOR_CHOICES)} or a "
+                          "comma-separated vector of class probabilities") from None
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+@dataclass(frozen=True)
+class Window:
+    """A monitoring window: ``duration`` or ``rows`` (exactly one is set)."""
+
+    duration: timedelta | None = None
+    rows: int | None = None
+
+    def describe(self) -> str:
+        return f"last {self.rows} rows" if self.rows else f"last {self.duration}"
+
+
+def parse_window(text: str | int) -> Window:
+    """``"1h"`` / ``"30m"`` / ``"2d"`` / ``"45s"`` → a duration; ``"500"`` → the newest 500 rows.
+
+    Raises:
+        ConfigError: anything else (the message shows the accepted forms).
+    """
+    s = str(text).strip().lower()
+    if s.isdigit() and int(s) > 0:
+        return Window(rows=int(s))
+    m = _DURATION.match(s)
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"window {text!r}: expected a duration like 30m, 1h, 2d or a row count "
+                          "like 500")
+    return Window(duration=timedelta(**{_UNITS[m.group(2)]: float(m.group(1))}))

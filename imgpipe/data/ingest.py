@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from imgpipe import storage
 from imgpipe.constants import LABEL, SPLITS, TEST, TRAIN, VAL
 from imgpipe.data.datasets import LabeledImages, Record, make_record
 from imgpipe.data.decode import GREY_MODES, ImageDecodeError, decode_image, read_image_header
-from imgpipe.data.shards import read_bytes, resolve_filesystem
 from imgpipe.data.sources import (  # noqa: F401 — listing names stay importable from here
     IMAGE_EXTENSIONS,
     SPLIT_ALIASES,
@@ -63,11 +63,11 @@ class _FileSystems:
 
     def resolve(self, location: str) -> tuple[pafs.FileSystem, str]:
         if "://" not in location:
-            return resolve_filesystem(location)
+            return storage.resolve_fs(location, error=DataSourceError)
         url = urlparse(location)
         key = f"{url.scheme}://{url.netloc}"
         if key not in self._cache:
-            self._cache[key] = resolve_filesystem(key + "/")
+            self._cache[key] = storage.resolve_fs(key + "/", error=DataSourceError)
         fs, base = self._cache[key]
         return fs, base.rstrip("/") + url.path
 
@@ -79,7 +79,8 @@ def _read_one(item: SourceItem, filesystems: _FileSystems) -> _Loaded:
             fs, path = item.fs, item.path
         else:
             fs, path = filesystems.resolve(item.location)
-        data = read_bytes(fs, path)
+        with fs.open_input_stream(path) as f:
+            data = f.read()
     except (OSError, pa.ArrowException, ValueError) as e:
         return _Loaded(item, error=f"cannot read file: {e}")
     try:

@@ -8,17 +8,12 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from imgpipe import storage
 from imgpipe.config import ConfigError, PrepareConfig
 from imgpipe.data.datasets import LabeledImages, load_digits_lt, load_shapes_lt
 from imgpipe.data.ingest import canonical_location, ingest_image_folder, ingest_manifest
-from imgpipe.data.shards import (
-    Manifest,
-    ManifestError,
-    join_location,
-    load_manifest,
-    resolve_filesystem,
-    write_shards,
-)
+from imgpipe.data.manifest import Manifest, ManifestError, load_manifest
+from imgpipe.data.shards import write_shards
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +115,7 @@ def manifest_matches(manifest: Manifest, cfg: PrepareConfig) -> bool:
 
 
 def _files_present(manifest: Manifest, root: str) -> bool:
-    fs, base = resolve_filesystem(root)
+    fs, base = storage.resolve_fs(root)
     paths = [f"{base}/{rel}" for files in manifest.files.values() for rel in files]
     return all(i.type == pafs.FileType.File for i in fs.get_file_info(paths))
 
@@ -137,7 +132,7 @@ def ensure_prepared(cfg: PrepareConfig) -> Manifest:
         log.info("preparing %s: %s", cfg.out, e)
         return prepare(cfg)
     if manifest_matches(manifest, cfg) and _files_present(manifest, cfg.out):
-        log.info("reusing prepared data at %s", join_location(cfg.out, "manifest.json"))
+        log.info("reusing prepared data at %s", storage.join(cfg.out, "manifest.json"))
         return manifest
     log.warning("%s was prepared with different settings (or is incomplete); preparing again",
                 cfg.out)

@@ -27,9 +27,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from PIL import Image
 
+from imgpipe import storage
 from imgpipe.constants import SPLITS, TEST, TRAIN, VAL
 from imgpipe.data.decode import IMAGE_FORMATS
-from imgpipe.data.shards import join_location, resolve_filesystem
 from imgpipe.errors import DataSourceError
 
 # torchvision's ImageFolder list plus every extension Pillow registers for the formats the
@@ -122,7 +122,7 @@ def list_image_folder(root: str) -> SourceListing:
     Raises DataSourceError for a missing root, a tree with no images, or a ``train/`` folder next to
     folders that are not splits (debris folders such as ``__MACOSX`` do not count).
     """
-    fs, base = resolve_filesystem(root)
+    fs, base = storage.resolve_fs(root)
     if fs.get_file_info(base).type != pafs.FileType.Directory:
         raise DataSourceError(f"image_folder: {root} is not a directory")
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
@@ -155,7 +155,7 @@ def list_image_folder(root: str) -> SourceListing:
             listing.not_images.setdefault(label, Counter())[_extension(parts[-1])] += 1
             continue
         split = SPLIT_ALIASES[parts[0].lower()] if split_mode else None
-        listing.items.append(SourceItem(join_location(root, *parts), label, split,
+        listing.items.append(SourceItem(storage.join(root, *parts), label, split,
                                         "/".join(parts), fs=fs, path=path))
     listing.classes = sort_class_names(classes)
     if not listing.items:
@@ -176,7 +176,7 @@ def _ignored_warnings(ignored: dict[str, int]) -> list[str]:
 
 
 def _read_manifest_table(location: str) -> pa.Table:
-    fs, path = resolve_filesystem(location)
+    fs, path = storage.resolve_fs(location)
     lower = path.lower()
     types = {"path": pa.string(), "label": pa.string(), "split": pa.string()}
     if lower.endswith(".csv"):

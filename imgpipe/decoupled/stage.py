@@ -34,7 +34,7 @@ from imgpipe.bundle import (
 from imgpipe.bundle_versions import discard
 from imgpipe.config import RebalanceConfig
 from imgpipe.constants import ACCURACY, BALANCED_ACCURACY, MACRO_F1, TEST, TRAIN, VAL, VAL_LOSS
-from imgpipe.data.shards import load_manifest
+from imgpipe.data.manifest import load_manifest
 from imgpipe.decoupled.heads import Head, fit_crt, fit_lws, metric_scorer, select_tau
 from imgpipe.decoupled.smote import oversample_features, report_dicts
 from imgpipe.errors import DataSourceError

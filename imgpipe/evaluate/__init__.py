@@ -27,7 +27,6 @@ from imgpipe.evaluate.served import (
     SPLIT_PRIOR_CALIBRATION,
     TOP_K,
     BundleEvaluation,
-    EvaluateConfig,
     ShotThresholds,
     bundle_block,
     calibration_at_split_prior,
@@ -35,7 +34,6 @@ from imgpipe.evaluate.served import (
     evaluate_bundle,
     evaluation_payload,
     load_predictor,
-    parse_prior,
     run_evaluation,
     split_class_mix,
     write_evaluation,
@@ -44,9 +42,9 @@ from imgpipe.evaluate.served import (
 __all__ = [
     "BEFORE_TEMPERATURE", "CONFUSION_MATRIX", "CONFUSION_MATRIX_NORMALIZED", "LOGITS",
     "METRICS_FILE", "PREDICTION", "PREDICTIONS_FILE", "PROBABILITIES", "SPLIT_PRIOR_CALIBRATION",
-    "TOP_K", "BundleEvaluation", "EvaluateConfig", "ShotThresholds", "SplitPredictions",
+    "TOP_K", "BundleEvaluation", "ShotThresholds", "SplitPredictions",
     "bundle_block", "calibrate_bundle", "calibration_at_split_prior", "compute_metrics",
     "evaluate_bundle", "evaluate_checkpoint", "evaluation_payload", "load_checkpoint_model",
-    "load_predictor", "parse_prior", "predict_split", "run_evaluation", "score_split",
+    "load_predictor", "predict_split", "run_evaluation", "score_split",
     "split_class_mix", "write_evaluation",
 ]

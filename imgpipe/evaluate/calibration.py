@@ -7,6 +7,7 @@ from typing import Any
 
 from imgpipe.bundle import DeploymentPrior, update_bundle_meta
 from imgpipe.calibrate import ThresholdMode, choose_threshold, fit_temperature
+from imgpipe.config.specs import parse_prior
 from imgpipe.constants import VAL
 from imgpipe.errors import DataSourceError
 from imgpipe.evaluate.predictions import predict_split
@@ -14,7 +15,6 @@ from imgpipe.evaluate.served import (
     bundle_block,
     calibration_at_split_prior,
     load_predictor,
-    parse_prior,
     split_class_mix,
 )
 from imgpipe.inference import prior_shift

@@ -13,14 +13,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import Field, field_validator, model_validator
 
-from imgpipe.bundle import PRIOR_CHOICES, BundleMeta, DeploymentPrior, update_bundle_meta
-from imgpipe.calibrate import ThresholdMode, nll_at_temperature
-from imgpipe.config import StrictModel
+from imgpipe.bundle import BundleMeta, DeploymentPrior, update_bundle_meta
+from imgpipe.calibrate import nll_at_temperature
+from imgpipe.config.specs import parse_prior
 from imgpipe.console import write_json
 from imgpipe.constants import BRIER, ECE, ID, LABEL, LABEL_NAME, NLL, RELIABILITY, SHOT_CLASSES, TEST, VAL
-from imgpipe.data.shards import load_manifest
+from imgpipe.data.manifest import load_manifest
 from imgpipe.errors import DataSourceError
 from imgpipe.evaluate.predictions import SplitPredictions, predict_split
 from imgpipe.inference import Predictor, adjusted_probabilities, prior_shift
@@ -69,23 +68,6 @@ class BundleEvaluation:
     probs_t1: np.ndarray  # (N, C) the same with temperature 1: "before temperature scaling"
     y_pred: np.ndarray  # (N,) the Predictor's labels (argmax, or the binary threshold)
     metrics: dict[str, Any]
-
-
-def parse_prior(value: str | list[float] | None) -> DeploymentPrior | None:
-    """``model`` | ``balanced`` | ``train`` | ``"p1,p2,..."`` (or a list) → a deployment prior.
-
-    None stays None (= the bundle's own choice). Raises ValueError naming the bad text.
-    """
-    if value is None or isinstance(value, list):
-        return value
-    text = value.strip()
-    if text in PRIOR_CHOICES:
-        return text  # type: ignore[return-value]
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise DataSourceError(f"prior {value!r}: expected one of {', '.join(PRIOR_CHOICES)} or a "
-                         "comma-separated vector of class probabilities") from None
 
 
 def load_predictor(bundle_dir: str | Path, prior: DeploymentPrior | None = None) -> Predictor:
@@ -273,39 +255,3 @@ def calibration_at_split_prior(logits: np.ndarray, labels: np.ndarray, meta: Bun
         "ece_before": before[ECE], "ece_after": after[ECE],
         "reliability_before": before[RELIABILITY], "reliability_after": after[RELIABILITY],
     }
-
-
-class EvaluateConfig(StrictModel):
-    """``jobs/evaluate.py`` settings (YAML keys = these field names)."""
-
-    bundle: str
-    data: str
-    split: str = TEST
-    out: str = "reports/evaluate"
-    prior: str | None = Field(
-        None, description="model | balanced | train | p1,p2,...; default: the bundle's own")
-    calibrate: bool = Field(False, description="fit temperature/threshold on val first")
-    threshold_mode: ThresholdMode = "max_f1"
-    target_recall: float = Field(0.9, gt=0, le=1)
-    many_threshold: int = Field(100, ge=0, description="many-shot: training count above this")
-    few_threshold: int = Field(20, ge=0, description="few-shot: training count below this")
-    report: bool = Field(True, description="write report.html, PNGs and model_card.md")
-    robustness: bool = Field(False, description="also score corrupted copies of the split "
-                             "(noise, blur, JPEG, brightness, contrast, rotation, occlusion)")
-    robustness_seed: int = 0
-
-    @field_validator("prior", mode="before")
-    @classmethod
-    def _prior_list_is_text(cls, v: Any) -> Any:
-        """A YAML list ``[0.5, 0.5]`` is the same prior as the flag's ``0.5,0.5``."""
-        if isinstance(v, (list, tuple)):
-            return ",".join(str(p) for p in v)
-        return v
-
-    @model_validator(mode="after")
-    def _consistent(self) -> EvaluateConfig:
-        if self.few_threshold > self.many_threshold:
-            raise ValueError(f"few_threshold ({self.few_threshold}) must be <= many_threshold "
-                             f"({self.many_threshold})")
-        parse_prior(self.prior)
-        return self

@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
 
 from imgpipe.bundle import BundleMeta
+from imgpipe.config import TriggerCriteria
 from imgpipe.errors import UserError
 from imgpipe.monitoring.log_reader import LogWindow
 from imgpipe.prediction_log_format import IMAGE, PREDICTED, TIME
@@ -94,18 +94,6 @@ def apply_prior(dashboard: str, app_name: str, prior: list[float],
 
 
 # ----- retraining trigger --------------------------------------------------------------------
-
-
-class TriggerCriteria(BaseModel):
-    """When to ask for retraining (any criterion met → alert). None disables a criterion."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    drift_p_below: float | None = Field(0.01, gt=0, lt=1)
-    prior_tv_above: float | None = Field(0.2, gt=0, le=1, description="EM estimate vs training")
-    balanced_accuracy_below: float | None = Field(None, gt=0, le=1,
-                                                  description="expected, current rule")
-    min_rows: int = Field(200, ge=1, description="never alert on fewer rows")
 
 
 def evaluate_trigger(result: dict[str, Any], criteria: TriggerCriteria) -> dict[str, Any]:

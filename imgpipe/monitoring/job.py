@@ -5,15 +5,13 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import Field, field_validator, model_validator
+from typing import Any
 
 from imgpipe.bundle import load_bundle_meta, resolve_bundle_dir
 from imgpipe.cluster import JOB_EXCLUDES
-from imgpipe.config import StrictModel
+from imgpipe.config import MonitorConfig
+from imgpipe.config.specs import parse_window
 from imgpipe.monitoring.actions import (
-    TriggerCriteria,
     apply_prior,
     evaluate_trigger,
     save_active_learning_queue,
@@ -21,56 +19,9 @@ from imgpipe.monitoring.actions import (
     write_alert,
 )
 from imgpipe.monitoring.analyze import AnalysisSettings, analyze
-from imgpipe.monitoring.log_reader import parse_window, read_window
+from imgpipe.monitoring.log_reader import read_window
 from imgpipe.monitoring.reference import load_reference
 from imgpipe.monitoring.report import console_summary, save_outputs
-
-
-class MonitorConfig(StrictModel):
-    """``jobs/monitor.py`` settings (flags or ``--config monitor.yaml``)."""
-
-    bundle: str
-    log: str = Field(description="prediction log folder: local path, s3://, gs://")
-    window: str = Field("1h", description="duration (30m, 1h, 2d) or a row count (500)")
-    out: str = "runs/monitor"
-    every: str | None = Field(None, description="periodic mode: run a pass this often (10m)")
-    passes: int | None = Field(None, ge=1, description="periodic mode: stop after N passes")
-    alpha: float = Field(0.05, gt=0, lt=1)
-    bootstrap: int = Field(200, ge=0)
-    permutations: int = Field(500, ge=19)
-    seed: int = 0
-    low_confidence: float = Field(0.5, gt=0, lt=1)
-    apply_prior: bool = False
-    prior_method: Literal["em", "bbse"] = "em"
-    serve_address: str = Field("http://127.0.0.1:8265", description="Ray dashboard (Serve API)")
-    app_name: str = "imgpipe"
-    trigger: TriggerCriteria = Field(default_factory=TriggerCriteria)
-    retrain_address: str | None = Field(None, description="Ray Jobs API; set to submit tune.py")
-    retrain_data: str | None = Field(None, description="prepared data for the retraining job")
-    retrain_args: list[str] = Field(default_factory=list, description="extra jobs/tune.py flags")
-    retrain_working_dir: str | None = Field(
-        None, description="upload this checkout with the job (else the cluster's own is used)")
-    active_learning: int = Field(0, ge=0, description="queue size (0: off)")
-    active_learning_score: Literal["margin", "entropy"] = "margin"
-
-    @field_validator("window")
-    @classmethod
-    def _window(cls, v: str) -> str:
-        parse_window(v)
-        return v
-
-    @field_validator("every")
-    @classmethod
-    def _every(cls, v: str | None) -> str | None:
-        if v is not None and parse_window(v).duration is None:
-            raise ValueError(f"every must be a duration like 10m or 1h, got {v!r}")
-        return v
-
-    @model_validator(mode="after")
-    def _retrain(self) -> MonitorConfig:
-        if self.retrain_address and not self.retrain_data:
-            raise ValueError("retrain_address needs retrain_data (the data to retrain on)")
-        return self
 
 
 def run_pass(cfg: MonitorConfig) -> dict[str, Any]:

@@ -8,16 +8,16 @@ reason; rows from another model (name/version) than the bundle's are left out an
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from imgpipe.data.shards import resolve_filesystem
+from imgpipe import storage
+from imgpipe.config.specs import Window
 from imgpipe.errors import DataSourceError
 from imgpipe.prediction_log_format import (
     EMBEDDING,
@@ -33,36 +33,6 @@ from imgpipe.prediction_log_format import (
     TIME,
     part_time,
 )
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-@dataclass(frozen=True)
-class Window:
-    """``duration`` or ``rows`` (exactly one is set)."""
-
-    duration: timedelta | None = None
-    rows: int | None = None
-
-    def describe(self) -> str:
-        return f"last {self.rows} rows" if self.rows else f"last {self.duration}"
-
-
-def parse_window(text: str | int) -> Window:
-    """``"1h"`` / ``"30m"`` / ``"2d"`` / ``"45s"`` → a duration; ``"500"`` → the newest 500 rows.
-
-    Raises:
-        ValueError: anything else (the message shows the accepted forms).
-    """
-    s = str(text).strip().lower()
-    if s.isdigit() and int(s) > 0:
-        return Window(rows=int(s))
-    m = _DURATION.match(s)
-    if not m or float(m.group(1)) <= 0:
-        raise DataSourceError(f"window {text!r}: expected a duration like 30m, 1h, 2d or a row count "
-                         "like 500")
-    return Window(duration=timedelta(**{_UNITS[m.group(2)]: float(m.group(1))}))
 
 
 @dataclass
@@ -91,7 +61,7 @@ class LogWindow:
 
 def list_parts(location: str) -> tuple[pafs.FileSystem, list[tuple[datetime, str]]]:
     """(filesystem, [(time in name, path)]) of the log's part files, newest first."""
-    fs, root = resolve_filesystem(location)
+    fs, root = storage.resolve_fs(location)
     infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     parts = [(t, i.path) for i in infos
              if i.type == pafs.FileType.File and (t := part_time(i.base_name)) is not None]

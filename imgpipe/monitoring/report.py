@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from jinja2 import Environment, select_autoescape  # noqa: E402
 
-from imgpipe.data.shards import join_location, resolve_filesystem  # noqa: E402
+from imgpipe import storage
 from imgpipe.prediction_log_format import MONITOR_DIR, MONITOR_STATUS_FILE  # noqa: E402
 
 HISTORY_FILE = "history.jsonl"
@@ -160,7 +160,7 @@ def save_outputs(r: dict[str, Any], out: str | Path, log_location: str | None) -
     (out / "monitor.html").write_text(html)
     if log_location:
         try:
-            fs, path = resolve_filesystem(join_location(log_location, MONITOR_DIR))
+            fs, path = storage.resolve_fs(storage.join(log_location, MONITOR_DIR))
             fs.create_dir(path, recursive=True)
             with fs.open_output_stream(f"{path}/{MONITOR_STATUS_FILE}") as f:
                 f.write(json.dumps(record).encode())

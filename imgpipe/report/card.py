@@ -17,7 +17,7 @@ from imgpipe.constants import (
     SUPPORT,
     VAL,
 )
-from imgpipe.data.shards import Manifest
+from imgpipe.data.manifest import Manifest
 from imgpipe.evaluate import (
     BEFORE_TEMPERATURE,
     SPLIT_PRIOR_CALIBRATION,

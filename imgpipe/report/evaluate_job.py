@@ -10,17 +10,17 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe import storage
+from imgpipe.config import EvaluateConfig
+from imgpipe.config.specs import parse_prior
 from imgpipe.console import format_table, per_class_table, write_json
 from imgpipe.constants import TEST, VAL
 from imgpipe.evaluate import (
     BEFORE_TEMPERATURE,
     METRICS_FILE,
-    EvaluateConfig,
     ShotThresholds,
     bundle_block,
     calibrate_bundle,
     evaluate_bundle,
-    parse_prior,
 )
 from imgpipe.metrics import ECE, NLL
 from imgpipe.report.bundle_docs import document_bundle

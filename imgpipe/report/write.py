@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe.bundle import resolve_bundle_dir
+from imgpipe.config.specs import parse_prior
 from imgpipe.constants import TEST, VAL
-from imgpipe.data.shards import Manifest, load_manifest
+from imgpipe.data.manifest import Manifest, load_manifest
 from imgpipe.evaluate import (
     BundleEvaluation,
     ShotThresholds,
     evaluation_payload,
     load_predictor,
-    parse_prior,
     run_evaluation,
     write_evaluation,
 )

@@ -11,7 +11,7 @@ downsampling) only below ``CIFAR_STEM_BELOW`` px — timm/torchvision practice.
 from __future__ import annotations
 
 from imgpipe.config import TrainConfig
-from imgpipe.data.shards import Manifest
+from imgpipe.data.manifest import Manifest
 
 MIN_SIDE = 32
 MAX_SIDE = 224

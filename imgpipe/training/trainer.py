@@ -42,6 +42,7 @@ from imgpipe.constants import (
     VAL_LOSS,
     val_key,
 )
+from imgpipe.data.manifest import Manifest, load_manifest
 from imgpipe.data.partner_pool import build_partner_pool, pool_per_class
 from imgpipe.data.pipeline import (
     ID_HASH,
@@ -51,7 +52,6 @@ from imgpipe.data.pipeline import (
     start_epoch_clock,
 )
 from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
-from imgpipe.data.shards import Manifest, load_manifest
 from imgpipe.data.transforms import Preprocess
 from imgpipe.errors import ImgpipeFailure
 from imgpipe.evaluate import evaluate_checkpoint

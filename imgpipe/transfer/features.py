@@ -20,7 +20,8 @@ import ray
 import torch
 
 from imgpipe.constants import ID, IMAGE, LABEL, TRAIN
-from imgpipe.data.shards import load_manifest, split_files
+from imgpipe.data.manifest import load_manifest
+from imgpipe.data.shards import split_files
 from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image, normalize
 from imgpipe.transfer.candidate import Candidate, load_candidate
 

@@ -16,10 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
-from pydantic_settings import CliVariadicArg
-
-from imgpipe.config import StrictModel
+from imgpipe.config import RankConfig
 from imgpipe.constants import TRAIN, VAL
 from imgpipe.transfer.candidate import CandidateError, load_candidate
 from imgpipe.transfer.features import extract_many, extract_splits
@@ -27,43 +24,6 @@ from imgpipe.transfer.scores import compute_scores, score_names
 
 RANKING_FILE = "ranking.json"
 OK, FAILED = "ok", "failed"
-# Highest Kendall's τ against fine-tuned balanced accuracy in benchmarks/transfer_bench.py
-# (0.90 over 7 candidates; linear_probe_balanced 0.81), and it needs no source head.
-DEFAULT_PRIMARY = "logme_balanced"
-
-
-class RankConfig(StrictModel):
-    """``jobs/rank_checkpoints.py`` settings (flags override YAML, like every job)."""
-
-    data: str = Field(description="prepared target shards")
-    candidates: CliVariadicArg[list[str]] = Field(
-        min_length=1, description="bundle, checkpoint folder, ARCH=FILE or random:ARCH")
-    out: str = "runs/rank"
-    primary: str = Field(DEFAULT_PRIMARY, description="score that orders the table")
-    scores: CliVariadicArg[list[str] | None] = Field(None, description="scores to compute (default: all)")
-    finetuned: str | None = Field(
-        None, description="JSON {candidate: fine-tuned test balanced accuracy} for Kendall's τ")
-    num_actors: int = Field(1, ge=1, description="actor-pool size per candidate")
-    cpus_per_actor: float = Field(1.0, gt=0)
-    batch_size: int = Field(128, ge=1)
-    image_size: int = Field(32, ge=8, le=1024, description="for candidates without own preprocessing")
-    seed: int = 0
-    plot: bool = True
-
-    @field_validator("primary")
-    @classmethod
-    def _known_primary(cls, v: str) -> str:
-        if v not in score_names():
-            raise ValueError(f"unknown score {v!r}; valid: {', '.join(score_names())}")
-        return v
-
-    @field_validator("scores")
-    @classmethod
-    def _known_scores(cls, v: list[str] | None) -> list[str] | None:
-        bad = sorted(set(v or []) - set(score_names()))
-        if bad:
-            raise ValueError(f"unknown score(s) {bad}; valid: {', '.join(score_names())}")
-        return v
 
 
 def _first_line(e: BaseException) -> str:

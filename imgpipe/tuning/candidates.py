@@ -10,12 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imgpipe.config import TuneJobConfig
+from imgpipe.config import RankConfig, TuneJobConfig
 from imgpipe.console import format_table
-from imgpipe.data.shards import Manifest
+from imgpipe.data.manifest import Manifest
 from imgpipe.errors import UserError
 from imgpipe.training.defaults import resolve_input_size
-from imgpipe.transfer.ranking import OK, RankConfig, rank_candidates
+from imgpipe.transfer.ranking import OK, rank_candidates
 from imgpipe.tuning.tuner import absolute, base_train_config
 
 

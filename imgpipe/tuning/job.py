@@ -12,8 +12,8 @@ from imgpipe.checkpoint import load_meta
 from imgpipe.config import PrepareConfig, TuneJobConfig
 from imgpipe.console import format_table, write_json
 from imgpipe.constants import TEST, val_key
+from imgpipe.data.manifest import Manifest, ManifestNotFoundError, load_manifest
 from imgpipe.data.prepare import ensure_prepared
-from imgpipe.data.shards import Manifest, ManifestNotFoundError, load_manifest
 from imgpipe.report import document_bundle
 from imgpipe.tuning.export import best_checkpoint_dir, export_bundle
 from imgpipe.tuning.tuner import TuneOutcome, plan_search, run_search

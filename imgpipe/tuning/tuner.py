@@ -24,7 +24,7 @@ from imgpipe import storage
 from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig, resolve_config
 from imgpipe.config.search import SearchSpace
 from imgpipe.constants import METRIC_MODES, val_key
-from imgpipe.data.shards import Manifest, load_manifest
+from imgpipe.data.manifest import Manifest, load_manifest
 from imgpipe.errors import ImgpipeError, ImgpipeFailure
 from imgpipe.models.weights import load_model_weights, resolve_model_config
 from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources
