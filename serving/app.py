@@ -1,4 +1,4 @@
-"""The Ray Serve application: one model deployment (FastAPI ingress) and a metrics store.
+"""The Ray Serve application: one model deployment with a FastAPI ingress.
 
 ``build_app`` is the typed builder ``serve run`` / ``serve deploy`` call with the ``args:`` of
 ``serving/config.yaml``. Replicas load the bundle weights-only and checksum-verified, batch
@@ -12,15 +12,15 @@ temperature, prior, threshold) through ``user_config`` → ``reconfigure``.
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from prometheus_client import disable_created_metrics
+from prometheus_client import CollectorRegistry, generate_latest
 from ray import serve
 from ray.serve import Application
-from ray.serve.handle import DeploymentHandle
 
 from imgpipe.bundle import BundleMeta, resolve_bundle_dir, verify_bundle
 from imgpipe.data.transforms import ImageDecodeError
@@ -29,7 +29,7 @@ from serving.budget import DecodeBudget, decoded_bytes
 from serving.errors import ApiError
 from serving.inputs import check_image_header
 from serving.live import LiveState, apply_live_config
-from serving.metrics import MetricsBuffer, PrometheusMetrics
+from serving.metrics import ReplicaMetrics, cluster_metrics, model_info
 from serving.prediction_log import (
     LoggedForward,
     MonitorGauges,
@@ -41,32 +41,7 @@ from serving.security import resolve_token, warn_if_exposed
 
 log = logging.getLogger(__name__)
 
-METRICS_DEPLOYMENT = "MetricsStore"
-FLUSH_INTERVAL_S = 1.0
-
-
-@serve.deployment(name=METRICS_DEPLOYMENT, num_replicas=1, max_ongoing_requests=256,
-                  ray_actor_options={"num_cpus": 0})
-class MetricsStore:
-    """Holds the Prometheus registry; model replicas send it their counts."""
-
-    def __init__(self, model_name: str, model_version: str,
-                 prediction_log: str | None = None) -> None:
-        # ``*_created`` timestamp series only add noise to a dashboard; off in this process.
-        disable_created_metrics()
-        self._metrics = PrometheusMetrics(model_name, model_version)
-        self._monitor = MonitorGauges(self._metrics.registry, prediction_log) if prediction_log \
-            else None
-
-    def record(self, delta: dict[str, Any]) -> None:
-        self._metrics.apply(delta)
-        if self._monitor is not None:
-            self._monitor.apply(delta.get("prediction_log"))
-
-    def render(self) -> bytes:
-        if self._monitor is not None:
-            self._monitor.refresh()
-        return self._metrics.render()
+LOG_STATS_INTERVAL_S = 1.0
 
 
 @serve.deployment(name=MODEL_DEPLOYMENT)
@@ -80,16 +55,14 @@ class ImgpipeModel:
     only; the request turns them into probabilities and labels with its own ``LiveState``.
     """
 
-    def __init__(self, settings: ReplicaSettings, metrics_store: DeploymentHandle) -> None:
+    def __init__(self, settings: ReplicaSettings) -> None:
         torch.set_num_threads(settings.torch_threads)
         self.settings = settings
         self.predictor = Predictor.load(settings.bundle)
         self.bundle_meta: BundleMeta = self.predictor.meta  # as written; overrides start here
         self.live = LiveState.create(self.bundle_meta, LiveConfig())
         self.budget = DecodeBudget(settings.decode_budget_bytes, settings.decode_wait_s)
-        self.metrics = MetricsBuffer()
-        self._store = metrics_store
-        self._flusher: asyncio.Task | None = None
+        self.metrics = ReplicaMetrics()
         pre = self.bundle_meta.preprocess
         self._probe = torch.zeros(1, pre.channels, pre.image_size, pre.image_size)
         # Prediction log (off unless configured): the forward pass also queues its logits and
@@ -98,6 +71,13 @@ class ImgpipeModel:
             if settings.prediction_log else None
         self._predict_logits = LoggedForward(self.predictor, self.prediction_log) \
             if self.prediction_log else self.predictor.predict_logits
+        self._log_stats_at = 0.0
+        # Rendered by this replica itself on /metrics: the bundle served, and the monitor
+        # job's latest estimates (read from the log folder when /metrics is asked).
+        self._own_metrics = CollectorRegistry()
+        model_info(self._own_metrics, self.bundle_meta.name, str(self.bundle_meta.version))
+        self._monitor = MonitorGauges(self._own_metrics, settings.prediction_log.location) \
+            if settings.prediction_log else None
 
     def __del__(self) -> None:
         # Serve calls __del__ on graceful replica shutdown: flush the log's last rows.
@@ -198,28 +178,20 @@ class ImgpipeModel:
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.metrics.request(endpoint, method, status, seconds)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
-
-    async def flush_metrics(self) -> None:
-        delta = self.metrics.take()
-        if delta is not None and self.prediction_log is not None:
-            delta["prediction_log"] = (self.prediction_log.replica, self.prediction_log.stats())
-        if delta is not None:
-            await self._store.record.remote(delta)
+        now = time.monotonic()
+        if self.prediction_log is not None and now - self._log_stats_at >= LOG_STATS_INTERVAL_S:
+            self._log_stats_at = now
+            self.metrics.prediction_log(self.prediction_log.stats())
 
     async def render_metrics(self) -> bytes:
-        """Prometheus text for all replicas (this replica's latest counts included)."""
-        await self.flush_metrics()
-        return await self._store.render.remote()
-
-    async def _flush_loop(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL_S)
-            try:
-                await self.flush_metrics()
-            except Exception as e:  # a lost delta is better than a dead replica
-                log.warning("could not ship metrics to %s: %s", METRICS_DEPLOYMENT, e)
+        """Prometheus text: every replica's ``ray_imgpipe_*`` series (from Ray's metrics agents),
+        the served bundle and the monitor job's gauges."""
+        if self.prediction_log is not None:
+            self.metrics.prediction_log(self.prediction_log.stats())
+        text = await cluster_metrics()
+        if self._monitor is not None:
+            self._monitor.refresh()
+        return text + generate_latest(self._own_metrics)
 
 
 def _serve_http_host() -> str | None:
@@ -258,8 +230,6 @@ def build_app(args: ServeArgs) -> Application:
         decode_budget_bytes=args.decode_budget_bytes, decode_wait_s=args.decode_wait_s,
         prediction_log=resolve_prediction_log(args.prediction_log),
     )
-    store = MetricsStore.bind(meta.name, str(meta.version),
-                              settings.prediction_log.location if settings.prediction_log else None)
     return ImgpipeModel.options(
         autoscaling_config={
             "min_replicas": args.min_replicas, "initial_replicas": args.min_replicas,
@@ -273,4 +243,4 @@ def build_app(args: ServeArgs) -> Application:
         user_config=live.model_dump(),
         health_check_period_s=args.health_check_period_s,
         health_check_timeout_s=args.health_check_timeout_s,
-    ).bind(settings, store)
+    ).bind(settings)

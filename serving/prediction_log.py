@@ -298,20 +298,15 @@ class LoggedForward:
 
 
 class MonitorGauges:
-    """Prometheus gauges in the app's registry (built by the MetricsStore).
-
-    ``imgpipe_prediction_log_rows{replica,outcome}``: each replica's logger counters, shipped
-    with its metrics deltas. ``imgpipe_monitor_*``: the monitor job's latest estimates, read
-    from ``<log>/_monitor/status.json`` at scrape time (re-parsed only when it changed; a
-    missing or unreadable file leaves the gauges as they were).
+    """``imgpipe_monitor_*``: the monitor job's latest estimates as Prometheus gauges, read
+    from ``<log>/_monitor/status.json`` when ``/metrics`` is asked (re-parsed only when it
+    changed; a missing or unreadable file leaves the gauges as they were). The replicas' own
+    log counters are Ray metrics (``serving.metrics.ReplicaMetrics.prediction_log``).
     """
 
     def __init__(self, registry: CollectorRegistry, location: str) -> None:
         self._path = storage.join(location, MONITOR_DIR, MONITOR_STATUS_FILE)
         self._seen: str | None = None
-        self.rows = Gauge("imgpipe_prediction_log_rows", "Prediction log rows per replica "
-                          "(logged, written, dropped, failed, buffered)", ["replica", "outcome"],
-                          registry=registry)
         self.prior = Gauge("imgpipe_monitor_estimated_prior",
                            "Class prior of served traffic estimated by the monitor",
                            ["label", "method"], registry=registry)
@@ -326,12 +321,6 @@ class MonitorGauges:
                            registry=registry)
         self.updated = Gauge("imgpipe_monitor_updated_timestamp_seconds",
                              "When the monitor wrote these values", registry=registry)
-
-    def apply(self, replica_stats: tuple[str, dict[str, int]] | None) -> None:
-        if replica_stats:
-            replica, stats = replica_stats
-            for outcome, value in stats.items():
-                self.rows.labels(replica, outcome).set(value)
 
     def refresh(self) -> None:
         with contextlib.suppress(Exception):

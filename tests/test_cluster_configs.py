@@ -394,7 +394,7 @@ def test_serve_args_and_deployments_fit_the_app(path):
     schemas = importlib.import_module("serving.schemas")
     schemas.ServeArgs.model_validate(app["args"])  # the builder's own typed args
     serving_app = importlib.import_module("serving.app")
-    known = {serving_app.MODEL_DEPLOYMENT, serving_app.METRICS_DEPLOYMENT}
+    known = {serving_app.MODEL_DEPLOYMENT}
     assert {d["name"] for d in app.get("deployments", [])} <= known
 
 

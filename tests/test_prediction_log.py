@@ -128,8 +128,10 @@ def test_one_row_per_served_image_and_gauges(ray_session, tmp_path):
             (location / MONITOR_DIR / MONITOR_STATUS_FILE).write_text(json.dumps({
                 "estimated_prior": {"em": {"class_0": 0.7, "class_1": 0.2, "class_2": 0.1}},
                 "drift_statistic": 0.01, "drift_p_value": 0.42, "alert": 0}))
-            logged = re.compile(r'imgpipe_prediction_log_rows\{outcome="logged",replica="[^"]+"\} 24\.0')
-            deadline = time.monotonic() + 30
+            # The replicas' log counters are Ray metrics: exported every few seconds.
+            logged = re.compile(
+                r'ray_imgpipe_prediction_log_rows_total\{[^}]*outcome="logged"[^}]*replica="[^"]+"\} 24\.0')
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 text = client.get("/metrics").text
                 if logged.search(text):

@@ -179,24 +179,41 @@ def test_v2_binary_codec_round_trip():
     assert body[n + 8:] == struct.pack("<I", 1) + b"b"
 
 
-def test_metrics_from_several_replicas_add_up():
-    from serving.metrics import MetricsBuffer, PrometheusMetrics
+def test_metrics_of_several_nodes_and_replicas_merge():
+    """/metrics merges what every node's Ray metrics agent exports (two nodes, two replicas
+    on the first; one replica restarted in a new worker process): Ray's per-process labels go,
+    traffic labels stay, a restarted replica's counter series add up, other families are left
+    out."""
+    from serving.metrics import merge_families, render
 
-    store = PrometheusMetrics("m", "3")
-    for replica in range(2):
-        buf = MetricsBuffer()
-        buf.request("/v1/predict", "POST", 200, 0.004)
-        buf.request("/v1/predict", "POST", 400, 0.002)
-        buf.batch(4 + replica)
-        buf.predictions(["a", "b", "a"])
-        store.apply(buf.take())
-        assert buf.take() is None  # taken deltas are gone
-    text = store.render().decode()
-    assert _metric(text, "imgpipe_http_requests_total", endpoint="/v1/predict", status="200") == 2
-    assert _metric(text, "imgpipe_http_request_duration_seconds_count") == 4
-    assert _metric(text, "imgpipe_batch_size_sum") == 9
-    assert _metric(text, "imgpipe_predictions_total", label="a") == 4
-    assert 'imgpipe_model_info{name="m",version="3"} 1.0' in text
+    def node(addr: str, *series: tuple[str, str, float]) -> str:
+        lines = ["# HELP ray_imgpipe_http_requests_total HTTP requests",
+                 "# TYPE ray_imgpipe_http_requests_total counter"]
+        for replica, worker, value in series:
+            lines.append(
+                f'ray_imgpipe_http_requests_total{{Component="core_worker",NodeAddress="{addr}",'
+                f'WorkerId="{worker}",deployment="ImgpipeModel",endpoint="/v1/predict",'
+                f'method="POST",replica="{replica}",status="200"}} {value}')
+        lines += ["# HELP ray_imgpipe_prediction_log_buffered_rows backlog",
+                  "# TYPE ray_imgpipe_prediction_log_buffered_rows gauge",
+                  f'ray_imgpipe_prediction_log_buffered_rows{{NodeAddress="{addr}",WorkerId="w",'
+                  'replica="r1"} 2.0',
+                  "# HELP ray_serve_num_http_requests_total x",
+                  "# TYPE ray_serve_num_http_requests_total counter",
+                  'ray_serve_num_http_requests_total{route="/"} 7.0']
+        return "\n".join(lines) + "\n"
+
+    text = render(merge_families([
+        node("10.0.0.1", ("r1", "w1", 3.0), ("r2", "w2", 4.0), ("r2", "w3", 1.0)),
+        node("10.0.0.2", ("r3", "w4", 5.0)),
+    ])).decode()
+    assert _metric(text, "ray_imgpipe_http_requests_total", endpoint="/v1/predict") == 13
+    assert _metric(text, "ray_imgpipe_http_requests_total", replica="r2") == 5
+    assert _metric(text, "ray_imgpipe_http_requests_total", NodeAddress="10.0.0.2") == 5
+    assert "WorkerId" not in text and "Component" not in text
+    assert "ray_serve_" not in text
+    assert text.count("# TYPE ray_imgpipe_http_requests_total counter") == 1
+    assert _metric(text, "ray_imgpipe_prediction_log_buffered_rows", replica="r1") == 4
 
 
 def test_builder_refuses_broken_bundles_before_deploying(tmp_path):
@@ -548,10 +565,10 @@ def test_standard_v2_client_works_unchanged(server):
     client.close()
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
+def _metric(text: str, metric: str, **labels: str) -> float:
     total = 0.0
     for line in text.splitlines():
-        named = line.startswith(name + "{") or line.startswith(name + " ")
+        named = line.startswith(metric + "{") or line.startswith(metric + " ")
         if named and all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
@@ -644,16 +661,24 @@ def test_bounded_load_has_no_5xx_and_batches(server):
     elapsed = time.perf_counter() - start
     print(f"\nload: 2000 requests, concurrency 16: {2000 / elapsed:.0f} req/s")
     assert statuses.count(200) == 2000, {s: statuses.count(s) for s in set(statuses)}
-    text = server.client.get("/metrics").text
-    assert _metric(text, "imgpipe_http_requests_total", endpoint="/v1/predict", status="200") >= 1500
-    assert _metric(text, "imgpipe_http_requests_total",
+    # Ray's metrics agents export what the replicas recorded every few seconds.
+    deadline = time.monotonic() + 60
+    while True:
+        text = server.client.get("/metrics").text
+        if _metric(text, "ray_imgpipe_predictions_total") >= 2000 or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert _metric(text, "ray_imgpipe_http_requests_total", endpoint="/v1/predict",
+                   status="200") >= 1500
+    assert _metric(text, "ray_imgpipe_http_requests_total",
                    endpoint="/v2/models/{name}/infer", status="200") >= 500
     assert not any('status="5' in line for line in text.splitlines())
-    assert _metric(text, "imgpipe_predictions_total") >= 2000
-    batches = _metric(text, "imgpipe_batch_size_count")
-    assert _metric(text, "imgpipe_batch_size_sum") > batches > 0  # some batches held > 1 image
-    assert _metric(text, "imgpipe_http_request_duration_seconds_count",
+    assert _metric(text, "ray_imgpipe_predictions_total") >= 2000
+    batches = _metric(text, "ray_imgpipe_batch_size_count")
+    assert _metric(text, "ray_imgpipe_batch_size_sum") > batches > 0  # some batches held > 1 image
+    assert _metric(text, "ray_imgpipe_http_request_duration_seconds_count",
                    endpoint="/v1/predict") >= 1500
+    assert _metric(text, "imgpipe_model_info", name=MODEL) == 1
 
 
 def test_shutdown_leaves_no_serve_application(server):
