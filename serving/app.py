@@ -189,8 +189,8 @@ class ImgpipeModel:
         if self.prediction_log is not None:
             self.metrics.prediction_log(self.prediction_log.stats())
         text = await cluster_metrics()
-        if self._monitor is not None:
-            self._monitor.refresh()
+        if self._monitor is not None:  # a file read, maybe from s3://: off the event loop
+            await asyncio.to_thread(self._monitor.refresh)
         return text + generate_latest(self._own_metrics)
 
 

@@ -12,6 +12,7 @@ Values lag by up to Ray's ``metrics_report_interval_ms`` (10 s unless the cluste
 from __future__ import annotations
 
 import asyncio
+import math
 import urllib.request
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -108,9 +109,19 @@ def merge_families(texts: Iterable[str], prefix: str = PREFIX) -> list[Metric]:
                 series[key] = series.get(key, 0.0) + s.value if summed else s.value
     for name, family in merged.items():
         family.samples = []
-        for (sample, labels), value in sorted(values[name].items()):
+        for (sample, labels), value in sorted(values[name].items(), key=_exposition_order):
             family.add_sample(sample, dict(labels), value)
     return list(merged.values())
+
+
+def _exposition_order(item: tuple[tuple[str, tuple], float]) -> tuple:
+    """One series after another, a histogram's buckets by ascending ``le`` (``+Inf`` last) and
+    then its ``_count`` and ``_sum``, as the exposition format wants them."""
+    (sample, labels), _ = item
+    le = dict(labels).get("le")
+    bound = math.inf if le in ("+Inf", "Inf") else float(le) if le is not None else 0.0
+    part = 1 if sample.endswith("_count") else 2 if sample.endswith("_sum") else 0
+    return tuple((k, v) for k, v in labels if k != "le"), part, bound, sample
 
 
 class _Families:

@@ -186,3 +186,13 @@ def test_serve_flags_fill_the_serve_args_and_never_take_a_token(capsys):
     assert "--token" not in serve.get_args_parser().format_help()
     assert serve.main(["--bundle", "bundles/x", "--token", "s3cret"]) == 2
     assert "IMGPIPE_SERVE_TOKEN" in capsys.readouterr().err
+
+
+def test_old_field_names_in_yaml_still_work(tmp_path):
+    yaml = tmp_path / "old.yaml"
+    yaml.write_text("verbose: false\nmodel:\n  init_checkpoint: runs/x/best\n")
+    cfg, _ = parse_job_args(TrainConfig, _job("train").get_args_parser(), ["--config", str(yaml)])
+    assert cfg.progress is False and cfg.model.weights == "runs/x/best"
+    with pytest.raises(ConfigError, match="verbose and progress"):
+        parse_job_args(TrainConfig, _job("train").get_args_parser(),
+                       ["--config", str(yaml), "--progress"])

@@ -99,6 +99,6 @@ def test_trigger_submits_a_retraining_job_to_a_real_head(tmp_path):
         assert wait_for_job(head, info["submission_id"], 300) == "SUCCEEDED"
     assert info["entrypoint"].startswith("python jobs/tune.py --config ")
     cfg = resolve_config(TuneJobConfig, info["config"])
-    init = Path(cfg.train["model"]["init_checkpoint"])
+    init = Path(cfg.train["model"]["weights"])
     assert init == (bundle / "model.safetensors").resolve() and init.is_file()
     assert cfg.data == str(tmp_path / "data") and cfg.bundle_name == "retrain"

@@ -215,6 +215,25 @@ def test_metrics_of_several_nodes_and_replicas_merge():
     assert text.count("# TYPE ray_imgpipe_http_requests_total counter") == 1
     assert _metric(text, "ray_imgpipe_prediction_log_buffered_rows", replica="r1") == 4
 
+    # Histograms: each series' buckets in ascending le (+Inf last), then _count and _sum.
+    def hist(replica: str) -> list[str]:
+        out = ["# HELP ray_imgpipe_batch_size Images per forward pass",
+               "# TYPE ray_imgpipe_batch_size histogram"]
+        for le, n in (("1.0", 1), ("2.0", 2), ("10.0", 3), ("+Inf", 3)):
+            out.append(f'ray_imgpipe_batch_size_bucket{{WorkerId="w",le="{le}",replica="{replica}"}} {n}')
+        out += [f'ray_imgpipe_batch_size_count{{WorkerId="w",replica="{replica}"}} 3',
+                f'ray_imgpipe_batch_size_sum{{WorkerId="w",replica="{replica}"}} 7']
+        return out
+
+    text = render(merge_families(["\n".join(hist("r1") + hist("r2")) + "\n"])).decode()
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_imgpipe_batch_size")]
+    order = [(ln.split("replica=")[1][:4], ln.split("{")[0].rsplit("_", 1)[1],
+              ln.split('le="')[1].split('"')[0] if 'le="' in ln else "") for ln in lines]
+    expected = [(f'"{r}"', part, le) for r in ("r1", "r2") for part, le in (
+        ("bucket", "1.0"), ("bucket", "2.0"), ("bucket", "10.0"), ("bucket", "+Inf"),
+        ("count", ""), ("sum", ""))]
+    assert order == expected, lines
+
 
 def test_builder_refuses_broken_bundles_before_deploying(tmp_path):
     from imgpipe.bundle import BundleChecksumError, BundleError

@@ -228,6 +228,20 @@ class TrainConfig(StrictModel):
     augment: Augment = Augment()
     mix: MixConfig = MixConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _verbose_is_progress(cls, data: Any) -> Any:
+        """``verbose`` (the name until the jobs' --verbose came to mean Ray's logs) is accepted
+        as ``progress``."""
+        if isinstance(data, dict) and "verbose" in data:
+            data = dict(data)
+            old = data.pop("verbose")
+            if "progress" in data and data["progress"] != old:
+                raise ValueError("verbose and progress both set (verbose is the old name of "
+                                 "progress; keep one)")
+            data["progress"] = old
+        return data
+
     @model_validator(mode="after")
     def _sane(self) -> TrainConfig:
         if self.amp and not self.use_gpu:

@@ -127,11 +127,11 @@ def write_alert(alert: dict[str, Any], out: Path) -> Path:
 
 def retraining_config(meta: BundleMeta, bundle_dir: Path, data: str, out: str) -> dict[str, Any]:
     """A ``jobs/tune.py --config`` file: the bundle's architecture, warm-started from its
-    weights (``train.model.init_checkpoint``), on ``data``."""
+    weights (``train.model.weights``), on ``data``."""
     arch = meta.architecture
     return {"data": data, "dataset": None, "out": out, "bundle_name": meta.name,
             "train": {"model": {"name": arch.model, "cifar_stem": arch.cifar_stem,
-                                "init_checkpoint": str(bundle_dir / meta.weights_file)}}}
+                                "weights": str(bundle_dir / meta.weights_file)}}}
 
 
 def submit_retraining(address: str, meta: BundleMeta, bundle_dir: Path, data: str,
