@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
                               images_per_class=args.images_per_class))
         cfg = TrainConfig.model_validate({
             "data": root, "out": str(Path(tmp) / "runs"), "epochs": args.epochs,
-            "batch_size": args.batch_size, "cpus_per_worker": 0.45, "progress": False})
+            "batch_size": args.batch_size, "cpus_per_worker": 0.45, "progress": False,
+            # spelled out: the plain loop has no weights/data resolution of the input size
+            "model": {"name": "cnn", "image_size": 32, "cifar_stem": True}})
         for run in args.only:
             r = run_plain(cfg) if run == "plain" else run_imgpipe(cfg, int(run))
             name = "plain PyTorch" if run == "plain" else f"imgpipe {run} worker(s)"
