@@ -108,7 +108,6 @@ def merge_families(texts: Iterable[str], prefix: str = PREFIX) -> list[Metric]:
                 summed = family.type != "gauge" and key in series
                 series[key] = series.get(key, 0.0) + s.value if summed else s.value
     for name, family in merged.items():
-        family.samples = []
         for (sample, labels), value in sorted(values[name].items(), key=_exposition_order):
             family.add_sample(sample, dict(labels), value)
     return list(merged.values())
