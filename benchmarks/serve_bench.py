@@ -3,11 +3,13 @@
     python benchmarks/serve_bench.py                              # cnn and resnet18, shipped defaults
     python benchmarks/serve_bench.py --models cnn --requests 600 --out reports/serve_bench.json
     python benchmarks/serve_bench.py --set max_replicas=1 --set max_batch_size=1   # try a setting
+    python benchmarks/serve_bench.py --ingress proxy     # Serve's Python proxy instead of HAProxy
 
 For each model, ONE run starts both servers over the same random bundle (10 classes, grey
 32x32; speed ignores the weights): the imgpipe app exactly as ``jobs/serve.py`` starts it with
-``serving/config.yaml`` (the shipped defaults), and ``benchmarks/plain_server.py`` (one sync
-FastAPI handler calling the same ``Predictor`` under uvicorn). Each (concurrency) cell runs
+``serving/config.yaml`` (the shipped defaults, HAProxy ingress unless ``--ingress proxy``),
+and ``benchmarks/plain_server.py`` (one sync FastAPI handler calling the same ``Predictor``
+under uvicorn). Each (concurrency) cell runs
 ``--rounds`` times per server, the two servers alternating, so machine noise hits both alike.
 The load comes from a separate process (asyncio + aiohttp, closed loop: ``concurrency``
 requests in flight, one PNG each, POST /v1/predict). The machine is shared by client and
@@ -51,6 +53,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--config", default=str(REPO / "serving" / "config.yaml"),
                    help="Serve config giving the imgpipe app's settings (the shipped defaults)")
+    p.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+                   help="the Ray instance's HTTP ingress (serving/ingress.py; jobs/serve.py's "
+                        "default is haproxy)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one ServeArgs field (YAML value), e.g. max_replicas=1")
     p.add_argument("--out", default="serve_bench.json", help="results JSON path")
@@ -261,9 +266,13 @@ def start_ray(attempts: int = 3) -> None:
 def main(argv: list[str] | None = None) -> int:
     import ray
 
+    from serving.ingress import use_ingress
+
     args = get_args_parser().parse_args(argv)
     rows: list[dict[str, Any]] = []
-    # As jobs/serve.py does: a local Ray instance with Ray's defaults (all cores).
+    # As jobs/serve.py does: a local Ray instance with Ray's defaults (all cores), started
+    # with the ingress settings in its environment.
+    use_ingress(args.ingress)
     start_ray()
     try:
         ctx = multiprocessing.get_context("spawn")

@@ -3,6 +3,7 @@
     python jobs/serve.py --bundle bundles/digits-lt/v1 --host 127.0.0.1 --port 8000
     python jobs/serve.py --config serving/config.yaml --bundle bundles/digits-lt
     IMGPIPE_SERVE_TOKEN=... python jobs/serve.py --bundle ... --host 0.0.0.0
+    python jobs/serve.py --bundle ... --ingress proxy      # Serve's Python proxy, not HAProxy
 
 Endpoints: /v1/predict, /v1/models, /v2/... (KServe Open Inference Protocol), /metrics, /docs.
 """
@@ -20,6 +21,7 @@ from imgpipe.config.cli import add_job_flag, config_parser, parse_job_flags
 from imgpipe.errors import run_job
 from imgpipe.preflight import check_serve_overrides
 from imgpipe.runtime import init_ray
+from serving.ingress import INGRESS_CHOICES, ingress_for_instance
 from serving.runner import DEFAULT_APP_NAME, resolve_serve_args, run_foreground
 from serving.schemas import TOKEN_ENV, ServeArgs
 
@@ -36,6 +38,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_job_flag(p, "--port", type=int, help="HTTP port (default: the config's, else 8000)")
     add_job_flag(p, "--app-name", default=DEFAULT_APP_NAME, help="Serve application name")
     add_job_flag(p, "--address", help="Ray cluster address (default: $RAY_ADDRESS or local)")
+    add_job_flag(p, "--ingress", choices=INGRESS_CHOICES,
+                 help="HTTP ingress of a Ray instance this job starts: haproxy (Ray Serve's "
+                      "high-throughput mode, the default) or proxy (Serve's Python proxy); "
+                      "see serving/ingress.py")
     add_job_flag(p, "--smoke", action="store_true", help="start, check the endpoints, stop")
     return p
 
@@ -50,8 +56,9 @@ def _main(argv: list[str] | None) -> int:
     host = job["host"] or http.get("host", "127.0.0.1")
     port = job["port"] or int(http.get("port", 8000))
     check_serve_overrides(args.bundle, args.deployment_prior, args.decision_threshold)
+    ingress = ingress_for_instance(job["ingress"], job["address"])
     init_ray(job["address"])  # a dead --address/RAY_ADDRESS fails here within seconds
-    card = run_foreground(args, host, port, job["app_name"], smoke=job["smoke"])
+    card = run_foreground(args, host, port, job["app_name"], smoke=job["smoke"], ingress=ingress)
     print(json.dumps({"served": {"name": card["name"], "version": card["version"],
                                  "bundle": storage.absolute_location(str(args.bundle))},
                       "url": f"http://{host}:{port}"}))

@@ -72,12 +72,14 @@ def _wait_for_signal() -> None:
 
 
 def run_foreground(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
-                   app_name: str = DEFAULT_APP_NAME, smoke: bool = False) -> dict[str, Any]:
+                   app_name: str = DEFAULT_APP_NAME, smoke: bool = False,
+                   ingress: str | None = None) -> dict[str, Any]:
     """Start Serve on ``host:port`` with the app, block until SIGINT/SIGTERM, then tear down.
 
     Connects to ``$RAY_ADDRESS`` when set, else starts a local Ray instance. On exit the app
     is deleted, Serve is shut down when no other application is left, and Ray is disconnected.
-    ``smoke=True`` checks the endpoints once and returns instead of waiting.
+    ``smoke=True`` checks the endpoints once and returns instead of waiting. ``ingress`` (the
+    ``serving.ingress`` mode the instance was started with, if known) is only reported.
     """
     import ray
 
@@ -87,8 +89,9 @@ def run_foreground(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
         start_app(args, host, port, app_name)
         base_url = f"http://{host}:{port}"
         card = smoke_check(base_url, args)
+        via = f", ingress {ingress}" if ingress else ""
         print(f"serving {card['name']} v{card['version']} at {base_url} "
-              f"(docs {base_url}/docs); Ctrl-C to stop", flush=True)
+              f"(docs {base_url}/docs{via}); Ctrl-C to stop", flush=True)
         if not smoke:
             _wait_for_signal()
         return card

@@ -47,8 +47,9 @@ class ServeArgs(_Strict):
     bundle: str = Field(description="bundle version folder, or bundles/<name> for the latest")
     max_batch_size: int = Field(16, ge=1, le=1024, description="1 turns dynamic batching off")
     batch_wait_timeout_s: float = Field(0.005, ge=0, le=1)
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(2, ge=1, description="replicas kept up: HTTP parsing and decoding "
+                              "hold a replica's GIL, so two processes use two cores")
+    max_replicas: int = Field(4, ge=1, description="autoscaling ceiling")
     target_ongoing_requests: float = Field(8.0, gt=0)
     max_ongoing_requests: int = Field(32, ge=1, description="per replica, HTTP requests")
     max_queued_requests: int = Field(64, ge=-1, description="per caller (proxy): requests "

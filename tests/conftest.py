@@ -45,6 +45,9 @@ def ray_session():
     from imgpipe.runtime import start_local_ray
 
     if not ray.is_initialized():
+        from serving.ingress import use_ingress
+
+        use_ingress("haproxy")  # the serving tests run jobs/serve.py's default ingress
         # Pins the State API to this instance (and its workers): jobs the tests start may
         # run a second local instance beside it.
         start_local_ray(num_cpus=RAY_TEST_CPUS, object_store_memory=1_000_000_000,

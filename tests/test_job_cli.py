@@ -196,3 +196,43 @@ def test_old_field_names_in_yaml_still_work(tmp_path):
     with pytest.raises(ConfigError, match="verbose and progress"):
         parse_job_args(TrainConfig, _job("train").get_args_parser(),
                        ["--config", str(yaml), "--progress"])
+
+
+@pytest.fixture
+def clean_serve_env(monkeypatch):
+    from serving.ingress import HAPROXY_ENV
+
+    for key in [*HAPROXY_ENV, "RAY_ADDRESS"]:
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_serve_ingress_defaults_to_haproxy_and_respects_the_user(clean_serve_env):
+    """The instance jobs/serve.py starts gets Ray Serve's HAProxy mode unless the user chose
+    otherwise, by flag or by environment; a user's own tuning variable is kept."""
+    import os
+
+    from serving.ingress import HAPROXY_ENV, ingress_for_instance
+
+    clean_serve_env.setenv("RAY_SERVE_HAPROXY_RETRY_ON", "conn-failure")
+    assert ingress_for_instance(None, None) == "haproxy"
+    assert {k: os.environ[k] for k in HAPROXY_ENV} == {
+        **HAPROXY_ENV, "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure"}
+    clean_serve_env.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
+    assert ingress_for_instance(None, "local") == "proxy"
+    assert ingress_for_instance("haproxy", None) == "haproxy"
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert ingress_for_instance("proxy", None) == "proxy"
+    assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+
+
+def test_serve_ingress_flag_is_refused_for_a_running_cluster(clean_serve_env):
+    from serving.ingress import ingress_for_instance
+
+    clean_serve_env.setenv("RAY_ADDRESS", "10.0.0.5:6379")
+    assert ingress_for_instance(None, None) is None  # the cluster keeps its own
+    with pytest.raises(ConfigError, match="--ingress.*10.0.0.5:6379.*RAY_SERVE_ENABLE_HA_PROXY"):
+        ingress_for_instance("haproxy", None)
+    parser = _job("serve").get_args_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--bundle", "b", "--ingress", "nginx"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gzip
 import io
+import json
 import os
 import signal
 import socket
@@ -613,7 +614,7 @@ def test_serve_deploy_config_reconfigures_in_place(server):
     config["http_options"]["port"] = server.port
     app = config["applications"][0]
     app["name"] = APP
-    app["args"].update(bundle=str(server.bundle), token=TOKEN, max_replicas=1,
+    app["args"].update(bundle=str(server.bundle), token=TOKEN, min_replicas=1, max_replicas=1,
                        max_images_per_request=MAX_IMAGES, max_body_bytes=MAX_BODY)
 
     def deploy(user_config: dict) -> None:
@@ -745,4 +746,22 @@ def test_cli_serves_until_ctrl_c(ray_session, tmp_path):
             proc.kill()
             proc.wait()
     assert not _serve_controller_alive()
+    assert not _port_open(port)
+
+
+def test_cli_on_its_own_instance_with_serves_python_proxy(tmp_path):
+    """``jobs/serve.py --ingress proxy`` starting its own Ray instance: Serve's classic Python
+    proxy path answers the same API (the session's instance runs the HAProxy default)."""
+    bundle = make_test_bundle(tmp_path, name="proxy-model")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "serve.py"), "--bundle", str(bundle.parent),
+         "--port", str(port), "--num-cpus", "0.25", "--ingress", "proxy", "--smoke"],
+        cwd=REPO, env={**env, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+        timeout=300)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert "ingress proxy)" in out.stdout
+    served = json.loads(out.stdout.strip().splitlines()[-1])
+    assert served["served"]["name"] == "proxy-model"
     assert not _port_open(port)
