@@ -2,7 +2,7 @@
 
     python benchmarks/serve_bench.py                              # cnn and resnet18, shipped defaults
     python benchmarks/serve_bench.py --models cnn --requests 600 --out reports/serve_bench.json
-    python benchmarks/serve_bench.py --set max_replicas=1 --set max_batch_size=1   # try a setting
+    python benchmarks/serve_bench.py --set min_replicas=1 --set max_batch_size=1   # try a setting
     python benchmarks/serve_bench.py --ingress proxy     # Serve's Python proxy instead of HAProxy
 
 For each model, ONE run starts both servers over the same random bundle (10 classes, grey
@@ -57,7 +57,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="the Ray instance's HTTP ingress (serving/ingress.py; jobs/serve.py's "
                         "default is haproxy)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one ServeArgs field (YAML value), e.g. max_replicas=1")
+                   help="override one ServeArgs field (YAML value), e.g. min_replicas=1")
     p.add_argument("--out", default="serve_bench.json", help="results JSON path")
     return p
 

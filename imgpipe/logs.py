@@ -11,6 +11,7 @@ Ray's default behaviour back.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import warnings
@@ -18,17 +19,36 @@ from pathlib import Path
 
 import yaml
 
+
+class DropRayNotices(logging.Filter):
+    """Drops Ray Data's start-up notices that every process repeats and that ask nothing of the
+    user ("Progress bars disabled …": this module disables them on purpose)."""
+
+    NOTICES = ("Progress bars disabled", "Progress bars for operators disabled",
+               "Progress will be logged")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOTICES)
+
+
+# Warnings that workers raise on every run from inside Ray Data / DDP, about their own
+# internals (a read-only NumPy view handed to torch; DDP's bucket layout for 1-channel convs).
+WORKER_WARNINGS = ("ignore::DeprecationWarning", "ignore::FutureWarning",
+                   "ignore::UserWarning:ray.data.util.torch_utils",
+                   "ignore::UserWarning:torch.autograd.graph")
+
 _DATA_CONFIG = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"ray": {"format": "%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- "
                                      "%(message)s"}},
-    "filters": {"console_filter": {"()": "ray.data._internal.logging.HiddenRecordFilter"}},
+    "filters": {"console_filter": {"()": "ray.data._internal.logging.HiddenRecordFilter"},
+                "notices": {"()": "imgpipe.logs.DropRayNotices"}},
     "handlers": {
         "file": {"class": "ray.data._internal.logging.SessionFileHandler", "formatter": "ray",
                  "filename": "ray-data.log"},
         "console": {"class": "ray._private.log.PlainRayHandler", "formatter": "ray",
-                    "level": "WARNING", "filters": ["console_filter"]},
+                    "level": "WARNING", "filters": ["console_filter", "notices"]},
     },
     "loggers": {"ray.data": {"level": "DEBUG", "handlers": ["file", "console"],
                              "propagate": False}},
@@ -46,6 +66,17 @@ def configure_console(verbose: bool = False) -> None:
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(path))
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     # Library deprecation notices are for developers; they stay visible with --verbose.
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore::FutureWarning")
+    os.environ.setdefault("PYTHONWARNINGS", ",".join(WORKER_WARNINGS))
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    _quiet_driver_data_console()
+
+
+def _quiet_driver_data_console() -> None:
+    """This process imported Ray Data (and set up its console handler at INFO) before the
+    variable above existed: give that handler the workers' level and filter."""
+    data_logger = logging.getLogger("ray.data")
+    for handler in data_logger.handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(DropRayNotices())

@@ -52,8 +52,9 @@ class ServeArgs(_Strict):
     max_replicas: int = Field(4, ge=1, description="autoscaling ceiling")
     target_ongoing_requests: float = Field(8.0, gt=0)
     max_ongoing_requests: int = Field(32, ge=1, description="per replica, HTTP requests")
-    max_queued_requests: int = Field(64, ge=-1, description="per caller (proxy): requests "
-                                     "waiting for a replica; beyond → 503. -1: unbounded")
+    max_queued_requests: int = Field(64, ge=-1, description="requests waiting per replica "
+                                     "(HAProxy ingress) or per proxy (Serve's proxy); beyond "
+                                     "→ 503. -1: unbounded")
     num_cpus: float = Field(0.25, gt=0, description="logical CPUs per replica (fractional ok)")
     replica_memory_mb: int = Field(2048, ge=256, description="memory Ray reserves per replica "
                                    "(ray_actor_options.memory); the decode budget derives from it")

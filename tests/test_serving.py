@@ -754,7 +754,9 @@ def test_cli_on_its_own_instance_with_serves_python_proxy(tmp_path):
     proxy path answers the same API (the session's instance runs the HAProxy default)."""
     bundle = make_test_bundle(tmp_path, name="proxy-model")
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Not the session's settings: no RAY_ADDRESS, no RAY_SERVE_* from tests/conftest.py.
+    env = {k: v for k, v in os.environ.items()
+           if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
     out = subprocess.run(
         [sys.executable, str(REPO / "jobs" / "serve.py"), "--bundle", str(bundle.parent),
          "--port", str(port), "--num-cpus", "0.25", "--ingress", "proxy", "--smoke"],
@@ -762,6 +764,8 @@ def test_cli_on_its_own_instance_with_serves_python_proxy(tmp_path):
         timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "ingress proxy)" in out.stdout
+    # Serve's controller announces the high-throughput bundle (direct ingress) when it is on.
+    assert "Direct ingress enabled" not in out.stdout + out.stderr
     served = json.loads(out.stdout.strip().splitlines()[-1])
     assert served["served"]["name"] == "proxy-model"
     assert not _port_open(port)

@@ -1,0 +1,44 @@
+"""The jobs' console: Ray Data's INFO lines and start-up notices stay in Ray's log files, its
+warnings still show, in the driver and in every worker (``imgpipe.logs``). No Ray instance:
+each case runs in a fresh interpreter, as a job's driver or a Ray worker starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+EMIT = """
+import logging
+executor = logging.getLogger("ray.data._internal.execution.streaming_executor")
+executor.info("Dataset dataset_1 execution finished in 1.00 seconds")
+logging.getLogger("ray.data._internal.progress").warning(
+    "Progress bars disabled. To enable, set ...")
+executor.warning("object store memory is nearly full")
+"""
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env,
+                          capture_output=True, text=True, timeout=120, check=True)
+
+
+def test_driver_and_worker_consoles_keep_warnings_only():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_DATA_LOGGING_CONFIG", "PYTHONWARNINGS")}
+    # The driver: Ray Data was imported (console at INFO) before configure_console ran.
+    driver = _run("import ray.data\nfrom imgpipe.logs import configure_console\n"
+                  "configure_console(verbose=False)\n" + EMIT
+                  + "import os; print(os.environ['RAY_DATA_LOGGING_CONFIG'])", env)
+    config = driver.stdout.strip().splitlines()[-1]
+    # A worker of the instance: inherits the variable, Ray Data configures itself from it.
+    worker = _run("import ray.data\n" + EMIT, {**env, "RAY_DATA_LOGGING_CONFIG": config})
+    for proc in (driver, worker):
+        assert "object store memory is nearly full" in proc.stderr
+        assert "execution finished" not in proc.stderr
+        assert "Progress bars disabled" not in proc.stderr
+    # --verbose: Ray's defaults, INFO lines included.
+    verbose = _run("import ray.data\nfrom imgpipe.logs import configure_console\n"
+                   "configure_console(verbose=True)\n" + EMIT, env)
+    assert "execution finished" in verbose.stderr
