@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from imgpipe.runtime import free_port
+from serving.ingress import INGRESS_CHOICES, use_ingress
 
 REPO = Path(__file__).resolve().parents[1]
 SERVERS = ("imgpipe", "plain")
@@ -53,7 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--config", default=str(REPO / "serving" / "config.yaml"),
                    help="Serve config giving the imgpipe app's settings (the shipped defaults)")
-    p.add_argument("--ingress", choices=("haproxy", "proxy"), default="haproxy",
+    p.add_argument("--ingress", choices=INGRESS_CHOICES, default="haproxy",
                    help="the Ray instance's HTTP ingress (serving/ingress.py; jobs/serve.py's "
                         "default is haproxy)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -265,8 +266,6 @@ def start_ray(attempts: int = 3) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     import ray
-
-    from serving.ingress import use_ingress
 
     args = get_args_parser().parse_args(argv)
     rows: list[dict[str, Any]] = []

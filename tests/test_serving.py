@@ -749,7 +749,7 @@ def test_cli_serves_until_ctrl_c(ray_session, tmp_path):
     assert not _port_open(port)
 
 
-def test_cli_on_its_own_instance_with_serves_python_proxy(tmp_path):
+def test_cli_on_its_own_instance_through_serves_python_proxy(tmp_path):
     """``jobs/serve.py --ingress proxy`` starting its own Ray instance: Serve's classic Python
     proxy path answers the same API (the session's instance runs the HAProxy default)."""
     bundle = make_test_bundle(tmp_path, name="proxy-model")
