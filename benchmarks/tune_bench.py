@@ -11,8 +11,10 @@ instead of starting a TorchTrainer per trial. Per seed:
 
 * random: ``RandomSampler`` + FIFO (every trial runs all epochs); its best-of-N val macro-F1
   is the target;
-* TPE+ASHA: ``TPESampler(multivariate=True, group=True)`` + ASHA (grace 2, reduction 3);
-  trial-epochs spent until some trial first reaches the target (trials in start order).
+* TPE+ASHA: the tune job's searcher (``tpe_searcher``: the standard long-tail recipes that fit
+  the space first, then ``TPESampler(multivariate=True, group=True)``) + ASHA (grace 2,
+  reduction 3); trial-epochs spent until some trial first reaches the target (trials in start
+  order).
 
 Prints the ratio TPE+ASHA trial-epochs / random trial-epochs (target ≤ 0.40); writes JSON.
 """
@@ -39,6 +41,7 @@ from imgpipe.console import format_table  # noqa: E402
 from imgpipe.data.prepare import ensure_prepared  # noqa: E402
 from imgpipe.runtime import init_ray  # noqa: E402
 from imgpipe.tuning.space import define_space, params_to_overrides  # noqa: E402
+from imgpipe.tuning.tuner import tpe_searcher  # noqa: E402
 
 METRIC = "val_macro_f1"
 
@@ -52,10 +55,13 @@ def trial_fn(params: dict, data: str, epochs: int, seed: int) -> None:
 
 def run_arm(arm: str, data: str, trials: int, epochs: int, seed: int, storage: str) -> list:
     """Each trial's per-epoch val macro-F1, in trial start order."""
-    sampler = (optuna.samplers.RandomSampler(seed=seed) if arm == "random" else
-               optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True))
-    searcher = OptunaSearch(space=partial(define_space, space=SearchSpace(), num_classes=10),
-                            metric=METRIC, mode="max", sampler=sampler)
+    if arm == "random":
+        searcher = OptunaSearch(space=partial(define_space, space=SearchSpace(), num_classes=10),
+                                metric=METRIC, mode="max",
+                                sampler=optuna.samplers.RandomSampler(seed=seed))
+    else:  # the tune job's own searcher: warm-started, grouped multivariate TPE
+        searcher = tpe_searcher(SearchSpace(), 10, metric=METRIC, mode="max", seed=seed,
+                                num_samples=trials)
     scheduler = (FIFOScheduler() if arm == "random" else
                  ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=2,
                                reduction_factor=3))

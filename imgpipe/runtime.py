@@ -22,6 +22,21 @@ DRIVER_CPU = 0.01
 CONNECT_TIMEOUT_S = 10.0
 # Ray's State API reads this before searching the machine for "the" Ray instance.
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+# Defaults for an instance imgpipe starts on one machine (a user's own value wins). Every new
+# worker process pays ~1 s for Ray and 3-8 s for torch/Ray Data/Train imports, and on a laptop
+# that, not the training, is most of a short run's fixed cost (benchmarks/train_bench.py):
+LOCAL_INSTANCE_ENV = {
+    # Parquet footers are read by a pool of 32 actor processes per read_parquet by default
+    # (made for listing thousands of S3 files); a split's few local shards need one.
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    # Idle task workers above the CPU count are killed after 1 s by default, so the worker
+    # that imported torch for the decode is gone before the first epoch's map task, and every
+    # Tune trial starts cold. 60 s keeps them for the next step, then frees the memory.
+    "RAY_idle_worker_killing_time_threshold_ms": "60000",
+    # Train's preemption watcher (one more actor process per run) polls for cloud nodes being
+    # drained; a single machine is never drained.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
 
 
 class ResourcePlanError(UserError, RuntimeError):
@@ -78,8 +93,12 @@ def start_local_ray(**init_kwargs) -> None:
     an explicit address (``JobSubmissionClient(address)``, ``ray job submit --address``), and
     a driver may well talk to another cluster.
 
+    The instance's processes also inherit :data:`LOCAL_INSTANCE_ENV` (unless already set).
+
     ``init_kwargs`` go to ``ray.init`` (``num_cpus``, ``object_store_memory``, ...).
     """
+    for key, value in LOCAL_INSTANCE_ENV.items():
+        os.environ.setdefault(key, value)
     port = free_port()
     with _api_server_env(f"http://127.0.0.1:{port}"):
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SECOND_INSTANCE = """
 import json, os, ray
 from ray._private.worker import get_dashboard_url
-from imgpipe.runtime import init_ray
+from imgpipe.runtime import LOCAL_INSTANCE_ENV, init_ray
 
 init_ray(num_cpus=1)
 
@@ -31,10 +31,13 @@ def state_api_from_a_worker():
     from ray.util.state import list_placement_groups
 
     list_placement_groups()  # what Train's cleaner does; raises when the lookup fails
-    return get_address_for_submission_client(None)
+    return (get_address_for_submission_client(None),
+            {k: os.environ.get(k) for k in LOCAL_INSTANCE_ENV})
+
+seen, worker_env = ray.get(state_api_from_a_worker.remote())
 
 print(json.dumps({"own": "http://" + get_dashboard_url(),
-                  "seen_by_worker": ray.get(state_api_from_a_worker.remote()),
+                  "seen_by_worker": seen, "worker_env": worker_env,
                   # the driver itself keeps no override: an explicit address must still win
                   "driver_env": os.environ.get("RAY_API_SERVER_ADDRESS")}))
 ray.shutdown()
@@ -46,10 +49,17 @@ def test_a_second_local_instance_and_its_workers_use_their_own_state_api(ray_ses
     from ray._private.worker import get_dashboard_url
 
     session = "http://" + get_dashboard_url()
-    proc = subprocess.run([sys.executable, "-c", SECOND_INSTANCE], cwd=REPO,
+    from imgpipe.runtime import LOCAL_INSTANCE_ENV
+
+    # a value the user set wins over imgpipe's default for a local instance
+    env = {k: v for k, v in os.environ.items() if k not in LOCAL_INSTANCE_ENV}
+    env["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] = "4"
+    proc = subprocess.run([sys.executable, "-c", SECOND_INSTANCE], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["seen_by_worker"] == seen["own"] != session
     assert seen["driver_env"] is None
+    # the instance's workers (where Train's controller reads its flags) inherit the defaults
+    assert seen["worker_env"] == {**LOCAL_INSTANCE_ENV, "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "4"}
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # nor does the test session's driver

@@ -296,6 +296,9 @@ class TuneJobConfig(StrictModel):
     grace_period: int | None = Field(
         None, ge=1, description="epochs before ASHA may stop a trial (default min(4, epochs))")
     reduction_factor: float = Field(3.0, gt=1)
+    warm_start: bool = Field(
+        True, description="run the standard long-tail recipes that fit the search space first "
+        "(logit adjustment; class-balanced resampling), then TPE")
     resume: bool = False
     trial_max_failures: int = Field(
         2, ge=-1, description="times Tune retries a failed trial (from its latest checkpoint)")

@@ -10,15 +10,15 @@ before iterating: ``streaming_split`` starts an epoch only when all ranks have a
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import ray
-import torch
 
 from imgpipe.config import Augment
 from imgpipe.constants import CORRUPT, ID, IMAGE, LABEL, PIXELS
-from imgpipe.data.augment import augment_batch
+from imgpipe.data.manifest import load_manifest
 from imgpipe.data.rebalance import id_hashes, repeat_counts, row_uniforms
 from imgpipe.data.shards import split_files
 from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image
@@ -89,6 +89,10 @@ class StreamPlan:
 
 def resample_and_augment(batch: dict[str, np.ndarray], plan: StreamPlan) -> dict[str, np.ndarray]:
     """Repeat each row ``floor(r) + Bernoulli(frac r)`` times, then augment every copy afresh."""
+    import torch  # here, not at the top: the coordinators that unpickle the plan need no torch
+
+    from imgpipe.data.augment import augment_batch
+
     epoch = ray.get(ray.get_actor(plan.clock_name).get.remote()) if plan.clock_name else 0
     copies = repeat_counts(batch[LABEL], batch[ID_HASH], np.asarray(plan.rates), plan.seed, epoch)
     # Seed from the rows in the batch (order-independent), the run seed and the epoch.
@@ -105,25 +109,30 @@ def resample_and_augment(batch: dict[str, np.ndarray], plan: StreamPlan) -> dict
 
 
 def build_decoded(data_root: str, split: str, pre: Preprocess, *, cache: bool,
-                  block_rows: int = 128) -> tuple[ray.data.Dataset, int | None]:
-    """Read and decode one split; with ``cache`` materialise it and count corrupt rows.
+                  block_rows: int = 128,
+                  columns: Sequence[str] | None = None) -> tuple[ray.data.Dataset, int | None]:
+    """Read and decode one split, dropping corrupt rows; with ``cache`` materialise it and
+    count them. ``columns`` (default: all) are the ones kept.
 
-    Returns the dataset without corrupt rows and the corrupt count (None when not cached:
-    the stream then drops them silently each epoch and the count is not known up front).
+    Returns the dataset and the corrupt count (None when not cached: the stream then drops
+    them silently each epoch and the count is not known up front).
     """
     # Exactly the files the manifest lists: stray files in the folder are not data.
     ds = ray.data.read_parquet(split_files(data_root, split)).select_columns([IMAGE, LABEL, ID])
     decoded = ds.map_batches(
         decode_batch, fn_kwargs={"pre": pre}, batch_format="numpy", batch_size=block_rows
-    )
-    corrupt: int | None = None
-    if cache:
-        decoded = decoded.materialize()
-        # Read the flags from the cached blocks: an aggregation would launch shuffle tasks,
-        # which a Tune trial's placement group (0.01 CPU) cannot host.
-        corrupt = sum(int(b[CORRUPT].sum()) for b in decoded.select_columns([CORRUPT]).iter_batches(
-            batch_size=None, batch_format="numpy"))
-    return decoded.map_batches(drop_corrupt, batch_format="numpy", batch_size=None), corrupt
+    ).map_batches(drop_corrupt, batch_format="numpy", batch_size=None)
+    if columns is not None:
+        decoded = decoded.select_columns(list(columns))
+    if not cache:
+        return decoded, None
+    # Materialised after the drop and the projection: iterating the cache then runs no task
+    # at all (every epoch's val pass and the stream's first step read the blocks directly,
+    # instead of waiting for a worker process to start and import torch).
+    decoded = decoded.materialize()
+    # The count of a materialised dataset comes from its block metadata (no task); an
+    # aggregation would launch shuffle tasks, which a Tune trial's 0.01-CPU group cannot host.
+    return decoded, load_manifest(data_root).num_rows[split] - decoded.count()
 
 
 def build_train_stream(decoded: ray.data.Dataset, plan: StreamPlan,

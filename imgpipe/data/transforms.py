@@ -6,12 +6,10 @@ exactly the tensor that training saw (timm's ``resolve_data_config`` / torchvisi
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torchvision.transforms import v2
 
 # Decoding lives in its own module; these names stay importable from here (one preprocessing).
 from imgpipe.config import Augment
@@ -23,6 +21,12 @@ from imgpipe.data.decode import (
     decode_image,
     to_mode,
 )
+
+if TYPE_CHECKING:
+    # Imported where used: Ray Data's coordinators unpickle ``Preprocess`` with every stream
+    # plan, and a fresh process pays ~3 s for torch and ~3 s more for torchvision.
+    import torch
+    from torchvision.transforms import v2
 
 __all__ = [
     "MAX_SOURCE_PIXELS", "MAX_SOURCE_SIDE", "ImageDecodeError", "ImageTooLargeError",
@@ -60,6 +64,8 @@ class Preprocess(BaseModel):
 
 def normalize(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 ``(N, H, W, C)`` (or ``(N, C, H, W)`` when already channels-first) → float NCHW."""
+    import torch
+
     x = pixels
     if x.ndim == 4 and x.shape[-1] == pre.channels and x.shape[1] != pre.channels:
         # contiguous NCHW: DDP's gradient buckets expect the standard layout
@@ -76,12 +82,16 @@ def preprocess_images(images: list[bytes], pre: Preprocess) -> torch.Tensor:
     Raises ImageDecodeError for the first unusable image (callers that must skip bad images
     call ``decode_image`` per item).
     """
+    import torch
+
     arr = np.stack([decode_image(b, pre) for b in images])
     return normalize(torch.from_numpy(arr), pre)
 
 
 def create_train_augment(aug: Augment, pre: Preprocess) -> v2.Transform:
     """Random augmentation on a uint8 NCHW batch (each image drawn independently)."""
+    from torchvision.transforms import v2
+
     ops: list[v2.Transform] = []
     if aug.rotation_degrees > 0:
         ops.append(v2.RandomRotation(aug.rotation_degrees))
@@ -105,6 +115,9 @@ def augment_batch(pixels: np.ndarray, aug: Augment, pre: Preprocess,
     """
     if len(pixels) == 0:
         return pixels
+    import torch
+    from torchvision.transforms import v2
+
     transform = create_train_augment(aug, pre)
     erase = v2.RandomErasing(p=aug.random_erasing) if aug.random_erasing > 0 else None
     chw = torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2)

@@ -17,20 +17,24 @@ disturb the global RNG (dropout, init) of the loop.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torchvision.transforms import v2
 
 from imgpipe.config import Augment, MixConfig
 from imgpipe.constants import LABEL, PIXELS
 from imgpipe.data.transforms import Preprocess, augment_batch, normalize
 
+if TYPE_CHECKING:  # imported where used: every train worker imports this module
+    from torchvision.transforms import v2
+
 
 def create_mix_transform(cfg: MixConfig, num_classes: int) -> v2.Transform:
     """torchvision's ``MixUp``, ``CutMix``, or a 50/50 ``RandomChoice`` of both (timm's switch)."""
+    from torchvision.transforms import v2
+
     ops: list[v2.Transform] = []
     if cfg.mixup_alpha > 0:
         ops.append(v2.MixUp(alpha=cfg.mixup_alpha, num_classes=num_classes))

@@ -108,9 +108,9 @@ def build_decoded_splits(cfg: TrainConfig, manifest: Manifest,
         _, pre = resolve_model_config(cfg.model, manifest.preprocess,
                                       load_model_weights(cfg.model))
     train, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded)
-    val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded)
-    return DecodedSplits(pre, train, val.select_columns([PIXELS, LABEL]),
-                         {TRAIN: train_bad, VAL: val_bad})
+    val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded,
+                                 columns=(PIXELS, LABEL))
+    return DecodedSplits(pre, train, val, {TRAIN: train_bad, VAL: val_bad})
 
 
 def prepare_inputs(cfg: TrainConfig,
