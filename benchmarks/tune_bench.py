@@ -38,8 +38,10 @@ from plain import iter_plain_epochs  # noqa: E402
 from imgpipe.config import PrepareConfig, TrainConfig, resolve_config  # noqa: E402
 from imgpipe.config.search import SearchSpace
 from imgpipe.console import format_table  # noqa: E402
+from imgpipe.data.manifest import load_manifest  # noqa: E402
 from imgpipe.data.prepare import ensure_prepared  # noqa: E402
 from imgpipe.runtime import init_ray  # noqa: E402
+from imgpipe.training.defaults import resolve_input_size  # noqa: E402
 from imgpipe.tuning.space import define_space, params_to_overrides  # noqa: E402
 from imgpipe.tuning.tuner import tpe_searcher  # noqa: E402
 
@@ -48,7 +50,9 @@ METRIC = "val_macro_f1"
 
 def trial_fn(params: dict, data: str, epochs: int, seed: int) -> None:
     cfg = resolve_config(TrainConfig, None, {
-        "data": data, "epochs": epochs, "seed": seed, **params_to_overrides(params, 10)})
+        "data": data, "epochs": epochs, "seed": seed, "model.name": "cnn",
+        **params_to_overrides(params, 10)})
+    cfg, _ = resolve_input_size(cfg, load_manifest(data))  # the train job's own input size rule
     for e in iter_plain_epochs(cfg, world_size=1):
         tune.report({METRIC: e["scores"]["val"]["macro_f1"]})
 
@@ -107,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                        storage)
         tpe = run_arm("tpe-asha", str(Path(args.data).resolve()), args.trials, args.epochs, seed,
                       storage)
+        if not any(rand) or not any(tpe):
+            raise SystemExit("every trial of an arm failed: see the Tune errors above")
         target = max(max(c) for c in rand if c)
         rand_cost = sum(len(c) for c in rand)
         need = epochs_to_reach(tpe, target)
