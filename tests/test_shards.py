@@ -16,7 +16,7 @@ from imgpipe import storage
 from imgpipe.constants import ID, IMAGE, LABEL, LABEL_NAME, MANIFEST_FILE, SHARD_SCHEMA_VERSION
 from imgpipe.data.datasets import encode_png, make_record
 from imgpipe.data.manifest import Manifest, ManifestError, load_manifest
-from imgpipe.data.shards import read_split_table, split_files, write_shards
+from imgpipe.data.shards import read_split_table, split_files, split_rows, write_shards
 
 CLASSES = ["cat", "dog", "owl"]
 
@@ -188,3 +188,25 @@ def test_preprocess_from_manifest(written) -> None:
     _, manifest, _ = written
     pre = manifest.preprocess(32)
     assert pre.mode == "L" and pre.image_size == 32 and pre.mean == tuple(manifest.pixel_mean)
+
+
+def test_split_rows_from_footers_and_stale_directories(written) -> None:
+    import pyarrow.parquet as pq
+    import ray
+
+    from imgpipe.data.pipeline import build_decoded
+
+    out, manifest, data = written
+    assert split_rows(out, "train") == manifest.num_rows["train"] == len(data["train"])
+    # a shard rewritten with fewer rows (a prepare re-run mid-training, a partial copy)
+    last = Path(out) / manifest.files["train"][-1]
+    pq.write_table(pq.read_table(last).slice(0, 1), last)
+    with pytest.raises(ManifestError, match="rows on disk but the manifest says"):
+        split_rows(out, "train")
+    # the train/val decode refuses it before any Ray work (it would count rows as corrupt)
+    with pytest.raises(ManifestError, match="rows on disk"):
+        build_decoded(out, "train", manifest.preprocess(16), cache=True)
+    assert not ray.is_initialized()
+    last.unlink()
+    with pytest.raises(ManifestError, match="missing"):
+        split_rows(out, "train")

@@ -18,9 +18,8 @@ import ray
 
 from imgpipe.config import Augment
 from imgpipe.constants import CORRUPT, ID, IMAGE, LABEL, PIXELS
-from imgpipe.data.manifest import load_manifest
 from imgpipe.data.rebalance import id_hashes, repeat_counts, row_uniforms
-from imgpipe.data.shards import split_files
+from imgpipe.data.shards import split_files, split_rows
 from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image
 
 ID_HASH = "id_hash"
@@ -116,7 +115,12 @@ def build_decoded(data_root: str, split: str, pre: Preprocess, *, cache: bool,
 
     Returns the dataset and the corrupt count (None when not cached: the stream then drops
     them silently each epoch and the count is not known up front).
+
+    Raises:
+        ManifestError: the split's files are missing or hold other rows than the manifest
+            says (checked from the Parquet footers before any work).
     """
+    rows = split_rows(data_root, split)
     # Exactly the files the manifest lists: stray files in the folder are not data.
     ds = ray.data.read_parquet(split_files(data_root, split)).select_columns([IMAGE, LABEL, ID])
     decoded = ds.map_batches(
@@ -132,7 +136,7 @@ def build_decoded(data_root: str, split: str, pre: Preprocess, *, cache: bool,
     decoded = decoded.materialize()
     # The count of a materialised dataset comes from its block metadata (no task); an
     # aggregation would launch shuffle tasks, which a Tune trial's 0.01-CPU group cannot host.
-    return decoded, load_manifest(data_root).num_rows[split] - decoded.count()
+    return decoded, rows - decoded.count()
 
 
 def build_train_stream(decoded: ray.data.Dataset, plan: StreamPlan,

@@ -127,6 +127,33 @@ def split_files(root: str, split: str, manifest: Manifest | None = None) -> list
     return [storage.join(root, *rel.split("/")) for rel in manifest.files[split]]
 
 
+def split_rows(root: str, split: str) -> int:
+    """Rows of ``split`` on disk, from the Parquet footers only (no data is read).
+
+    Raises:
+        ManifestError: unknown split, or missing files / a row count that differs from the
+            manifest (a partial or stale directory).
+    """
+    manifest = load_manifest(root)
+    fs, path = storage.resolve_fs(root, error=DataSourceError)
+    if split not in manifest.files:
+        raise ManifestError(f"{root}: no split {split!r} (have {manifest.splits})")
+    try:
+        rows = sum(pq.read_metadata(posixpath.join(path, rel), filesystem=fs).num_rows
+                   for rel in manifest.files[split])
+    except FileNotFoundError as e:
+        raise ManifestError(f"{root}: a file the manifest lists is missing ({e}); "
+                            "re-run prepare") from None
+    _check_rows(root, split, rows, manifest.num_rows[split])
+    return rows
+
+
+def _check_rows(root: str, split: str, on_disk: int, listed: int) -> None:
+    if on_disk != listed:
+        raise ManifestError(f"{root}: split {split!r} has {on_disk} rows on disk but the "
+                            f"manifest says {listed}; re-run prepare")
+
+
 def read_split_table(root: str, split: str) -> pa.Table:
     """All rows of one split as a pyarrow Table with the shard schema.
 
@@ -145,8 +172,6 @@ def read_split_table(root: str, split: str) -> pa.Table:
         raise ManifestError(f"{root}: a file the manifest lists is missing ({e}); "
                             "re-run prepare") from None
     table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
-    if table.num_rows != manifest.num_rows[split]:
-        raise ManifestError(f"{root}: split {split!r} has {table.num_rows} rows on disk but the "
-                            f"manifest says {manifest.num_rows[split]}; re-run prepare")
+    _check_rows(root, split, table.num_rows, manifest.num_rows[split])
     return table
 

@@ -155,15 +155,15 @@ def tpe_searcher(space: SearchSpace, num_classes: int, *, metric: str, mode: str
 
     ``warm_start`` runs the standard long-tail recipes that fit ``space`` first
     (``imgpipe.tuning.warm_start``). TPE models the space after ``n_startup_trials`` random
-    draws; Optuna's default of 10 would leave 2 guided trials out of a default 12, so it is a
-    third of the budget here (at least 4).
+    draws (the queued recipes count among them); Optuna's default of 10 would leave 2 guided
+    trials out of a default 12, so it is a third of the budget here (at least 4, at most 20).
     """
     points = warm_start_points(space, num_classes) if warm_start else []
     with warnings.catch_warnings():  # Optuna flags group=True as experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(
             seed=seed, multivariate=True, group=True,
-            n_startup_trials=max(4, len(points), num_samples // 3))
+            n_startup_trials=max(4, len(points), min(num_samples // 3, 20)))
     # metric/mode must sit on OptunaSearch itself with a define-by-run space.
     return OptunaSearch(
         space=partial(define_space, space=space, num_classes=num_classes),
