@@ -22,8 +22,8 @@ def replay(space: SearchSpace, point: dict) -> dict:
 def test_default_space_starts_with_both_recipes_exactly():
     space = SearchSpace()
     points = warm_start_points(space, 10)
-    assert len(points) == len(RECIPES) == 2
-    for point, recipe in zip(points, RECIPES.values(), strict=True):
+    assert list(points) == list(RECIPES) and len(points) == 2
+    for point, recipe in zip(points.values(), RECIPES.values(), strict=True):
         resolved = replay(space, point)
         assert {k: resolved[k] for k in recipe} == recipe
         # a valid trial config: no double correction, every field accepted
@@ -41,8 +41,8 @@ def test_default_space_starts_with_both_recipes_exactly():
 ])
 def test_recipes_that_contradict_the_space_are_left_out(space, kept):
     points = warm_start_points(space, 10)
-    assert len(points) == len(kept)
-    for point, name in zip(points, kept, strict=True):
+    assert list(points) == kept
+    for name, point in points.items():
         resolved = replay(space, point)
         assert resolved["loss"] == RECIPES[name]["loss"]
         assert resolved["sampler"] in (RECIPES[name]["sampler"], space.sampler)
@@ -50,9 +50,17 @@ def test_recipes_that_contradict_the_space_are_left_out(space, kept):
 
 def test_unnamed_parameters_take_the_first_choice():
     space = SearchSpace(weights=["bundles/a/v1", "resnet18"], finetune=["full", "partial"])
-    for point in warm_start_points(space, 10):
+    for point in warm_start_points(space, 10).values():
         resolved = replay(space, point)
         assert resolved["weights"] == "bundles/a/v1" and resolved["finetune"] == "full"
+
+
+def test_what_the_recipes_leave_open_follows_the_space():
+    # batch mixing is not part of the long-tail recipes: a pinned mix keeps them, a searched
+    # one starts from its first choice
+    assert list(warm_start_points(SearchSpace(mix="mixup"), 10)) == list(RECIPES)
+    for point in warm_start_points(SearchSpace(mix=["cutmix", "none"]), 10).values():
+        assert replay(SearchSpace(mix=["cutmix", "none"]), point)["mix"] == "cutmix"
 
 
 def test_the_job_searcher_suggests_the_recipes_first_and_can_be_switched_off():

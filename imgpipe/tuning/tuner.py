@@ -143,7 +143,13 @@ def build_scheduler(tcfg: TuneJobConfig):
 
 
 def build_searcher(tcfg: TuneJobConfig, num_classes: int) -> OptunaSearch:
-    return tpe_searcher(SearchSpace.model_validate(tcfg.search), num_classes,
+    space = SearchSpace.model_validate(tcfg.search)
+    if tcfg.warm_start:
+        names = list(warm_start_points(space, num_classes))
+        line = (f"{', '.join(names)} first, then TPE" if names
+                else "no standard recipe fits the search space")
+        print(f"warm start: {line}", flush=True)
+    return tpe_searcher(space, num_classes,
                         metric=val_key(tcfg.metric), mode=METRIC_MODES[tcfg.metric],
                         seed=tcfg.seed, num_samples=tcfg.num_samples,
                         warm_start=tcfg.warm_start)
@@ -158,7 +164,7 @@ def tpe_searcher(space: SearchSpace, num_classes: int, *, metric: str, mode: str
     draws (the queued recipes count among them); Optuna's default of 10 would leave 2 guided
     trials out of a default 12, so it is a third of the budget here (at least 4, at most 20).
     """
-    points = warm_start_points(space, num_classes) if warm_start else []
+    points = list(warm_start_points(space, num_classes).values()) if warm_start else []
     with warnings.catch_warnings():  # Optuna flags group=True as experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = optuna.samplers.TPESampler(

@@ -28,10 +28,10 @@ from imgpipe.tuning.space import define_space
 RECIPES: dict[str, dict[str, Any]] = {
     "logit-adjusted": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "beta1": 0.9,
                        "sampler": "none", "weight_family": "none", "loss": "logit-adjusted",
-                       "tau": 1.0, "mix": "none"},
+                       "tau": 1.0},
     "class-balanced resampling": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4,
                                   "beta1": 0.9, "sampler": "oversample", "weight_family": "none",
-                                  "loss": "ce", "mix": "none"},
+                                  "loss": "ce"},
 }
 _MISSING = object()
 
@@ -68,18 +68,20 @@ class _RecipeTrial:
 
 
 def warm_start_points(space: SearchSpace, num_classes: int,
-                      recipes: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """The recipes that fit ``space``, as Optuna parameter dicts for ``points_to_evaluate``.
+                      recipes: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """The recipes that fit ``space``, by name, as Optuna parameter dicts for
+    ``points_to_evaluate`` (in order, without duplicates).
 
-    Returns at most one point per recipe, in order, without duplicates. A recipe fits when none
-    of its values is outside the space and the user's pinned values agree with it.
+    A recipe fits when none of its values is outside the space and the user's pinned values
+    agree with it; what a recipe does not name (batch mixing, starting weights, ...) follows
+    the space.
     """
-    points: list[dict[str, Any]] = []
-    for recipe in (RECIPES if recipes is None else recipes).values():
+    points: dict[str, dict[str, Any]] = {}
+    for name, recipe in (RECIPES if recipes is None else recipes).items():
         trial = _RecipeTrial(recipe)
         resolved = define_space(trial, space, num_classes)
         pinned_agree = all(resolved[k] == v for k, v in recipe.items()
                            if k in resolved and k != "lr" and not isinstance(v, float))
-        if trial.fits and pinned_agree and trial.params not in points:
-            points.append(trial.params)
+        if trial.fits and pinned_agree and trial.params not in points.values():
+            points[name] = trial.params
     return points
