@@ -18,6 +18,7 @@ import ray
 
 from imgpipe.config import Augment
 from imgpipe.constants import CORRUPT, ID, IMAGE, LABEL, PIXELS
+from imgpipe.data.manifest import load_manifest
 from imgpipe.data.rebalance import id_hashes, repeat_counts, row_uniforms
 from imgpipe.data.shards import split_files, split_rows
 from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image
@@ -120,9 +121,11 @@ def build_decoded(data_root: str, split: str, pre: Preprocess, *, cache: bool,
         ManifestError: the split's files are missing or hold other rows than the manifest
             says (checked from the Parquet footers before any work).
     """
-    rows = split_rows(data_root, split)
+    manifest = load_manifest(data_root)
+    rows = split_rows(data_root, split, manifest)
     # Exactly the files the manifest lists: stray files in the folder are not data.
-    ds = ray.data.read_parquet(split_files(data_root, split)).select_columns([IMAGE, LABEL, ID])
+    ds = ray.data.read_parquet(split_files(data_root, split, manifest)).select_columns(
+        [IMAGE, LABEL, ID])
     decoded = ds.map_batches(
         decode_batch, fn_kwargs={"pre": pre}, batch_format="numpy", batch_size=block_rows
     ).map_batches(drop_corrupt, batch_format="numpy", batch_size=None)

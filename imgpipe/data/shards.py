@@ -127,25 +127,29 @@ def split_files(root: str, split: str, manifest: Manifest | None = None) -> list
     return [storage.join(root, *rel.split("/")) for rel in manifest.files[split]]
 
 
-def split_rows(root: str, split: str) -> int:
+def split_rows(root: str, split: str, manifest: Manifest | None = None) -> int:
     """Rows of ``split`` on disk, from the Parquet footers only (no data is read).
 
     Raises:
         ManifestError: unknown split, or missing files / a row count that differs from the
             manifest (a partial or stale directory).
     """
-    manifest = load_manifest(root)
+    manifest = manifest or load_manifest(root)
+    rows = sum(m.num_rows for m in _each_file(root, split, manifest, pq.read_metadata))
+    _check_rows(root, split, rows, manifest.num_rows[split])
+    return rows
+
+
+def _each_file(root: str, split: str, manifest: Manifest, read) -> list:
+    """``read(path, filesystem=fs)`` for each file of ``split``; a missing one is a ManifestError."""
     fs, path = storage.resolve_fs(root, error=DataSourceError)
     if split not in manifest.files:
         raise ManifestError(f"{root}: no split {split!r} (have {manifest.splits})")
     try:
-        rows = sum(pq.read_metadata(posixpath.join(path, rel), filesystem=fs).num_rows
-                   for rel in manifest.files[split])
+        return [read(posixpath.join(path, rel), filesystem=fs) for rel in manifest.files[split]]
     except FileNotFoundError as e:
         raise ManifestError(f"{root}: a file the manifest lists is missing ({e}); "
                             "re-run prepare") from None
-    _check_rows(root, split, rows, manifest.num_rows[split])
-    return rows
 
 
 def _check_rows(root: str, split: str, on_disk: int, listed: int) -> None:
@@ -162,15 +166,9 @@ def read_split_table(root: str, split: str) -> pa.Table:
             manifest (a partial or stale directory).
     """
     manifest = load_manifest(root)
-    fs, path = storage.resolve_fs(root, error=DataSourceError)
-    if split not in manifest.files:
-        raise ManifestError(f"{root}: no split {split!r} (have {manifest.splits})")
-    try:
-        tables = [pq.read_table(posixpath.join(path, rel), filesystem=fs, schema=SHARD_SCHEMA)
-                  for rel in manifest.files[split]]
-    except FileNotFoundError as e:
-        raise ManifestError(f"{root}: a file the manifest lists is missing ({e}); "
-                            "re-run prepare") from None
+    tables = _each_file(root, split, manifest,
+                        lambda f, filesystem: pq.read_table(f, filesystem=filesystem,
+                                                            schema=SHARD_SCHEMA))
     table = pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table()
     _check_rows(root, split, table.num_rows, manifest.num_rows[split])
     return table
