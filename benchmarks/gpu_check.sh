@@ -9,8 +9,9 @@
 # export and verification, CUDA inference equal to CPU, an HTTP request. Exit: failed stage count.
 set -u
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-/tmp/gpu-check}}
-mkdir -p "$out"
+out=${1:-${OUT:-/tmp/gpu-check}}   # logs only: a lent machine returns at most 8 files
+work=${WORK:-/tmp/gpu-check-work}  # data, runs and bundles
+mkdir -p "$out" "$work"
 log() { echo "[gpu_check $(date +%T)] $*"; }
 kit=${KIT:-.whl}
 if [ -d "$kit" ] && ! python3 -c "import ray, pydantic, optuna" 2>/dev/null; then
@@ -29,14 +30,14 @@ stage() {  # stage NAME TIMEOUT_S CMD...
   if timeout "$t" "$@" >"$out/$name.log" 2>&1; then result[$name]=PASS; else result[$name]="FAIL(rc=$?)"; fi
   tail -n 15 "$out/$name.log"; log "$name: ${result[$name]}"
 }
-stage prepare 120 python3 jobs/prepare_data.py --dataset shapes-lt --num-classes 10 --images-per-class 300 \
-  --imbalance-ratio 50 --out "$out/data/shapes-lt"
-stage train_ddp_amp 240 python3 jobs/train.py --data "$out/data/shapes-lt" --num-workers "$workers" --use-gpu --amp \
-  --cpus-per-worker 2 --epochs 3 --batch-size 128 --model resnet18 --out "$out/train"
-stage tune_export 300 python3 jobs/tune.py --data "$out/data/shapes-lt" --dataset shapes-lt --num-samples 1 --max-concurrent 1 --epochs 2 \
-  --use-gpu --cpus-per-worker 2 --out "$out/tune" --bundle-root "$out/bundles"
-bundle=$(ls -d "$out"/bundles/*/v* 2>/dev/null | tail -n 1)
-stage cuda_predict 120 python3 - "$bundle" <<'PY'
+stage prepare 90 python3 jobs/prepare_data.py --dataset shapes-lt --num-classes 10 --images-per-class 300 \
+  --imbalance-ratio 50 --out "$work/data/shapes-lt"
+stage train_ddp_amp 180 python3 jobs/train.py --data "$work/data/shapes-lt" --num-workers "$workers" --use-gpu --amp \
+  --cpus-per-worker 2 --epochs 3 --batch-size 128 --model resnet18 --out "$work/train"
+stage tune_export 200 python3 jobs/tune.py --data "$work/data/shapes-lt" --dataset shapes-lt --num-samples 1 --max-concurrent 1 --epochs 2 \
+  --use-gpu --cpus-per-worker 2 --out "$work/tune" --bundle-root "$work/bundles"
+bundle=$(ls -d "$work"/bundles/*/v* 2>/dev/null | tail -n 1)
+stage cuda_predict 60 python3 - "$bundle" <<'PY'
 import io, sys, numpy as np, torch
 from PIL import Image
 from imgpipe.inference import Predictor
@@ -51,8 +52,8 @@ pg, pc = gpu.predict_images(images), cpu.predict_images(images)
 print("max |p_cuda - p_cpu| =", float(np.abs(pg - pc).max()))
 assert np.allclose(pg, pc, atol=1e-3), "CUDA and CPU probabilities differ"
 PY
-gpu_flag=(); python3 jobs/serve.py --help 2>/dev/null | grep -q -- --num-gpus && gpu_flag=(--num-gpus 1)
-stage serve_http 180 python3 jobs/serve.py --bundle "$bundle" "${gpu_flag[@]}" --port 8123 --smoke
+gpu_flag=(); python3 jobs/serve.py --help 2>/dev/null | grep -q -- --num-gpus && gpu_flag=(--num-gpus 0.5)
+stage serve_http 120 python3 jobs/serve.py --bundle "$bundle" "${gpu_flag[@]}" --port 8123 --smoke
 fails=0
 echo; echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $ngpu GPU) =="
 for k in prepare train_ddp_amp tune_export cuda_predict serve_http; do

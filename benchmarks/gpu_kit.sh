@@ -14,13 +14,17 @@ py=${PYTHON:-python3}
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
       --platform manylinux_2_24_x86_64 --platform manylinux_2_34_x86_64)
 # Versions pinned to what this project's venv resolved, so the GPU run exercises the same code.
-pkgs=(ray pydantic pydantic-core annotated-types typing-inspection optuna alembic mako sqlalchemy
+# Serve imports grpc_reflection at start-up; its generated code needs the grpcio and protobuf it was
+# built with, so those travel too. Optuna's SQL storage (sqlalchemy, alembic) stays behind: the
+# search keeps its study in memory.
+pkgs=(ray pydantic pydantic-core annotated-types typing-inspection optuna
       colorlog fastapi starlette uvicorn python-multipart jsonschema jsonschema-specifications
       referencing rpds-py aiohttp-cors colorful opencensus opencensus-context opentelemetry-api
       opentelemetry-sdk opentelemetry-exporter-prometheus opentelemetry-proto
       opentelemetry-semantic-conventions smart-open tensorboardx swagger-ui-bundle-v2
       google-api-core proto-plus googleapis-common-protos google-auth pyasn1 pyasn1-modules
-      safetensors)
+      safetensors pydantic-settings python-dotenv imbalanced-learn sklearn-compat
+      grpcio grpcio-reflection protobuf)
 for p in "${pkgs[@]}"; do
   v=$("$py" -m pip show "$p" 2>/dev/null | awk '/^Version/{print $2}')
   "$py" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

@@ -58,7 +58,7 @@ class ImgpipeModel:
     def __init__(self, settings: ReplicaSettings) -> None:
         torch.set_num_threads(settings.torch_threads)
         self.settings = settings
-        self.predictor = Predictor.load(settings.bundle)
+        self.predictor = Predictor.load(settings.bundle, device=settings.device)
         self.bundle_meta: BundleMeta = self.predictor.meta  # as written; overrides start here
         self.live = LiveState.create(self.bundle_meta, LiveConfig())
         self.budget = DecodeBudget(settings.decode_budget_bytes, settings.decode_wait_s)
@@ -225,6 +225,8 @@ def build_app(args: ServeArgs) -> Application:
     warn_if_exposed(_serve_http_host(), token)
     settings = ReplicaSettings(
         bundle=str(bundle_dir), torch_threads=args.torch_threads,
+        # Ray sets CUDA_VISIBLE_DEVICES to the replica's own GPU, so "cuda" is always that one.
+        device="cuda" if args.num_gpus > 0 else "cpu",
         max_body_bytes=args.max_body_bytes, max_images_per_request=args.max_images_per_request,
         max_image_pixels=args.max_image_pixels, token=token,
         decode_budget_bytes=args.decode_budget_bytes, decode_wait_s=args.decode_wait_s,
@@ -238,7 +240,8 @@ def build_app(args: ServeArgs) -> Application:
         },
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
-        ray_actor_options={"num_cpus": args.num_cpus, "memory": args.replica_memory_mb * MiB},
+        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+                           "memory": args.replica_memory_mb * MiB},
         logging_config={"enable_access_log": args.access_log},
         user_config=live.model_dump(),
         health_check_period_s=args.health_check_period_s,

@@ -56,6 +56,8 @@ class ServeArgs(_Strict):
                                      "(HAProxy ingress) or per proxy (Serve's proxy); beyond "
                                      "→ 503. -1: unbounded")
     num_cpus: float = Field(0.25, gt=0, description="logical CPUs per replica (fractional ok)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (fractional ok: 0.25 packs "
+                            "four replicas on one GPU); above 0 the model runs on CUDA")
     replica_memory_mb: int = Field(2048, ge=256, description="memory Ray reserves per replica "
                                    "(ray_actor_options.memory); the decode budget derives from it")
     decode_memory_fraction: float = Field(0.25, gt=0, le=0.9, description="share of "
@@ -115,6 +117,7 @@ class ReplicaSettings(_Strict):
 
     bundle: str
     torch_threads: int
+    device: str = "cpu"
     max_body_bytes: int
     max_images_per_request: int
     max_image_pixels: int

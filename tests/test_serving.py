@@ -130,6 +130,18 @@ def test_config_yaml_is_a_valid_serve_config():
     assert LiveConfig.model_validate(model.user_config).max_batch_size > 1
 
 
+def test_num_gpus_puts_replicas_and_model_on_cuda(tmp_path):
+    """``num_gpus`` reaches Ray's resource request and the replica's device; 0 stays on the CPU."""
+    from serving.app import build_app
+
+    bundle = make_test_bundle(tmp_path)
+    for num_gpus, device in ((0, "cpu"), (0.5, "cuda")):
+        deployment = build_app({"bundle": str(bundle), "num_gpus": num_gpus})._bound_deployment
+        assert deployment.ray_actor_options["num_gpus"] == num_gpus
+        (settings,) = deployment.init_args
+        assert settings.device == device
+
+
 def test_resolve_serve_args_layers_and_errors(tmp_path):
     from imgpipe.config import ConfigError
     from serving.runner import resolve_serve_args
