@@ -4,9 +4,11 @@
 #
 #   bash benchmarks/gpu_kit.sh              # here, once: wheels for what the GPU machine lacks
 #   bash benchmarks/gpu_check.sh [OUTDIR]   # there (the kit travels in .whl/)
+#   STAGES="cuda_predict serve_http" BUNDLE=path/v1 bash benchmarks/gpu_check.sh   # a rerun of two
 #
 # Stages: DDP+AMP train on shapes-lt (NCCL; 2 ranks when 2 GPUs, else 1), a one-trial GPU tune with
-# export and verification, CUDA inference equal to CPU, an HTTP request. Exit: failed stage count.
+# export and verification, CUDA inference equal to CPU, two replicas on the GPU answering a
+# prediction over HTTP. Exit: failed stage count.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-/tmp/gpu-check}}   # logs only: a lent machine returns at most 8 files
@@ -24,8 +26,10 @@ python3 -c "import torch, ray; print('torch', torch.__version__, 'cuda', torch.c
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
 workers=$(( ngpu >= 2 ? 2 : 1 ))
 declare -A result
+stages=${STAGES:-prepare train_ddp_amp tune_export cuda_predict serve_http}  # a subset reruns those
 stage() {  # stage NAME TIMEOUT_S CMD...
   local name=$1 t=$2; shift 2
+  [[ " $stages " == *" $name "* ]] || return 0
   log "start $name: $*"
   if timeout "$t" "$@" >"$out/$name.log" 2>&1; then result[$name]=PASS; else result[$name]="FAIL(rc=$?)"; fi
   tail -n 15 "$out/$name.log"; log "$name: ${result[$name]}"
@@ -36,7 +40,7 @@ stage train_ddp_amp 180 python3 jobs/train.py --data "$work/data/shapes-lt" --nu
   --cpus-per-worker 2 --epochs 3 --batch-size 128 --model resnet18 --out "$work/train"
 stage tune_export 200 python3 jobs/tune.py --data "$work/data/shapes-lt" --dataset shapes-lt --num-samples 1 --max-concurrent 1 --epochs 2 \
   --use-gpu --cpus-per-worker 2 --out "$work/tune" --bundle-root "$work/bundles"
-bundle=$(ls -d "$work"/bundles/*/v* 2>/dev/null | tail -n 1)
+bundle=${BUNDLE:-$(ls -d "$work"/bundles/*/v* 2>/dev/null | tail -n 1)}  # BUNDLE: one made elsewhere
 stage cuda_predict 60 python3 - "$bundle" <<'PY'
 import io, sys, numpy as np, torch
 from PIL import Image
@@ -52,11 +56,32 @@ pg, pc = gpu.predict_images(images), cpu.predict_images(images)
 print("max |p_cuda - p_cpu| =", float(np.abs(pg - pc).max()))
 assert np.allclose(pg, pc, atol=1e-3), "CUDA and CPU probabilities differ"
 PY
-gpu_flag=(); python3 jobs/serve.py --help 2>/dev/null | grep -q -- --num-gpus && gpu_flag=(--num-gpus 0.5)
-stage serve_http 120 python3 jobs/serve.py --bundle "$bundle" "${gpu_flag[@]}" --port 8123 --smoke
+# Two replicas on half a GPU each; --smoke posts one image through /v1/predict. The GPU's used
+# memory while they serve shows the replicas hold CUDA contexts (gVisor hides per-process use).
+stage serve_http 150 python3 - "$bundle" <<'PY'
+import os, subprocess, sys
+def used_mib():
+    q = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
+    return int(subprocess.run(q, capture_output=True, text=True).stdout.split()[0])
+before = used_mib()
+job = subprocess.Popen([sys.executable, "jobs/serve.py", "--bundle", sys.argv[1], "--num-gpus", os.environ.get("SERVE_GPUS", "0.5"),
+                        "--port", "8123"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+seen = []
+for line in job.stdout:  # the job checks readiness, the card and one prediction before "serving "
+    print(line, end=""); seen.append(line)
+    if line.startswith("serving "):
+        break
+during = used_mib()
+job.send_signal(2)  # Ctrl-C: the job deletes the app and stops Ray
+print(job.communicate(timeout=60)[0][-1500:])
+print(f"GPU memory used: {before} MiB before serving, {during} MiB while serving")
+assert any(x.startswith("smoke: POST /v1/predict answered") for x in seen), "no prediction"
+assert job.returncode == 0, f"serve job exited {job.returncode}"
+assert during - before >= 200, "the replicas did not take GPU memory"
+PY
 fails=0
 echo; echo "== gpu_check summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $ngpu GPU) =="
-for k in prepare train_ddp_amp tune_export cuda_predict serve_http; do
+for k in $stages; do
   echo "  $k: ${result[$k]:-SKIPPED}"; [ "${result[$k]:-}" = PASS ] || fails=$((fails + 1))
 done
 exit $fails

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import signal
@@ -48,19 +49,47 @@ def resolve_serve_args(config_path: str | Path | None,
         raise ConfigError(format_validation_error(e, "serve args")) from None
 
 
-def _get(url: str, token: str | None) -> dict[str, Any]:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+def _request(url: str, token: str | None, body: bytes | None = None,
+             content_type: str | None = None) -> dict[str, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if content_type:
+        headers["Content-Type"] = content_type
+    req = urllib.request.Request(url, data=body, headers=headers)
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.loads(resp.read())
 
 
+def _probe_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def smoke_check(base_url: str, args: ServeArgs) -> dict[str, Any]:
-    """Hit the readiness probe and the model card; the card is returned."""
+    """Hit the readiness probe, the model card and one prediction; the card is returned.
+
+    The prediction is a grey 32×32 PNG through ``POST /v1/predict``, so decoding, batching and
+    the forward pass (on the replica's device) all run once.
+
+    Raises:
+        RuntimeError: not ready, or the prediction's probabilities do not sum to 1.
+        urllib.error.HTTPError: an endpoint answered with an error status.
+    """
     token = resolve_token(args.token)
     secret = token.get_secret_value() if token else None
-    if not _get(f"{base_url}/v2/health/ready", None).get("ready"):
+    if not _request(f"{base_url}/v2/health/ready", None).get("ready"):
         raise RuntimeError(f"{base_url} is not ready")
-    return _get(f"{base_url}/v1/models", secret)["models"][0]
+    card = _request(f"{base_url}/v1/models", secret)["models"][0]
+    top = _request(f"{base_url}/v1/predict?top_k={len(card['class_names'])}", secret,
+                   _probe_png(), "image/png")["predictions"][0]["top_k"]
+    total = sum(e["probability"] for e in top)
+    if abs(total - 1.0) > 1e-3:
+        raise RuntimeError(f"smoke prediction's probabilities sum to {total}, not 1")
+    print(f"smoke: POST /v1/predict answered: {top[0]['label']} p={top[0]['probability']:.3f}",
+          flush=True)
+    return card
 
 
 def _wait_for_signal() -> None:

@@ -776,6 +776,7 @@ def test_cli_on_its_own_instance_through_serves_python_proxy(tmp_path):
         timeout=300)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert "ingress proxy)" in out.stdout
+    assert "smoke: POST /v1/predict answered: " in out.stdout  # a real prediction ran
     # Serve's controller announces the high-throughput bundle (direct ingress) when it is on.
     assert "Direct ingress enabled" not in out.stdout + out.stderr
     served = json.loads(out.stdout.strip().splitlines()[-1])
