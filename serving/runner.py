@@ -67,11 +67,13 @@ def _probe_png() -> bytes:
     return buf.getvalue()
 
 
-def smoke_check(base_url: str, args: ServeArgs) -> dict[str, Any]:
-    """Hit the readiness probe, the model card and one prediction; the card is returned.
+def smoke_check(base_url: str, args: ServeArgs, predict: bool = False) -> dict[str, Any]:
+    """Hit the readiness probe and the model card, and with ``predict`` one prediction; the card
+    is returned.
 
     The prediction is a grey 32×32 PNG through ``POST /v1/predict``, so decoding, batching and
-    the forward pass (on the replica's device) all run once.
+    the forward pass (on the replica's device) all run once. Only ``--smoke`` asks for it: a
+    service that stays up must not count a probe image in its metrics and prediction log.
 
     Raises:
         RuntimeError: not ready, or the prediction's probabilities do not sum to 1.
@@ -82,6 +84,8 @@ def smoke_check(base_url: str, args: ServeArgs) -> dict[str, Any]:
     if not _request(f"{base_url}/v2/health/ready", None).get("ready"):
         raise RuntimeError(f"{base_url} is not ready")
     card = _request(f"{base_url}/v1/models", secret)["models"][0]
+    if not predict:
+        return card
     top = _request(f"{base_url}/v1/predict?top_k={len(card['class_names'])}", secret,
                    _probe_png(), "image/png")["predictions"][0]["top_k"]
     total = sum(e["probability"] for e in top)
@@ -117,7 +121,7 @@ def run_foreground(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
     try:
         start_app(args, host, port, app_name)
         base_url = f"http://{host}:{port}"
-        card = smoke_check(base_url, args)
+        card = smoke_check(base_url, args, predict=smoke)
         via = f", ingress {ingress}" if ingress else ""
         print(f"serving {card['name']} v{card['version']} at {base_url} "
               f"(docs {base_url}/docs{via}); Ctrl-C to stop", flush=True)
