@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -55,10 +56,38 @@ _DATA_CONFIG = {
 }
 
 
+# Ray-internal loggers whose warnings report Ray's own bookkeeping, not the user's run. Train's
+# placement-group cleaner warns at the end of every trial that it is removing the finished
+# controller's placement group (its liveness poll races the controller's own clean-up).
+QUIET_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+QUIET_ENV = "IMGPIPE_QUIET_RAY_LOGGERS"
+
+
+def quiet_worker_loggers() -> None:
+    """Ray's ``worker_process_setup_hook`` for the instances imgpipe starts: in a worker of an
+    instance started after ``configure_console(verbose=False)``, raise
+    :data:`QUIET_WORKER_LOGGERS` to ERROR. Ray tees a worker's stderr to its log file and to
+    the driver, so those warnings leave both; ``--verbose`` keeps them."""
+    if os.environ.get(QUIET_ENV) == "1":
+        for name in QUIET_WORKER_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def configure_console(verbose: bool = False) -> None:
-    """Call before ``ray.init``: quiet Ray Data's console (unless ``verbose``); files keep all."""
+    """Call before ``ray.init``: quiet Ray Data's console (unless ``verbose``); files keep all.
+
+    Also, in this process: Tune's experiment banner ("Configuration for experiment", "View
+    detailed results here", the TensorBoard hint) and Optuna's "A new study created" are left
+    out, since the jobs print their own per-trial lines and summary.
+    """
     if verbose:
         return
+    os.environ.setdefault(QUIET_ENV, "1")  # read by quiet_worker_loggers in every worker
+    # Tune's new console prints its banner even at verbose=0; the classic one prints nothing.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    optuna = sys.modules.get("optuna")  # imported by the tune job; never imported here
+    if optuna is not None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     path = Path(tempfile.gettempdir()) / f"imgpipe-ray-data-logging-{os.getuid()}.yaml"
     text = yaml.safe_dump(_DATA_CONFIG)
     if not path.exists() or path.read_text() != text:

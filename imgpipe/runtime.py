@@ -93,7 +93,9 @@ def start_local_ray(**init_kwargs) -> None:
     an explicit address (``JobSubmissionClient(address)``, ``ray job submit --address``), and
     a driver may well talk to another cluster.
 
-    The instance's processes also inherit :data:`LOCAL_INSTANCE_ENV` (unless already set).
+    The instance's processes also inherit :data:`LOCAL_INSTANCE_ENV` (unless already set), and
+    each worker runs ``imgpipe.logs.quiet_worker_loggers`` as it starts (Ray's
+    ``worker_process_setup_hook``).
 
     ``init_kwargs`` go to ``ray.init`` (``num_cpus``, ``object_store_memory``, ...).
     """
@@ -101,8 +103,10 @@ def start_local_ray(**init_kwargs) -> None:
         os.environ.setdefault(key, value)
     port = free_port()
     with _api_server_env(f"http://127.0.0.1:{port}"):
+        runtime_env = {"worker_process_setup_hook": "imgpipe.logs.quiet_worker_loggers",
+                       **(init_kwargs.pop("runtime_env", None) or {})}
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, **init_kwargs)
+                 dashboard_port=port, runtime_env=runtime_env, **init_kwargs)
 
 
 def explicit_address():

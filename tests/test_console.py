@@ -42,3 +42,19 @@ def test_driver_and_worker_consoles_keep_warnings_only():
     verbose = _run("import ray.data\nfrom imgpipe.logs import configure_console\n"
                    "configure_console(verbose=True)\n" + EMIT, env)
     assert "execution finished" in verbose.stderr
+
+
+def test_tune_banner_and_optuna_notes_stay_off_the_driver_console():
+    """The tune job imports Optuna before configure_console: its study notes drop to WARNING and
+    Tune's classic console (silent at verbose=0) replaces the banner-printing one."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_DATA_LOGGING_CONFIG", "PYTHONWARNINGS", "RAY_AIR_NEW_OUTPUT")}
+    code = ("import os, optuna\nfrom imgpipe.logs import configure_console\n"
+            "configure_console(verbose={verbose})\noptuna.create_study()\n"
+            "print(os.environ.get('RAY_AIR_NEW_OUTPUT'))")
+    quiet = _run(code.format(verbose=False), env)
+    assert "A new study created" not in quiet.stderr
+    assert quiet.stdout.strip() == "0"
+    loud = _run(code.format(verbose=True), env)
+    assert "A new study created" in loud.stderr
+    assert loud.stdout.strip() == "None"

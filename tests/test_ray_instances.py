@@ -8,6 +8,7 @@ placement groups starve Ray Data and the next run hangs. ``start_local_ray`` pin
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -19,10 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh process beside the test session's instance: init_ray starts a second one.
 SECOND_INSTANCE = """
-import json, os, ray
+import json, logging, os, ray
 from ray._private.worker import get_dashboard_url
+from imgpipe.logs import QUIET_WORKER_LOGGERS, configure_console
 from imgpipe.runtime import LOCAL_INSTANCE_ENV, init_ray
 
+configure_console(verbose=False)
 init_ray(num_cpus=1)
 
 @ray.remote(num_cpus=0)
@@ -32,12 +35,13 @@ def state_api_from_a_worker():
 
     list_placement_groups()  # what Train's cleaner does; raises when the lookup fails
     return (get_address_for_submission_client(None),
-            {k: os.environ.get(k) for k in LOCAL_INSTANCE_ENV})
+            {k: os.environ.get(k) for k in LOCAL_INSTANCE_ENV},
+            [logging.getLogger(name).level for name in QUIET_WORKER_LOGGERS])
 
-seen, worker_env = ray.get(state_api_from_a_worker.remote())
+seen, worker_env, quiet_levels = ray.get(state_api_from_a_worker.remote())
 
 print(json.dumps({"own": "http://" + get_dashboard_url(),
-                  "seen_by_worker": seen, "worker_env": worker_env,
+                  "seen_by_worker": seen, "worker_env": worker_env, "quiet_levels": quiet_levels,
                   # the driver itself keeps no override: an explicit address must still win
                   "driver_env": os.environ.get("RAY_API_SERVER_ADDRESS")}))
 ray.shutdown()
@@ -63,3 +67,5 @@ def test_a_second_local_instance_and_its_workers_use_their_own_state_api(ray_ses
     # the instance's workers (where Train's controller reads its flags) inherit the defaults
     assert seen["worker_env"] == {**LOCAL_INSTANCE_ENV, "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "4"}
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # nor does the test session's driver
+    # the setup hook ran in the worker: Ray's bookkeeping warnings stay off the console
+    assert seen["quiet_levels"] == [logging.ERROR]
