@@ -16,7 +16,7 @@ work=${WORK:-/tmp/gpu-check-work}  # data, runs and bundles
 mkdir -p "$out" "$work"
 log() { echo "[gpu_check $(date +%T)] $*"; }
 kit=${KIT:-.whl}
-if [ -d "$kit" ] && ! python3 -c "import ray, pydantic, optuna" 2>/dev/null; then
+if [ -d "$kit" ] && ! python3 -c "import ray, pydantic, pydantic_settings, optuna, imblearn, grpc_reflection" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site "$kit"/*.whl >"$out/pip.log" 2>&1 || { log "wheel install failed"; tail "$out/pip.log"; }
   export PYTHONPATH=/tmp/site
@@ -63,22 +63,30 @@ import io, json, os, subprocess, sys, urllib.request
 from PIL import Image
 def used_mib():
     q = ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"]
-    return int(subprocess.run(q, capture_output=True, text=True).stdout.split()[0])
+    return sum(int(x) for x in subprocess.run(q, capture_output=True, text=True).stdout.split())
 before = used_mib()
 job = subprocess.Popen([sys.executable, "jobs/serve.py", "--bundle", sys.argv[1], "--num-gpus", os.environ.get("SERVE_GPUS", "0.5"),
                         "--port", "8123"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-for line in job.stdout:  # the job prints "serving " once the replicas are ready
-    print(line, end="")
-    if line.startswith("serving "):
-        break
-buf = io.BytesIO(); Image.new("RGB", (32, 32), (200, 40, 40)).save(buf, "PNG")
-req = urllib.request.Request("http://127.0.0.1:8123/v1/predict", data=buf.getvalue(),
-                             headers={"Content-Type": "image/png"})
-top = json.loads(urllib.request.urlopen(req, timeout=30).read())["predictions"][0]["top_k"][0]
-print("POST /v1/predict:", top)
-during = used_mib()
-job.send_signal(2)  # Ctrl-C: the job deletes the app and stops Ray
-print(job.communicate(timeout=60)[0][-1500:])
+try:
+    for line in job.stdout:  # the job prints "serving " once the replicas are ready
+        print(line, end="")
+        if line.startswith("serving "):
+            break
+    buf = io.BytesIO(); Image.new("RGB", (32, 32), (200, 40, 40)).save(buf, "PNG")
+    req = urllib.request.Request("http://127.0.0.1:8123/v1/predict", data=buf.getvalue(),
+                                 headers={"Content-Type": "image/png"})
+    top = json.loads(urllib.request.urlopen(req, timeout=30).read())["predictions"][0]["top_k"][0]
+    print("POST /v1/predict:", top)
+    during = used_mib()
+    job.send_signal(2)  # Ctrl-C: the job deletes the app and stops Ray
+    print(job.communicate(timeout=60)[0][-1500:])
+finally:  # never leave the job holding the port and the GPU
+    if job.poll() is None:
+        job.send_signal(2)
+        try:
+            job.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            job.kill()
 print(f"GPU memory used: {before} MiB before serving, {during} MiB while serving")
 assert job.returncode == 0, f"serve job exited {job.returncode}"
 assert during - before >= 200, "the replicas did not take GPU memory"

@@ -56,21 +56,36 @@ _DATA_CONFIG = {
 }
 
 
-# Ray-internal loggers whose warnings report Ray's own bookkeeping, not the user's run. Train's
-# placement-group cleaner warns at the end of every trial that it is removing the finished
-# controller's placement group (its liveness poll races the controller's own clean-up).
-QUIET_WORKER_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+# Ray-internal notes that report Ray's own bookkeeping, not the user's run: logger → the start
+# of the one message dropped (the logger's other warnings, e.g. a failed clean-up, still show).
+# Train's placement-group cleaner notes at the end of every trial that it is removing the
+# finished controller's placement group (its liveness poll races the controller's own clean-up).
+QUIET_WORKER_NOTES = {
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner":
+        "Detected that the Ray Train controller actor",
+}
 QUIET_ENV = "IMGPIPE_QUIET_RAY_LOGGERS"
+
+
+class DropMessage(logging.Filter):
+    """Drops records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def quiet_worker_loggers() -> None:
     """Ray's ``worker_process_setup_hook`` for the instances imgpipe starts: in a worker of an
-    instance started after ``configure_console(verbose=False)``, raise
-    :data:`QUIET_WORKER_LOGGERS` to ERROR. Ray tees a worker's stderr to its log file and to
-    the driver, so those warnings leave both; ``--verbose`` keeps them."""
+    instance started after ``configure_console(verbose=False)``, drop the notes in
+    :data:`QUIET_WORKER_NOTES`. Ray tees a worker's stderr to its log file and to the driver,
+    so those notes leave both; ``--verbose`` keeps them."""
     if os.environ.get(QUIET_ENV) == "1":
-        for name in QUIET_WORKER_LOGGERS:
-            logging.getLogger(name).setLevel(logging.ERROR)
+        for name, prefix in QUIET_WORKER_NOTES.items():
+            logging.getLogger(name).addFilter(DropMessage(prefix))
 
 
 def configure_console(verbose: bool = False) -> None:
@@ -83,7 +98,8 @@ def configure_console(verbose: bool = False) -> None:
     if verbose:
         return
     os.environ.setdefault(QUIET_ENV, "1")  # read by quiet_worker_loggers in every worker
-    # Tune's new console prints its banner even at verbose=0; the classic one prints nothing.
+    # Tune's new console prints its banner even at verbose=0; the classic one prints nothing at
+    # verbose=0 (every RunConfig imgpipe builds sets it: the classic default, 3, prints tables).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     optuna = sys.modules.get("optuna")  # imported by the tune job; never imported here
     if optuna is not None:

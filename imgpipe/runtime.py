@@ -95,7 +95,7 @@ def start_local_ray(**init_kwargs) -> None:
 
     The instance's processes also inherit :data:`LOCAL_INSTANCE_ENV` (unless already set), and
     each worker runs ``imgpipe.logs.quiet_worker_loggers`` as it starts (Ray's
-    ``worker_process_setup_hook``).
+    ``worker_process_setup_hook``) unless ``init_kwargs["runtime_env"]`` names its own hook.
 
     ``init_kwargs`` go to ``ray.init`` (``num_cpus``, ``object_store_memory``, ...).
     """
@@ -103,8 +103,10 @@ def start_local_ray(**init_kwargs) -> None:
         os.environ.setdefault(key, value)
     port = free_port()
     with _api_server_env(f"http://127.0.0.1:{port}"):
+        # a copy, nested dicts too: Ray writes its own variables into the env_vars it is given
         runtime_env = {"worker_process_setup_hook": "imgpipe.logs.quiet_worker_loggers",
-                       **(init_kwargs.pop("runtime_env", None) or {})}
+                       **{k: dict(v) if isinstance(v, dict) else v
+                          for k, v in (init_kwargs.pop("runtime_env", None) or {}).items()}}
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, runtime_env=runtime_env, **init_kwargs)
 

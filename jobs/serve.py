@@ -13,7 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+
+import ray
 
 from imgpipe import storage
 from imgpipe.config import ConfigError
@@ -22,7 +25,7 @@ from imgpipe.errors import run_job
 from imgpipe.preflight import check_serve_overrides
 from imgpipe.runtime import init_ray
 from serving.ingress import INGRESS_CHOICES, ingress_for_instance
-from serving.runner import DEFAULT_APP_NAME, resolve_serve_args, run_foreground
+from serving.runner import DEFAULT_APP_NAME, check_gpu_fit, resolve_serve_args, run_foreground
 from serving.schemas import TOKEN_ENV, ServeArgs
 
 # Flags kept from before they were generated from ServeArgs (--help lists every field).
@@ -58,6 +61,8 @@ def _main(argv: list[str] | None) -> int:
     check_serve_overrides(args.bundle, args.deployment_prior, args.decision_threshold)
     ingress = ingress_for_instance(job["ingress"], job["address"])
     init_ray(job["address"])  # a dead --address/RAY_ADDRESS fails here within seconds
+    check_gpu_fit(args, ray.cluster_resources().get("GPU", 0),
+                  local=not (job["address"] or os.environ.get("RAY_ADDRESS")))
     card = run_foreground(args, host, port, job["app_name"], smoke=job["smoke"], ingress=ingress)
     print(json.dumps({"served": {"name": card["name"], "version": card["version"],
                                  "bundle": storage.absolute_location(str(args.bundle))},

@@ -49,6 +49,28 @@ def resolve_serve_args(config_path: str | Path | None,
         raise ConfigError(format_validation_error(e, "serve args")) from None
 
 
+def check_gpu_fit(args: ServeArgs, cluster_gpus: float, local: bool) -> None:
+    """Fail early when ``num_gpus`` cannot place ``min_replicas`` replicas (Serve would wait for
+    them forever). On a cluster, GPUs may still join (an autoscaler): only a warning there.
+
+    Raises:
+        ConfigError: a local instance with fewer GPUs than ``num_gpus × min_replicas``.
+    """
+    need = args.num_gpus * args.min_replicas
+    if need <= cluster_gpus:
+        if args.num_gpus * args.max_replicas > cluster_gpus:
+            log.warning("num_gpus %g × max_replicas %d is more than the %g GPU(s) here: replicas "
+                        "beyond %d wait for GPUs", args.num_gpus, args.max_replicas,
+                        cluster_gpus, int(cluster_gpus // args.num_gpus))
+        return
+    msg = (f"num_gpus: {args.min_replicas} replicas (min_replicas) × {args.num_gpus:g} GPU need "
+           f"{need:g} GPU(s), and the Ray instance has {cluster_gpus:g}; lower --num-gpus "
+           f"(0.5 puts two replicas on one GPU) or --min-replicas")
+    if local:
+        raise ConfigError(msg)
+    log.warning("%s (waiting for the cluster to add GPUs)", msg)
+
+
 def _request(url: str, token: str | None, body: bytes | None = None,
              content_type: str | None = None) -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -63,7 +85,7 @@ def _probe_png() -> bytes:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, "PNG")
+    Image.new("RGB", (1, 1), (128, 128, 128)).save(buf, "PNG")  # within any max_image_pixels
     return buf.getvalue()
 
 
@@ -71,9 +93,10 @@ def smoke_check(base_url: str, args: ServeArgs, predict: bool = False) -> dict[s
     """Hit the readiness probe and the model card, and with ``predict`` one prediction; the card
     is returned.
 
-    The prediction is a grey 32×32 PNG through ``POST /v1/predict``, so decoding, batching and
-    the forward pass (on the replica's device) all run once. Only ``--smoke`` asks for it: a
-    service that stays up must not count a probe image in its metrics and prediction log.
+    The prediction is a grey 1×1 PNG through ``POST /v1/predict``, so decoding, resizing,
+    batching and the forward pass (on the replica's device) all run once. Only ``--smoke`` asks
+    for it: a service that stays up must not count a probe image in its metrics and prediction
+    log (a ``--smoke`` run with a prediction log configured logs that one probe).
 
     Raises:
         RuntimeError: not ready, or the prediction's probabilities do not sum to 1.
@@ -89,19 +112,20 @@ def smoke_check(base_url: str, args: ServeArgs, predict: bool = False) -> dict[s
     top = _request(f"{base_url}/v1/predict?top_k={len(card['class_names'])}", secret,
                    _probe_png(), "image/png")["predictions"][0]["top_k"]
     total = sum(e["probability"] for e in top)
-    if abs(total - 1.0) > 1e-3:
+    if not abs(total - 1.0) <= 1e-3:  # NaN fails too
         raise RuntimeError(f"smoke prediction's probabilities sum to {total}, not 1")
     print(f"smoke: POST /v1/predict answered: {top[0]['label']} p={top[0]['probability']:.3f}",
           flush=True)
     return card
 
 
-def _wait_for_signal() -> None:
+def _stop_on_signal() -> threading.Event:
+    """An event set by SIGINT/SIGTERM, installed before the job says it is serving: a Ctrl-C
+    right after that line is a clean stop, not a KeyboardInterrupt."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        pass
+    return stop
 
 
 def run_foreground(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
@@ -122,11 +146,12 @@ def run_foreground(args: ServeArgs, host: str = "127.0.0.1", port: int = 8000,
         start_app(args, host, port, app_name)
         base_url = f"http://{host}:{port}"
         card = smoke_check(base_url, args, predict=smoke)
+        stop = None if smoke else _stop_on_signal()
         via = f", ingress {ingress}" if ingress else ""
         print(f"serving {card['name']} v{card['version']} at {base_url} "
               f"(docs {base_url}/docs{via}); Ctrl-C to stop", flush=True)
-        if not smoke:
-            _wait_for_signal()
+        while stop is not None and not stop.wait(0.5):
+            pass
         return card
     finally:
         print("shutting down ...", flush=True)

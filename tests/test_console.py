@@ -52,9 +52,27 @@ def test_tune_banner_and_optuna_notes_stay_off_the_driver_console():
     code = ("import os, optuna\nfrom imgpipe.logs import configure_console\n"
             "configure_console(verbose={verbose})\noptuna.create_study()\n"
             "print(os.environ.get('RAY_AIR_NEW_OUTPUT'))")
+    code += "\nfrom ray.tune.experimental.output import get_air_verbosity\nprint(get_air_verbosity(0))"
     quiet = _run(code.format(verbose=False), env)
     assert "A new study created" not in quiet.stderr
-    assert quiet.stdout.strip() == "0"
+    assert quiet.stdout.split() == ["0", "None"]  # Tune reads it: no new-console reporter
     loud = _run(code.format(verbose=True), env)
     assert "A new study created" in loud.stderr
-    assert loud.stdout.strip() == "None"
+    assert loud.stdout.split()[0] == "None" and loud.stdout.split()[1] != "None"
+
+
+def test_quiet_worker_loggers_drops_only_the_routine_note(monkeypatch):
+    import logging
+
+    from imgpipe.logs import QUIET_ENV, QUIET_WORKER_NOTES, quiet_worker_loggers
+
+    ((name, prefix),) = QUIET_WORKER_NOTES.items()
+    logger = logging.getLogger(name)
+    monkeypatch.setattr(logger, "filters", [])
+    monkeypatch.delenv(QUIET_ENV, raising=False)  # --verbose: nothing changes
+    quiet_worker_loggers()
+    assert logger.filter(logging.makeLogRecord({"msg": prefix + " (a) is dead."}))
+    monkeypatch.setenv(QUIET_ENV, "1")
+    quiet_worker_loggers()
+    assert not logger.filter(logging.makeLogRecord({"msg": prefix + " (a) is dead."}))
+    assert logger.filter(logging.makeLogRecord({"msg": "Failed to clean up placement group: x"}))

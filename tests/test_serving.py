@@ -142,6 +142,23 @@ def test_num_gpus_puts_replicas_and_model_on_cuda(tmp_path):
         assert settings.device == device
 
 
+def test_gpu_fit_fails_early_on_a_local_instance_and_warns_on_a_cluster(caplog):
+    from imgpipe.config import ConfigError
+    from serving.runner import check_gpu_fit
+    from serving.schemas import ServeArgs
+
+    two_halves = ServeArgs(bundle="b", num_gpus=0.5, min_replicas=2, max_replicas=2)
+    check_gpu_fit(two_halves, cluster_gpus=1, local=True)  # two replicas share one GPU
+    check_gpu_fit(ServeArgs(bundle="b"), cluster_gpus=0, local=True)  # CPU replicas
+    with pytest.raises(ConfigError, match=r"num_gpus: 2 replicas .* need 2 GPU\(s\).* has 1"):
+        check_gpu_fit(ServeArgs(bundle="b", num_gpus=1), cluster_gpus=1, local=True)
+    with caplog.at_level("WARNING", logger="serving.runner"):
+        check_gpu_fit(ServeArgs(bundle="b", num_gpus=1), cluster_gpus=0, local=False)
+        check_gpu_fit(ServeArgs(bundle="b", num_gpus=0.5), cluster_gpus=1, local=True)
+    assert "waiting for the cluster to add GPUs" in caplog.records[0].getMessage()
+    assert "replicas beyond 2 wait for GPUs" in caplog.records[1].getMessage()
+
+
 def test_resolve_serve_args_layers_and_errors(tmp_path):
     from imgpipe.config import ConfigError
     from serving.runner import resolve_serve_args
