@@ -216,3 +216,40 @@ def test_interrupted_search_resumes_without_repeating_trials(ray_session, tiny_d
         assert after[trial_id] == before[trial_id]
     res = json.loads((out / "results.json").read_text())
     assert res["num_trials"] == 3
+
+
+class _ResultsOf:
+    """What ``rank_trials`` reads of a ``tune.ResultGrid``: its results, and ``get_dataframe``
+    (one row per trial, here each trial's only report)."""
+
+    def __init__(self, results: list) -> None:
+        self._results = results
+
+    def __iter__(self):
+        return iter(self._results)
+
+    def get_dataframe(self, filter_metric: str, filter_mode: str) -> pd.DataFrame:
+        return pd.DataFrame([r.metrics for r in self._results])
+
+
+def test_a_trial_that_failed_after_its_retries_is_never_ranked(tmp_path):
+    """Its last report may beat every finished trial (the tune drill's killed trial did): it
+    still is not the best, since its run never finished."""
+    from ray.train import Result
+
+    from imgpipe.constants import val_key
+    from imgpipe.tuning.tuner import failed_trial_ids, rank_trials
+
+    tcfg = TuneJobConfig(data="d")
+    key = val_key(tcfg.metric)
+
+    def result(trial_id: str, score: float, error: Exception | None) -> Result:
+        return Result(metrics={"trial_id": trial_id, key: score, "config/loss": "ce"},
+                      checkpoint=None, error=error, path=str(tmp_path / trial_id))
+
+    grid = _ResultsOf([result("done", 0.5, None), result("killed", 0.9, RuntimeError("kill")),
+                       result("stopped", 0.4, None)])
+    assert failed_trial_ids(grid) == ["killed"]
+    assert list(rank_trials(grid, tcfg)["trial_id"]) == ["done", "stopped"]
+    only_failed = _ResultsOf([result("killed", 0.9, RuntimeError("kill"))])
+    assert rank_trials(only_failed, tcfg).empty

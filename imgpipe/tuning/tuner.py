@@ -271,14 +271,14 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
     ranking = rank_trials(results, tcfg)
     if ranking.empty:
         errors = [str(r.error).strip().splitlines()[-1] for r in results if r.error][:3]
-        raise SearchFailed(f"no trial reported a result; first errors: {errors}")
+        raise SearchFailed(f"no trial finished with a result; first errors: {errors}")
     best = ranking.iloc[0]
     # "name[a|b]" keys are Optuna's names for restricted choices; "name" holds the value.
     params = {k[len("config/"):]: v for k, v in best.items()
               if k.startswith("config/") and "[" not in k and pd.notna(v)}
-    failed = [r.metrics.get("trial_id") or Path(r.path).name for r in results if r.error]
+    failed = failed_trial_ids(results)
     return TuneOutcome(exp_path, train_storage, ranking, str(best["trial_id"]), params, plan,
-                       time.perf_counter() - started, [str(f) for f in failed])
+                       time.perf_counter() - started, failed)
 
 
 class SearchFailed(ImgpipeFailure):
@@ -299,11 +299,21 @@ def _check_not_interrupted(results: tune.ResultGrid, tcfg: TuneJobConfig, starte
             f"continue it with --resume --name {tcfg.name} (same --out/--storage-path)")
 
 
+def failed_trial_ids(results: tune.ResultGrid) -> list[str]:
+    """Trials that ended in an error after their retries (Tune's ``Result.error``)."""
+    return [str(r.metrics.get("trial_id") or Path(r.path).name) for r in results if r.error]
+
+
 def rank_trials(results: tune.ResultGrid, tcfg: TuneJobConfig) -> pd.DataFrame:
-    """One row per trial, best epoch's objective first; parameters as ``config/...`` columns."""
+    """One row per trial that finished, best epoch's objective first; parameters as
+    ``config/...`` columns. A trial that failed after its retries is left out, whatever it
+    reported before failing: its run never finished, so it is neither ranked nor exported."""
     key, mode = val_key(tcfg.metric), METRIC_MODES[tcfg.metric]
     df = results.get_dataframe(filter_metric=key, filter_mode=mode)
     if df.empty or key not in df:
+        return pd.DataFrame()
+    df = df[~df["trial_id"].astype(str).isin(failed_trial_ids(results))]
+    if df.empty:
         return pd.DataFrame()
     keep = ["trial_id", key, val_key("balanced_accuracy"), val_key("macro_f1"),
             val_key("accuracy"), "epoch", "training_iteration", "time_total_s"]
