@@ -182,7 +182,9 @@ def build_trainer(inputs: RunInputs, name: str, storage_path: str,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         datasets=inputs.datasets,
-        dataset_config=DataConfig(datasets_to_split=[TRAIN]),
+        # One rank needs no split: an unsplit dataset streams from the rank's own process,
+        # without Ray Data's SplitCoordinator actor (one process start per run and per trial).
+        dataset_config=DataConfig(datasets_to_split=[TRAIN] if cfg.num_workers > 1 else []),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
