@@ -253,3 +253,7 @@ def test_a_trial_that_failed_after_its_retries_is_never_ranked(tmp_path):
     assert list(rank_trials(grid, tcfg)["trial_id"]) == ["done", "stopped"]
     only_failed = _ResultsOf([result("killed", 0.9, RuntimeError("kill"))])
     assert rank_trials(only_failed, tcfg).empty
+    # a trial that failed before its first report is named by its folder
+    silent = Result(metrics=None, checkpoint=None, error=RuntimeError("x"),
+                    path=str(tmp_path / "train-silent"))
+    assert failed_trial_ids([silent]) == ["train-silent"]

@@ -301,7 +301,7 @@ def _check_not_interrupted(results: tune.ResultGrid, tcfg: TuneJobConfig, starte
 
 def failed_trial_ids(results: tune.ResultGrid) -> list[str]:
     """Trials that ended in an error after their retries (Tune's ``Result.error``)."""
-    return [str(r.metrics.get("trial_id") or Path(r.path).name) for r in results if r.error]
+    return [str((r.metrics or {}).get("trial_id") or Path(r.path).name) for r in results if r.error]
 
 
 def rank_trials(results: tune.ResultGrid, tcfg: TuneJobConfig) -> pd.DataFrame:
