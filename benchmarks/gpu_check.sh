@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_kit.sh              # here, once: wheels for what the GPU machine lacks
 #   bash benchmarks/gpu_check.sh [OUTDIR]   # there (the kit travels in .whl/)
 #   STAGES="cuda_predict serve_http" BUNDLE=path/v1 bash benchmarks/gpu_check.sh   # a rerun of two
+#   SERVE_GPUS=0 ...                        # serve stage's replicas on the CPU (a dry run here)
 #
 # Stages: DDP+AMP train on shapes-lt (NCCL; 2 ranks when 2 GPUs, else 1), a one-trial GPU tune with
 # export and verification, CUDA inference equal to CPU, two replicas on the GPU answering a

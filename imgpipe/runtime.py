@@ -48,8 +48,11 @@ class RayUnreachableError(UserError):
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None,
-             connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+             connect_timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
     """Connect to ``address`` / ``$RAY_ADDRESS``, or start a local instance.
+
+    Returns True when this call started a fresh local instance (no address), False when it
+    connected to one or Ray was already initialised.
 
     An address that was asked for is probed first (``check_reachable``), so a dead head fails
     within ``connect_timeout_s`` with the address and the fix, instead of Ray retrying it
@@ -71,11 +74,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None,
     if address and address != "local":
         check_reachable(address, connect_timeout_s)
     if ray.is_initialized():
-        return
+        return False
     if address and address != "local":
         ray.init(address=address)
-        return
+        return False
     start_local_ray(num_cpus=num_cpus or max(os.cpu_count() or 1, 4), configure_logging=False)
+    return True
 
 
 def start_local_ray(**init_kwargs) -> None:

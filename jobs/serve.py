@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 import ray
@@ -60,9 +59,8 @@ def _main(argv: list[str] | None) -> int:
     port = job["port"] or int(http.get("port", 8000))
     check_serve_overrides(args.bundle, args.deployment_prior, args.decision_threshold)
     ingress = ingress_for_instance(job["ingress"], job["address"])
-    init_ray(job["address"])  # a dead --address/RAY_ADDRESS fails here within seconds
-    check_gpu_fit(args, ray.cluster_resources().get("GPU", 0),
-                  local=not (job["address"] or os.environ.get("RAY_ADDRESS")))
+    local = init_ray(job["address"])  # a dead --address/RAY_ADDRESS fails here within seconds
+    check_gpu_fit(args, ray.cluster_resources().get("GPU", 0), local=local)
     card = run_foreground(args, host, port, job["app_name"], smoke=job["smoke"], ingress=ingress)
     print(json.dumps({"served": {"name": card["name"], "version": card["version"],
                                  "bundle": storage.absolute_location(str(args.bundle))},

@@ -778,6 +778,22 @@ def test_cli_serves_until_ctrl_c(ray_session, tmp_path):
     assert not _port_open(port)
 
 
+@pytest.mark.slow
+def test_cli_refuses_more_gpus_than_its_own_instance_has(tmp_path):
+    """``--num-gpus 1`` with the two default replicas on a local instance without two GPUs:
+    exit 2 naming the field, before Serve starts (it would wait for the GPUs forever)."""
+    bundle = make_test_bundle(tmp_path, name="gpu-model")
+    env = {k: v for k, v in os.environ.items()
+           if k != "RAY_ADDRESS" and not k.startswith("RAY_SERVE_")}
+    out = subprocess.run(
+        [sys.executable, str(REPO / "jobs" / "serve.py"), "--bundle", str(bundle.parent),
+         "--port", str(_free_port()), "--num-gpus", "1", "--ingress", "proxy", "--smoke"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, (out.stdout + out.stderr)[-3000:]
+    assert "num_gpus: 2 replicas (min_replicas) × 1 GPU need 2 GPU(s)" in out.stderr
+    assert "serving " not in out.stdout
+
+
 def test_cli_on_its_own_instance_through_serves_python_proxy(tmp_path):
     """``jobs/serve.py --ingress proxy`` starting its own Ray instance: Serve's classic Python
     proxy path answers the same API (the session's instance runs the HAProxy default)."""

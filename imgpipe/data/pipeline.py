@@ -4,7 +4,9 @@ Fixed work (decode, resize) runs before ``materialize()``; random work (resampli
 runs after it, so every epoch re-executes only the random part with a fresh (seed, epoch) draw.
 The epoch reaches the map tasks through a tiny named actor (``EpochClock``) that every rank sets
 before iterating: ``streaming_split`` starts an epoch only when all ranks have arrived, and
-``ray.train.report`` is a barrier, so the clock is always set before the epoch's tasks run.
+``ray.train.report`` is a barrier, so the clock is always set before the epoch's tasks run. A
+single rank iterates the dataset unsplit (no coordinator actor): each epoch's execution starts
+at its own ``iter_torch_batches`` call, after the clock is set, and is drained by the loop.
 """
 
 from __future__ import annotations
