@@ -36,6 +36,10 @@ LOCAL_INSTANCE_ENV = {
     # Train's preemption watcher (one more actor process per run) polls for cloud nodes being
     # drained; a single machine is never drained.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # The raylet starts one idle worker per CPU when the first driver connects, with no
+    # runtime env; every task and actor of ours carries one (the setup hook below), so those
+    # processes never run anything and only take CPU from the start-up.
+    "RAY_prestart_worker_first_driver": "0",
 }
 
 
@@ -113,6 +117,42 @@ def start_local_ray(**init_kwargs) -> None:
                           for k, v in (init_kwargs.pop("runtime_env", None) or {}).items()}}
         ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, runtime_env=runtime_env, **init_kwargs)
+
+
+def train_worker_runtime_env(*, tune_trial: bool = False) -> dict:
+    """The runtime env Ray Train gives its controller and workers (in a Tune trial: on top of
+    the trial actor's), for tasks that should share their worker processes.
+
+    Ray Train adds ``env_vars`` to its actors (the ``RAY_TRAIN_*`` variables set in this
+    process, and ``RAY_WARN_BLOCKING_GET_INSIDE_ASYNC=0``), Tune adds its own to a trial's actor
+    (``PL_DISABLE_FORK=1``, and the variables it propagates), and the Ray Data tasks a train
+    worker launches inherit them. A worker process only runs tasks of the runtime env it was
+    started with, so the decode tasks the driver launches, with the job's runtime env, could not
+    pass their warm processes (torch, PIL, Ray Data imported) to the stream's map tasks: each run
+    started one more cold process. Tasks given this env land in the same pool.
+
+    Returns ``{"env_vars": {name: value}}``, mirroring Ray 2.60's
+    ``DataParallelTrainer._initialize_and_run_controller`` and Tune's ``_ActorClassCache``;
+    ``{}`` where those internals are missing (tasks then keep the job's env: correct, colder).
+    """
+    try:
+        from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
+        from ray.train.v2._internal.constants import (
+            DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
+            get_env_vars_to_propagate,
+        )
+        env_vars: dict[str, str] = {}
+        if tune_trial:  # imported only here: a train run need not pay for importing Tune
+            from ray.tune.execution.class_cache import DEFAULT_ENV_VARS, ENV_VARS_TO_PROPAGATE
+
+            env_vars.update(DEFAULT_ENV_VARS)
+            env_vars.update({k: os.environ[k] for k in ENV_VARS_TO_PROPAGATE if k in os.environ})
+    except ImportError:
+        return {}
+    env_vars.update(get_env_vars_to_propagate())
+    env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+                        DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
+    return {"env_vars": env_vars}
 
 
 def explicit_address():

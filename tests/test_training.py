@@ -88,6 +88,15 @@ def test_two_ddp_workers_hold_identical_parameters(ray_session, tiny_digits, tmp
     assert got["diff"] == 0.0 and got["norm"] > 0
 
 
+def task_workers(name: str) -> set[str]:
+    """Ids of the worker processes that ran tasks called ``name`` in this Ray session."""
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(filters=[("name", "=", name)], limit=10_000, detail=True,
+                       raise_on_missing_output=False)
+    return {t.worker_id for t in tasks if t.worker_id}
+
+
 def test_train_end_to_end_with_corrupt_images_and_resume(ray_session, corrupt_digits, tmp_path):
     from imgpipe.training.trainer import run_training
 
@@ -96,6 +105,9 @@ def test_train_end_to_end_with_corrupt_images_and_resume(ray_session, corrupt_di
                        **{"sampler.strategy": "oversample", "optim.lr": 0.01})
     res = run_training(cfg)
     assert res["corrupt_skipped"][TRAIN] == n_bad
+    # the stream's map tasks ran in a process the driver's decode had warmed (same runtime env)
+    assert task_workers("MapBatches(decode_batch)->MapBatches(drop_corrupt)") & task_workers(
+        "MapBatches(resample_and_augment)")
     hist = res["history"]
     assert [h["epoch"] for h in hist] == [0, 1, 2, 3]
     assert hist[-1]["train_loss"] < hist[0]["train_loss"]

@@ -20,7 +20,7 @@ from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig, resolve_conf
 from imgpipe.config.search import SearchSpace
 from imgpipe.config.specs import parse_class_weights
 from imgpipe.data.rebalance import class_weights
-from imgpipe.runtime import ResourcePlanError, plan_resources
+from imgpipe.runtime import ResourcePlanError, plan_resources, train_worker_runtime_env
 from imgpipe.tuning.space import define_space, params_to_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +114,17 @@ def test_tune_job_without_manifest_exits_2_before_starting_ray(tmp_path):
     assert "no prepared shards" in proc.stderr and "prepare_data.py" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mine").exists()
+
+
+def test_decode_tasks_get_the_runtime_env_of_train_workers_and_tune_trials(monkeypatch):
+    # what Ray 2.60's Train adds to its actors, and Tune to a trial's: an upgrade that moves
+    # these internals leaves {} and fails here, not silently colder runs
+    monkeypatch.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    train = train_worker_runtime_env()["env_vars"]
+    assert train.items() >= {("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0"),
+                             ("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")}
+    trial = train_worker_runtime_env(tune_trial=True)["env_vars"]
+    assert trial.items() >= train.items() and trial["PL_DISABLE_FORK"] == "1"
 
 
 def test_impossible_plan_names_the_flags():

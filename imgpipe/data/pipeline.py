@@ -24,6 +24,7 @@ from imgpipe.data.manifest import load_manifest
 from imgpipe.data.rebalance import id_hashes, repeat_counts, row_uniforms
 from imgpipe.data.shards import split_files, split_rows
 from imgpipe.data.transforms import ImageDecodeError, Preprocess, decode_image
+from imgpipe.runtime import train_worker_runtime_env
 
 ID_HASH = "id_hash"
 
@@ -111,10 +112,13 @@ def resample_and_augment(batch: dict[str, np.ndarray], plan: StreamPlan) -> dict
 
 
 def build_decoded(data_root: str, split: str, pre: Preprocess, *, cache: bool,
-                  block_rows: int = 128,
-                  columns: Sequence[str] | None = None) -> tuple[ray.data.Dataset, int | None]:
+                  block_rows: int = 128, columns: Sequence[str] | None = None,
+                  runtime_env: dict | None = None) -> tuple[ray.data.Dataset, int | None]:
     """Read and decode one split, dropping corrupt rows; with ``cache`` materialise it and
-    count them. ``columns`` (default: all) are the ones kept.
+    count them. ``columns`` (default: all) are the ones kept. ``runtime_env`` (default:
+    :func:`~imgpipe.runtime.train_worker_runtime_env`) is the one the read and decode tasks
+    run with: that of the train workers that will stream the split, so they reuse the warm
+    decode processes.
 
     Returns the dataset and the corrupt count (None when not cached: the stream then drops
     them silently each epoch and the count is not known up front).
@@ -126,11 +130,14 @@ def build_decoded(data_root: str, split: str, pre: Preprocess, *, cache: bool,
     manifest = load_manifest(data_root)
     rows = split_rows(data_root, split, manifest)
     # Exactly the files the manifest lists: stray files in the folder are not data.
-    ds = ray.data.read_parquet(split_files(data_root, split, manifest)).select_columns(
-        [IMAGE, LABEL, ID])
+    env = train_worker_runtime_env() if runtime_env is None else runtime_env
+    remote = {"runtime_env": env} if env else {}
+    ds = ray.data.read_parquet(split_files(data_root, split, manifest),
+                               ray_remote_args=remote).select_columns([IMAGE, LABEL, ID])
     decoded = ds.map_batches(
-        decode_batch, fn_kwargs={"pre": pre}, batch_format="numpy", batch_size=block_rows
-    ).map_batches(drop_corrupt, batch_format="numpy", batch_size=None)
+        decode_batch, fn_kwargs={"pre": pre}, batch_format="numpy", batch_size=block_rows,
+        **remote,
+    ).map_batches(drop_corrupt, batch_format="numpy", batch_size=None, **remote)
     if columns is not None:
         decoded = decoded.select_columns(list(columns))
     if not cache:

@@ -99,17 +99,19 @@ class DecodedSplits:
     corrupt: dict[str, int | None]
 
 
-def build_decoded_splits(cfg: TrainConfig, manifest: Manifest,
-                         pre: Preprocess | None = None) -> DecodedSplits:
+def build_decoded_splits(cfg: TrainConfig, manifest: Manifest, pre: Preprocess | None = None,
+                         runtime_env: dict | None = None) -> DecodedSplits:
     """Decode train and val with ``pre``, by default the preprocessing ``cfg`` resolves to
-    (its weights' own, else the data's; cached if asked)."""
+    (its weights' own, else the data's; cached if asked). ``runtime_env``: that of the train
+    workers that will read them (see :func:`~imgpipe.data.pipeline.build_decoded`)."""
     quiet_data_progress()
     if pre is None:
         _, pre = resolve_model_config(cfg.model, manifest.preprocess,
                                       load_model_weights(cfg.model))
-    train, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded)
+    train, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded,
+                                     runtime_env=runtime_env)
     val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded,
-                                 columns=(PIXELS, LABEL))
+                                 columns=(PIXELS, LABEL), runtime_env=runtime_env)
     return DecodedSplits(pre, train, val, {TRAIN: train_bad, VAL: val_bad})
 
 

@@ -27,7 +27,7 @@ from imgpipe.constants import METRIC_MODES, val_key
 from imgpipe.data.manifest import Manifest, load_manifest
 from imgpipe.errors import ImgpipeError, ImgpipeFailure
 from imgpipe.models.weights import load_model_weights, resolve_model_config
-from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources
+from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources, train_worker_runtime_env
 from imgpipe.training.defaults import resolve_input_size
 from imgpipe.training.trainer import (
     DecodedSplits,
@@ -228,7 +228,9 @@ def candidate_bases(tcfg: TuneJobConfig, manifest: Manifest) -> tuple[dict[str, 
         _, pre = resolve_model_config(cfg.model, manifest.preprocess,
                                       load_model_weights(cfg.model))
         if all(d.preprocess != pre for d in decoded):
-            decoded.append(build_decoded_splits(cfg, manifest, pre))
+            # decoded in the trials' runtime env: their streams reuse the warm decode workers
+            decoded.append(build_decoded_splits(
+                cfg, manifest, pre, runtime_env=train_worker_runtime_env(tune_trial=True)))
     return bases, decoded
 
 
