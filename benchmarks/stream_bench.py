@@ -58,7 +58,8 @@ from imgpipe.training.trainer import quiet_data_progress  # noqa: E402
 
 def ray_stream(root: str, pre, rates: np.ndarray, aug: Augment, epochs: int, batch: int,
                block_rows: int) -> list[dict]:
-    decoded, _ = build_decoded(root, TRAIN, pre, cache=True)
+    # consumed here, on the driver: decode in the job's env too, so the stream reuses its workers
+    decoded, _ = build_decoded(root, TRAIN, pre, cache=True, runtime_env={})
     name, clock = start_epoch_clock()
     stream = build_train_stream(decoded, StreamPlan(tuple(rates), 0, name, aug, pre),
                                 block_rows=block_rows)
