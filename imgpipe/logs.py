@@ -88,10 +88,48 @@ def quiet_worker_loggers() -> None:
             logging.getLogger(name).addFilter(DropMessage(prefix))
 
 
+# Lines the raylet sends to every driver's console about its own bookkeeping (they stay in the
+# session's raylet.out): the count of worker processes it has started, each time the count
+# passes another multiple of its start-up concurrency (the CPU count), which a Tune search on a
+# laptop does every few trials, and whose advice is for clusters starving on blocked tasks.
+RAYLET_NOTES = ("worker processes have been started on node",)
+
+
+class DropRayletNotes:
+    """Wraps Ray's driver-side printer of forwarded lines (``print_to_stdstream``), dropping the
+    raylet's lines that contain one of :data:`RAYLET_NOTES`; every other line passes."""
+
+    def __init__(self, printer) -> None:
+        self.printer = printer
+
+    def __call__(self, data: dict, *args, **kwargs) -> None:
+        if data.get("pid") == "raylet":
+            lines = [ln for ln in data.get("lines", []) if not any(n in ln for n in RAYLET_NOTES)]
+            if not lines:
+                return
+            data = {**data, "lines": lines}
+        self.printer(data, *args, **kwargs)
+
+
+def quiet_raylet_notes() -> None:
+    """On this driver, Ray's printer of the raylet's messages drops :data:`RAYLET_NOTES`.
+
+    Ray 2.60's driver prints them from a thread (``listen_error_messages``) that looks up
+    ``ray._private.worker.print_to_stdstream`` at each call, so wrapping that module attribute
+    is enough, before or after ``ray.init``; idempotent; does nothing where it is missing.
+    """
+    from ray._private import worker as ray_worker
+
+    printer = getattr(ray_worker, "print_to_stdstream", None)
+    if printer is not None and not isinstance(printer, DropRayletNotes):
+        ray_worker.print_to_stdstream = DropRayletNotes(printer)
+
+
 def configure_console(verbose: bool = False) -> None:
     """Call before ``ray.init``: quiet Ray Data's console (unless ``verbose``); files keep all.
 
-    Also, in this process: Tune's experiment banner ("Configuration for experiment", "View
+    Also, in this process: the raylet's worker-count notes (:data:`RAYLET_NOTES`), Tune's
+    experiment banner ("Configuration for experiment", "View
     detailed results here", the TensorBoard hint) and Optuna's "A new study created" are left
     out, since the jobs print their own per-trial lines and summary.
     """
@@ -115,6 +153,7 @@ def configure_console(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     _quiet_driver_data_console()
+    quiet_raylet_notes()
 
 
 def _quiet_driver_data_console() -> None:

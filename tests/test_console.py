@@ -76,3 +76,28 @@ def test_quiet_worker_loggers_drops_only_the_routine_note(monkeypatch):
     quiet_worker_loggers()
     assert not logger.filter(logging.makeLogRecord({"msg": prefix + " (a) is dead."}))
     assert logger.filter(logging.makeLogRecord({"msg": "Failed to clean up placement group: x"}))
+
+
+def test_driver_drops_only_the_raylets_worker_count_note(monkeypatch, capsys):
+    from ray._private import worker as ray_worker
+
+    from imgpipe.logs import quiet_raylet_notes
+
+    note = ("WARNING: 8 PYTHON worker processes have been started on node: 64 with address: "
+            "192.0.2.2, which is 4x the maximum expected startup concurrency (2).")
+    # Ray's own printer; restored after the test
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)
+    quiet_raylet_notes()
+    quiet_raylet_notes()  # idempotent: one wrapper, not two
+    assert ray_worker.print_to_stdstream.printer.__module__ == "ray._private.worker"
+    ray_worker.print_to_stdstream({"pid": "raylet", "lines": [note], "is_err": False},
+                                  ignore_prefix=False)
+    assert capsys.readouterr().out == ""
+    ray_worker.print_to_stdstream(
+        {"pid": "raylet", "lines": [note, "raylet: node out of memory"], "is_err": False},
+        ignore_prefix=False)
+    ray_worker.print_to_stdstream({"pid": 123, "ip": "1.2.3.4", "task_name": "t",
+                                   "lines": ["worker says: processes have been started"],
+                                   "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "raylet: node out of memory" in out and "worker says" in out and "PYTHON" not in out
