@@ -139,7 +139,7 @@ def ddp_frozen_loop(config):
     inner = unwrap_model(model)
     before = {n: p.detach().clone() for n, p in inner.named_parameters()}
     opt = create_optimizer(cfg.optim, model)
-    set_epoch(config["clock"], 0)
+    set_epoch(config["clock_name"], 0)
     loader = ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=cfg.batch_size)
     train_one_epoch(model, loader, create_loss(cfg.loss, config["train_counts"]), opt,
                     torch.amp.GradScaler("cuda", enabled=False), cfg, pre, 0, 10,

@@ -93,7 +93,7 @@ def count_steps_loop(config):
     shard = ray.train.get_dataset_shard("train")
     counts = []
     for epoch in range(2):
-        set_epoch(config["clock"], epoch)
+        set_epoch(config["clock_name"], epoch)
         raw = shard.iter_torch_batches(batch_size=256, local_shuffle_buffer_size=256,
                                        local_shuffle_seed=epoch)
         steps = 0

@@ -51,7 +51,7 @@ def ddp_step_loop(config):
     torch.manual_seed(ray.train.get_context().get_world_rank())  # different init per rank
     model = ray.train.torch.prepare_model(create_model("cnn", 10, in_channels=1))
     opt = create_optimizer(cfg.optim, model.parameters())
-    set_epoch(config["clock"], 0)
+    set_epoch(config["clock_name"], 0)
     loader = ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=cfg.batch_size)
     train_one_epoch(model, loader, create_loss(cfg.loss, config["train_counts"]), opt,
                     torch.amp.GradScaler("cuda", enabled=False), cfg, pre, 0, 10,

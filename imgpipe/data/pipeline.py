@@ -31,41 +31,26 @@ ID_HASH = "id_hash"
 
 @ray.remote(num_cpus=0)
 class EpochClock:
-    """Holds the current epoch of each training run that reads through it, by run key (a tune
-    search shares one clock among its trials: one actor process, not one per trial)."""
+    """Holds the current epoch of one training run for the resampling tasks to read."""
 
     def __init__(self) -> None:
-        self._epochs: dict[str, int] = {}
+        self._epoch = 0
 
-    def set(self, run: str, epoch: int) -> None:
-        self._epochs[run] = epoch
+    def set(self, epoch: int) -> None:
+        self._epoch = epoch
 
-    def get(self, run: str) -> int:
-        return self._epochs.get(run, 0)
-
-
-@dataclass(frozen=True)
-class ClockRef:
-    """One run's entry in an :class:`EpochClock`: the actor's name and the run's key."""
-
-    actor: str
-    run: str
+    def get(self) -> int:
+        return self._epoch
 
 
-def start_epoch_clock() -> tuple[ClockRef, ray.actor.ActorHandle]:
-    """Create a uniquely named clock owned by the calling process (it dies with it); returns
-    the first run's entry and the actor handle (keep it alive, kill it when done)."""
+def start_epoch_clock() -> tuple[str, ray.actor.ActorHandle]:
+    """Create a uniquely named clock owned by the calling process (it dies with the run)."""
     name = f"imgpipe-epoch-clock-{uuid.uuid4().hex[:12]}"
-    return ClockRef(name, uuid.uuid4().hex[:12]), EpochClock.options(name=name).remote()
+    return name, EpochClock.options(name=name).remote()
 
 
-def next_run(clock: ClockRef) -> ClockRef:
-    """A fresh entry for another run on the same clock actor."""
-    return ClockRef(clock.actor, uuid.uuid4().hex[:12])
-
-
-def set_epoch(clock: ClockRef, epoch: int) -> None:
-    ray.get(ray.get_actor(clock.actor).set.remote(clock.run, epoch))
+def set_epoch(clock_name: str, epoch: int) -> None:
+    ray.get(ray.get_actor(clock_name).set.remote(epoch))
 
 
 def decode_batch(batch: dict[str, np.ndarray], pre: Preprocess) -> dict[str, np.ndarray]:
@@ -100,7 +85,7 @@ class StreamPlan:
 
     rates: tuple[float, ...]  # expected copies per row, per class
     seed: int
-    clock: ClockRef | None
+    clock_name: str | None
     augment: Augment | None
     preprocess: Preprocess
 
@@ -111,8 +96,7 @@ def resample_and_augment(batch: dict[str, np.ndarray], plan: StreamPlan) -> dict
 
     from imgpipe.data.augment import augment_batch
 
-    clock = plan.clock
-    epoch = ray.get(ray.get_actor(clock.actor).get.remote(clock.run)) if clock else 0
+    epoch = ray.get(ray.get_actor(plan.clock_name).get.remote()) if plan.clock_name else 0
     copies = repeat_counts(batch[LABEL], batch[ID_HASH], np.asarray(plan.rates), plan.seed, epoch)
     # Seed from the rows in the batch (order-independent), the run seed and the epoch.
     key = np.bitwise_xor.reduce(batch[ID_HASH]) if len(batch[ID_HASH]) else np.uint64(0)

@@ -195,7 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     last_end = time.perf_counter()
     for epoch in range(start, cfg.epochs):
-        set_epoch(config["clock"], epoch)
+        set_epoch(config["clock_name"], epoch)
         loss_fn.set_epoch(epoch)
         if mixer is not None:
             mixer.set_epoch(epoch)

@@ -46,11 +46,9 @@ from imgpipe.data.manifest import Manifest, load_manifest
 from imgpipe.data.partner_pool import build_partner_pool, pool_per_class
 from imgpipe.data.pipeline import (
     ID_HASH,
-    ClockRef,
     StreamPlan,
     build_decoded,
     build_train_stream,
-    next_run,
     start_epoch_clock,
 )
 from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
@@ -118,12 +116,9 @@ def build_decoded_splits(cfg: TrainConfig, manifest: Manifest, pre: Preprocess |
 
 
 def prepare_inputs(cfg: TrainConfig,
-                   decoded: DecodedSplits | Sequence[DecodedSplits] | None = None,
-                   clock: ClockRef | None = None) -> RunInputs:
+                   decoded: DecodedSplits | Sequence[DecodedSplits] | None = None) -> RunInputs:
     """Read the manifest, decode (and cache) train/val unless ``decoded`` holds them with this
-    run's preprocessing, and plan the per-epoch resampling and the optimizer steps per epoch.
-    ``clock``: a shared epoch clock (a tune search's) to take a fresh entry on; by default
-    the run starts its own, which ``RunInputs.close`` kills."""
+    run's preprocessing, and plan the per-epoch resampling and the optimizer steps per epoch."""
     quiet_data_progress()
     if cfg.deterministic:
         # Block order otherwise depends on task timing; reproducible batches need it fixed.
@@ -140,13 +135,9 @@ def prepare_inputs(cfg: TrainConfig,
     rates = sampling_rates(counts, cfg.sampler.strategy)
     epoch_rows = float(expected_epoch_counts(counts, rates).sum())
     steps = plan_epoch_steps(epoch_rows, cfg.num_workers, cfg.batch_size, cfg.min_steps_per_epoch)
-    owned = None
-    if clock is None:
-        clock, owned = start_epoch_clock()
-    else:
-        clock = next_run(clock)
+    clock_name, clock = start_epoch_clock()
     plan = StreamPlan(rates=tuple(float(r) * steps.repeat for r in rates), seed=cfg.seed,
-                      clock=clock, augment=cfg.augment, preprocess=pre)
+                      clock_name=clock_name, augment=cfg.augment, preprocess=pre)
     loop_config = {
         "train": cfg.model_dump(mode="json"),
         "preprocess": pre.model_dump(mode="json"),
@@ -156,7 +147,7 @@ def prepare_inputs(cfg: TrainConfig,
         "epoch_rows": epoch_rows * steps.repeat,
         "epoch_steps": steps.steps,
         "epoch_repeat": steps.repeat,
-        "clock": clock,
+        "clock_name": clock_name,
         # Through the object store, so workers on other nodes need no copy of the file.
         "init_weights": ray.put(target_state_dict(weights, model_cfg.name, manifest.class_names))
         if weights is not None else None,
@@ -168,7 +159,7 @@ def prepare_inputs(cfg: TrainConfig,
             build_partner_pool(decoded.train, counts, k, cfg.seed, ID_HASH))
     return RunInputs(cfg, manifest, pre,
                      {TRAIN: build_train_stream(decoded.train, plan), VAL: decoded.val},
-                     loop_config, dict(decoded.corrupt), owned)
+                     loop_config, dict(decoded.corrupt), clock)
 
 
 def build_trainer(inputs: RunInputs, name: str, storage_path: str,

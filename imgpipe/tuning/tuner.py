@@ -15,7 +15,6 @@ from typing import Any
 
 import optuna
 import pandas as pd
-import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
@@ -26,7 +25,6 @@ from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig, resolve_conf
 from imgpipe.config.search import SearchSpace
 from imgpipe.constants import METRIC_MODES, val_key
 from imgpipe.data.manifest import Manifest, load_manifest
-from imgpipe.data.pipeline import ClockRef, start_epoch_clock
 from imgpipe.errors import ImgpipeError, ImgpipeFailure
 from imgpipe.models.weights import load_model_weights, resolve_model_config
 from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources, train_worker_runtime_env
@@ -81,19 +79,17 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]], num_classes: int,
-              train_storage: str, decoded: list[DecodedSplits] | None = None,
-              clock: ClockRef | None = None) -> None:
+              train_storage: str, decoded: list[DecodedSplits] | None = None) -> None:
     """One Tune trial: build and fit a TorchTrainer; metrics reach Tune via the callback.
 
     ``bases`` maps each starting-weights choice (``""`` when weights are not searched) to the
     TrainConfig it starts from. ``decoded`` is the search's shared decoded train/val, one per
     distinct preprocessing (built once by ``run_search``); a trial only adds its own
-    resampling and augmentation on top. ``clock`` is the search's epoch clock, on which the
-    trial takes its own entry (one actor for the search instead of one per trial).
+    resampling and augmentation on top.
     """
     cfg = trial_config(bases[params.get("weights") or ""], params, num_classes)
     trial_id = tune.get_context().get_trial_id()
-    inputs = prepare_inputs(cfg, decoded, clock)
+    inputs = prepare_inputs(cfg, decoded)
     try:
         trainer = build_trainer(inputs, name=f"train-{trial_id}", storage_path=train_storage,
                                 callbacks=[TuneReportCallback()])
@@ -248,11 +244,9 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
     root = storage_root(tcfg)
     exp_path = f"{root.rstrip('/')}/{tcfg.name}"
     train_storage = f"{root.rstrip('/')}/{tcfg.name}-trials"
-    # owned by this process, so it lives exactly as long as the search
-    clock, clock_actor = start_epoch_clock()
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, bases=bases, num_classes=num_classes,
-                             train_storage=train_storage, decoded=decoded, clock=clock),
+                             train_storage=train_storage, decoded=decoded),
         {"CPU": DRIVER_CPU})
     if tcfg.resume and tune.Tuner.can_restore(exp_path):
         print(f"resuming {exp_path}", flush=True)
@@ -274,10 +268,7 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
                                       callbacks=[TrialLine(val_key(tcfg.metric),
                                                            tcfg.num_samples)]),
         )
-    try:
-        results = tuner.fit()
-    finally:
-        ray.kill(clock_actor)
+    results = tuner.fit()
     _check_not_interrupted(results, tcfg, started)
     ranking = rank_trials(results, tcfg)
     if ranking.empty:
