@@ -125,11 +125,29 @@ def quiet_raylet_notes() -> None:
         ray_worker.print_to_stdstream = DropRayletNotes(printer)
 
 
+# Tune's timing hints on the driver ("The `process_trial_result` operation took 1.689 s, which
+# may be a performance bottleneck"): on a laptop a busy core, not the search, is the reason,
+# and the advice (report less often) does not apply to one report per epoch.
+TUNE_SLOW_NOTE = "which may be a performance bottleneck"
+TUNE_SLOW_LOGGERS = ("ray.tune.utils.util", "ray.tune.execution.tune_controller")
+
+
+class DropContaining(logging.Filter):
+    """Drops records whose message contains ``text``."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in str(record.msg)
+
+
 def configure_console(verbose: bool = False) -> None:
     """Call before ``ray.init``: quiet Ray Data's console (unless ``verbose``); files keep all.
 
     Also, in this process: the raylet's worker-count notes (:data:`RAYLET_NOTES`), Tune's
-    experiment banner ("Configuration for experiment", "View
+    timing hints (:data:`TUNE_SLOW_NOTE`), Tune's experiment banner ("Configuration for experiment", "View
     detailed results here", the TensorBoard hint) and Optuna's "A new study created" are left
     out, since the jobs print their own per-trial lines and summary.
     """
@@ -154,6 +172,10 @@ def configure_console(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     _quiet_driver_data_console()
     quiet_raylet_notes()
+    for name in TUNE_SLOW_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, DropContaining) for f in logger.filters):
+            logger.addFilter(DropContaining(TUNE_SLOW_NOTE))
 
 
 def _quiet_driver_data_console() -> None:

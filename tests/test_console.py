@@ -101,3 +101,22 @@ def test_driver_drops_only_the_raylets_worker_count_note(monkeypatch, capsys):
                                    "is_err": False}, ignore_prefix=False)
     out = capsys.readouterr().out
     assert "raylet: node out of memory" in out and "worker says" in out and "PYTHON" not in out
+
+
+def test_tunes_timing_hints_stay_off_the_driver_console():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    code = """
+import logging
+from ray.tune.utils.util import warn_if_slow
+from imgpipe.logs import TUNE_SLOW_LOGGERS, configure_console
+configure_console(verbose={verbose})
+for name in TUNE_SLOW_LOGGERS:
+    log = logging.getLogger(name)
+    log.warning(warn_if_slow.DEFAULT_MESSAGE.format(name="process_trial_result", duration=1.7))
+    log.warning("Trial t errored after 3 iterations")
+"""
+    quiet = _run(code.format(verbose=False), env)
+    assert "performance bottleneck" not in quiet.stderr
+    assert quiet.stderr.count("Trial t errored") == 2  # the loggers' other warnings stay
+    loud = _run(code.format(verbose=True), env)
+    assert loud.stderr.count("performance bottleneck") == 2
