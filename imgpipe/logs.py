@@ -68,14 +68,15 @@ QUIET_ENV = "IMGPIPE_QUIET_RAY_LOGGERS"
 
 
 class DropMessage(logging.Filter):
-    """Drops records whose message starts with ``prefix``."""
+    """Drops records whose message starts with ``text`` (``anywhere``: contains it)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, text: str, anywhere: bool = False) -> None:
         super().__init__()
-        self.prefix = prefix
+        self.text, self.anywhere = text, anywhere
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
+        msg = str(record.msg)
+        return self.text not in msg if self.anywhere else not msg.startswith(self.text)
 
 
 def quiet_worker_loggers() -> None:
@@ -132,24 +133,13 @@ TUNE_SLOW_NOTE = "which may be a performance bottleneck"
 TUNE_SLOW_LOGGERS = ("ray.tune.utils.util", "ray.tune.execution.tune_controller")
 
 
-class DropContaining(logging.Filter):
-    """Drops records whose message contains ``text``."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in str(record.msg)
-
-
 def configure_console(verbose: bool = False) -> None:
     """Call before ``ray.init``: quiet Ray Data's console (unless ``verbose``); files keep all.
 
     Also, in this process: the raylet's worker-count notes (:data:`RAYLET_NOTES`), Tune's
-    timing hints (:data:`TUNE_SLOW_NOTE`), Tune's experiment banner ("Configuration for experiment", "View
-    detailed results here", the TensorBoard hint) and Optuna's "A new study created" are left
-    out, since the jobs print their own per-trial lines and summary.
+    timing hints (:data:`TUNE_SLOW_NOTE`), Tune's experiment banner ("Configuration for
+    experiment", "View detailed results here", the TensorBoard hint) and Optuna's "A new study
+    created" are left out, since the jobs print their own per-trial lines and summary.
     """
     if verbose:
         return
@@ -174,8 +164,9 @@ def configure_console(verbose: bool = False) -> None:
     quiet_raylet_notes()
     for name in TUNE_SLOW_LOGGERS:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, DropContaining) for f in logger.filters):
-            logger.addFilter(DropContaining(TUNE_SLOW_NOTE))
+        if not any(isinstance(f, DropMessage) and f.text == TUNE_SLOW_NOTE
+                   for f in logger.filters):
+            logger.addFilter(DropMessage(TUNE_SLOW_NOTE, anywhere=True))
 
 
 def _quiet_driver_data_console() -> None:
