@@ -24,10 +24,10 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
@@ -46,8 +46,6 @@ from imgpipe.data.pipeline import (  # noqa: E402
     StreamPlan,
     build_decoded,
     build_train_stream,
-    set_epoch,
-    start_epoch_clock,
 )
 from imgpipe.data.prepare import prepare  # noqa: E402
 from imgpipe.data.rebalance import sampling_rates  # noqa: E402
@@ -60,20 +58,16 @@ def ray_stream(root: str, pre, rates: np.ndarray, aug: Augment, epochs: int, bat
                block_rows: int) -> list[dict]:
     # consumed here, on the driver: decode in the job's env too, so the stream reuses its workers
     decoded, _ = build_decoded(root, TRAIN, pre, cache=True, runtime_env={})
-    name, clock = start_epoch_clock()
-    stream = build_train_stream(decoded, StreamPlan(tuple(rates), 0, name, aug, pre),
-                                block_rows=block_rows)
+    # as a one-worker train run streams: each epoch's stream built with the epoch in its plan
+    plan = StreamPlan(tuple(rates), 0, None, aug, pre)
     out = []
-    try:
-        for epoch in range(epochs):
-            set_epoch(name, epoch)
-            t, rows = time.perf_counter(), 0
-            for b in stream.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=batch,
-                                               dtypes={PIXELS: torch.uint8, LABEL: torch.int64}):
-                rows += len(b[LABEL])
-            out.append({"epoch": epoch, "rows": rows, "s": time.perf_counter() - t})
-    finally:
-        ray.kill(clock)
+    for epoch in range(epochs):
+        stream = build_train_stream(decoded, replace(plan, epoch=epoch), block_rows=block_rows)
+        t, rows = time.perf_counter(), 0
+        for b in stream.iter_torch_batches(batch_size=batch, local_shuffle_buffer_size=batch,
+                                           dtypes={PIXELS: torch.uint8, LABEL: torch.int64}):
+            rows += len(b[LABEL])
+        out.append({"epoch": epoch, "rows": rows, "s": time.perf_counter() - t})
     return out
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from imgpipe.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported where used: the Train controller unpickles callbacks that
+# read checkpoint metadata, and a controller that needs no torch starts seconds sooner.
 
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -28,6 +31,9 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module | Mapping[str,
                     scaler: torch.amp.GradScaler | None = None) -> Path:
     """Write a checkpoint of an already unwrapped ``model`` (or its state dict, e.g. with LoRA
     merged) into ``directory``."""
+    import torch
+    from safetensors.torch import save_file
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = model if isinstance(model, Mapping) else model.state_dict()
@@ -54,6 +60,8 @@ def load_weights(directory: str | Path) -> dict[str, torch.Tensor]:
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise CheckpointError(f"not a checkpoint: {path} is missing")
+    from safetensors.torch import load_file
+
     return load_file(str(path))
 
 
@@ -61,4 +69,6 @@ def load_train_state(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         return None
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)

@@ -71,6 +71,33 @@ def manifest_root(decoded) -> str:
     return decoded[0].config["out"]
 
 
+def test_epoch_in_the_plan_draws_what_the_clock_draws(decoded):
+    """A one-rank run puts the epoch in the plan (no clock actor); several ranks read the
+    clock: the same (seed, epoch) must give the same rows and the same augmentation."""
+    from dataclasses import replace
+
+    manifest, pre, ds, _ = decoded
+    rates = sampling_rates(manifest.counts_vector(TRAIN), "oversample")
+    plan = StreamPlan(tuple(rates), 3, None, Augment(crop_padding=2, rotation_degrees=10), pre)
+    name, clock = start_epoch_clock()
+    try:
+        set_epoch(name, 4)
+        via_clock = rows_by_content(build_train_stream(ds, replace(plan, clock_name=name)))
+    finally:
+        ray.kill(clock)
+    via_plan = rows_by_content(build_train_stream(ds, replace(plan, epoch=4)))
+    other_epoch = rows_by_content(build_train_stream(ds, replace(plan, epoch=5)))
+    assert via_plan == via_clock
+    assert via_plan != other_epoch
+
+
+def rows_by_content(stream) -> list[tuple[int, bytes]]:
+    """The epoch's rows as a sorted multiset (block order depends on task timing)."""
+    return sorted((int(label), pixels.tobytes())
+                  for b in stream.iter_batches(batch_format="numpy")
+                  for label, pixels in zip(b[LABEL], b[PIXELS], strict=True))
+
+
 def test_each_epoch_redraws_and_same_epoch_repeats(decoded):
     manifest, pre, ds, _ = decoded
     counts = manifest.counts_vector(TRAIN)

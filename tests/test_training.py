@@ -97,6 +97,14 @@ def task_workers(name: str) -> set[str]:
     return {t.worker_id for t in tasks if t.worker_id}
 
 
+def actors_of(*class_names: str) -> set[str]:
+    """Ids of this Ray session's actors (alive or dead) of these classes."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(limit=10_000, raise_on_missing_output=False)
+            if a.class_name in class_names}
+
+
 def test_train_end_to_end_with_corrupt_images_and_resume(ray_session, corrupt_digits, tmp_path):
     from imgpipe.training.trainer import run_training
 
@@ -130,6 +138,39 @@ def test_train_end_to_end_with_corrupt_images_and_resume(ray_session, corrupt_di
     assert resumed["history"][:4] == hist
 
 
+def test_one_worker_controller_needs_no_torch(ray_session, tiny_digits, tmp_path):
+    """What the Train controller of a one-worker run unpickles (run context: backend config,
+    loop config, callbacks) imports no torch: that process starts seconds sooner per run and
+    per Tune trial. Several workers keep TorchTrainer (its backend builds the process group)."""
+    from ray.train.torch import TorchTrainer
+
+    from imgpipe.training.progress import EpochProgress
+    from imgpipe.training.trainer import build_trainer, prepare_inputs
+
+    cfg = small_config(tiny_digits, tmp_path, num_workers=1)
+    inputs = prepare_inputs(cfg)
+    try:
+        trainer = build_trainer(inputs, "t", str(tmp_path), callbacks=[EpochProgress(2)])
+        ref = ray_session.put(trainer.train_run_context)  # as the controller receives it
+        address = ray_session.get_runtime_context().gcs_address
+        probe = ("import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
+                 "from ray import cloudpickle; ctx = ray.get(cloudpickle.loads(bytes.fromhex("
+                 "sys.argv[2]))); assert ctx.train_loop_config['local_stream']; "
+                 "print('torch' in sys.modules)")
+        proc = subprocess.run([sys.executable, "-c", probe, address,
+                               ray_session.cloudpickle.dumps(ref).hex()],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip().splitlines()[-1] == "False"
+    finally:
+        inputs.close()
+    two = prepare_inputs(small_config(tiny_digits, tmp_path / "two", num_workers=2))
+    try:
+        assert isinstance(build_trainer(two, "t2", str(tmp_path)), TorchTrainer)
+    finally:
+        two.close()
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = create_model("cnn", 4, in_channels=1)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
@@ -158,6 +199,7 @@ def test_train_job_rejects_bad_config_before_starting_ray(tmp_path):
 def test_results_json_written_by_job(ray_session, tiny_digits, tmp_path):
     address = ray_session.get_runtime_context().gcs_address
     out = tmp_path / "job"
+    coordinators = actors_of("EpochClock", "SplitCoordinator")
     proc = subprocess.run(
         [sys.executable, "jobs/train.py", "--data", tiny_digits, "--epochs", "2",
          "--num-workers", "1", "--image-size", "16", "--loss", "logit-adjusted",
@@ -165,6 +207,8 @@ def test_results_json_written_by_job(ray_session, tiny_digits, tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "epoch   2/2" in proc.stdout and "balanced_accuracy" in proc.stdout
+    # one rank streams from its own process: no epoch-clock or split-coordinator actor started
+    assert actors_of("EpochClock", "SplitCoordinator") == coordinators
     res = json.loads((out / "results.json").read_text())
     assert set(res) >= {"config", "wall_time_s", "val", "test", "history"}
     assert res["config"]["loss"]["name"] == "logit-adjusted"

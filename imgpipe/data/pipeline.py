@@ -2,11 +2,16 @@
 
 Fixed work (decode, resize) runs before ``materialize()``; random work (resampling, augmentation)
 runs after it, so every epoch re-executes only the random part with a fresh (seed, epoch) draw.
-The epoch reaches the map tasks through a tiny named actor (``EpochClock``) that every rank sets
-before iterating: ``streaming_split`` starts an epoch only when all ranks have arrived, and
-``ray.train.report`` is a barrier, so the clock is always set before the epoch's tasks run. A
-single rank iterates the dataset unsplit (no coordinator actor): each epoch's execution starts
-at its own ``iter_torch_batches`` call, after the clock is set, and is drained by the loop.
+
+How the epoch reaches the map tasks depends on who executes the stream:
+
+- One rank executes it itself: each epoch the worker builds the stream from the decoded split
+  with the epoch in the plan (``StreamPlan.epoch``), so the tasks read it from their arguments.
+- Several ranks share one execution through ``streaming_split``, whose plan is fixed when the
+  split is made; the epoch then reaches the tasks through a tiny named actor (``EpochClock``)
+  that every rank sets before iterating: ``streaming_split`` starts an epoch only when all
+  ranks have arrived, and ``ray.train.report`` is a barrier, so the clock is always set before
+  the epoch's tasks run.
 """
 
 from __future__ import annotations
@@ -85,9 +90,10 @@ class StreamPlan:
 
     rates: tuple[float, ...]  # expected copies per row, per class
     seed: int
-    clock_name: str | None
+    clock_name: str | None  # the EpochClock to read; None: ``epoch`` below
     augment: Augment | None
     preprocess: Preprocess
+    epoch: int = 0
 
 
 def resample_and_augment(batch: dict[str, np.ndarray], plan: StreamPlan) -> dict[str, np.ndarray]:
@@ -96,7 +102,8 @@ def resample_and_augment(batch: dict[str, np.ndarray], plan: StreamPlan) -> dict
 
     from imgpipe.data.augment import augment_batch
 
-    epoch = ray.get(ray.get_actor(plan.clock_name).get.remote()) if plan.clock_name else 0
+    epoch = (ray.get(ray.get_actor(plan.clock_name).get.remote()) if plan.clock_name
+             else plan.epoch)
     copies = repeat_counts(batch[LABEL], batch[ID_HASH], np.asarray(plan.rates), plan.seed, epoch)
     # Seed from the rows in the batch (order-independent), the run seed and the epoch.
     key = np.bitwise_xor.reduce(batch[ID_HASH]) if len(batch[ID_HASH]) else np.uint64(0)

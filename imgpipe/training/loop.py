@@ -6,6 +6,7 @@ import logging
 import tempfile
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from imgpipe.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 from imgpipe.config import TrainConfig
 from imgpipe.constants import EPOCH, LABEL, PIXELS, TRAIN, TRAIN_LOSS, VAL, VAL_LOSS, val_key
-from imgpipe.data.pipeline import set_epoch
+from imgpipe.data.pipeline import build_train_stream, set_epoch
 from imgpipe.data.transforms import Preprocess, normalize
 from imgpipe.losses import create_loss
 from imgpipe.metrics import classification_metrics, confusion_matrix
@@ -29,6 +30,10 @@ from imgpipe.training.mixing import create_batch_mixer
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
 from imgpipe.training.recovery import RESUME_KEY
 from imgpipe.training.steps import exact_batches
+
+# loop_config key of a one-rank run: {"decoded": the decoded train split, "plan": StreamPlan};
+# the rank builds each epoch's stream itself (several ranks read Train's streaming_split).
+LOCAL_STREAM = "local_stream"
 
 
 def _distributed() -> bool:
@@ -190,16 +195,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     steps = int(config["epoch_steps"])
     key, mode = val_key(cfg.metric), "max"
-    train_shard = ray.train.get_dataset_shard(TRAIN)
+    local = config.get(LOCAL_STREAM)
+    train_shard = ray.train.get_dataset_shard(TRAIN) if local is None else None
     val_shard = ray.train.get_dataset_shard(VAL) if rank == 0 else None
 
     last_end = time.perf_counter()
     for epoch in range(start, cfg.epochs):
-        set_epoch(config["clock_name"], epoch)
+        if local is None:
+            set_epoch(config["clock_name"], epoch)
+            source = train_shard
+        else:
+            source = build_train_stream(local["decoded"], replace(local["plan"], epoch=epoch))
         loss_fn.set_epoch(epoch)
         if mixer is not None:
             mixer.set_epoch(epoch)
-        stream = train_shard.iter_torch_batches(
+        stream = source.iter_torch_batches(
             batch_size=cfg.batch_size, local_shuffle_buffer_size=cfg.shuffle_buffer or None,
             local_shuffle_seed=(cfg.seed * 1000 + epoch) if cfg.shuffle_buffer else None,
             dtypes={PIXELS: torch.uint8, LABEL: torch.int64})

@@ -1,4 +1,4 @@
-"""TorchTrainer set-up: data plan, resource plan, run config; ``run_training`` for the train job."""
+"""Ray Train set-up: data plan, resource plan, run config; ``run_training`` for the train job."""
 
 from __future__ import annotations
 
@@ -20,26 +20,21 @@ from ray.train import (
     LoggingConfig,
     RunConfig,
     ScalingConfig,
-    UserCallback,
 )
+from ray.train.backend import BackendConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from imgpipe import storage
 from imgpipe.checkpoint import load_meta
 from imgpipe.config import TrainConfig
 from imgpipe.constants import (
-    ACCURACY,
-    BALANCED_ACCURACY,
-    EPOCH,
     LABEL,
-    MACRO_F1,
     METRIC_MODES,
     PIXELS,
     TEST,
     TRAIN,
-    TRAIN_LOSS,
     VAL,
-    VAL_LOSS,
     val_key,
 )
 from imgpipe.data.manifest import Manifest, load_manifest
@@ -58,7 +53,8 @@ from imgpipe.evaluate import evaluate_checkpoint
 from imgpipe.models.weights import load_model_weights, resolve_model_config, target_state_dict
 from imgpipe.runtime import plan_resources
 from imgpipe.training.defaults import resolve_input_size
-from imgpipe.training.loop import train_loop_per_worker
+from imgpipe.training.loop import LOCAL_STREAM, train_loop_per_worker
+from imgpipe.training.progress import EpochProgress
 from imgpipe.training.recovery import RESUME_KEY, FailureNotice, stage_resume_checkpoint
 from imgpipe.training.steps import plan_epoch_steps
 
@@ -73,7 +69,7 @@ def quiet_data_progress() -> None:
 
 @dataclass
 class RunInputs:
-    """Everything a TorchTrainer needs, built once on the driver."""
+    """Everything a Ray Train trainer needs, built once on the driver."""
 
     config: TrainConfig
     manifest: Manifest
@@ -135,7 +131,11 @@ def prepare_inputs(cfg: TrainConfig,
     rates = sampling_rates(counts, cfg.sampler.strategy)
     epoch_rows = float(expected_epoch_counts(counts, rates).sum())
     steps = plan_epoch_steps(epoch_rows, cfg.num_workers, cfg.batch_size, cfg.min_steps_per_epoch)
-    clock_name, clock = start_epoch_clock()
+    # Several ranks share one streaming_split execution, fixed when the split is made: the
+    # epoch reaches its tasks through a clock actor. One rank builds each epoch's stream
+    # itself with the epoch in the plan: no clock process, no actor call per map task.
+    split = cfg.num_workers > 1
+    clock_name, clock = start_epoch_clock() if split else (None, None)
     plan = StreamPlan(rates=tuple(float(r) * steps.repeat for r in rates), seed=cfg.seed,
                       clock_name=clock_name, augment=cfg.augment, preprocess=pre)
     loop_config = {
@@ -157,14 +157,23 @@ def prepare_inputs(cfg: TrainConfig,
         k = pool_per_class(counts, cfg.mix.pool_per_class, pre.image_size ** 2 * pre.channels)
         loop_config["partner_pool"] = ray.put(
             build_partner_pool(decoded.train, counts, k, cfg.seed, ID_HASH))
-    return RunInputs(cfg, manifest, pre,
-                     {TRAIN: build_train_stream(decoded.train, plan), VAL: decoded.val},
-                     loop_config, dict(decoded.corrupt), clock)
+    datasets = {VAL: decoded.val}
+    if split:
+        datasets[TRAIN] = build_train_stream(decoded.train, plan)
+    else:
+        loop_config[LOCAL_STREAM] = {"decoded": decoded.train, "plan": plan}
+    return RunInputs(cfg, manifest, pre, datasets, loop_config, dict(decoded.corrupt), clock)
 
 
 def build_trainer(inputs: RunInputs, name: str, storage_path: str,
-                  callbacks: list | None = None) -> TorchTrainer:
-    """A TorchTrainer for one run (the train job, or one Tune trial).
+                  callbacks: list | None = None) -> DataParallelTrainer:
+    """A Ray Train trainer for one run (the train job, or one Tune trial).
+
+    Several workers get a ``TorchTrainer`` (its backend sets up the DDP process group: gloo, or
+    NCCL with ``use_gpu``). One worker needs no process group, and the torch backend's config
+    would make the Train controller import torch only to unpickle it (seconds of start-up per
+    run and per Tune trial on a laptop): it gets the ``DataParallelTrainer`` that
+    ``TorchTrainer`` extends, with the plain backend. The worker itself runs the same loop.
 
     Worker and node failures are recovered by Ray Train itself (``FailureConfig``): it restarts
     the worker group, which restores the latest reported checkpoint (``cfg.max_failures`` times).
@@ -177,16 +186,14 @@ def build_trainer(inputs: RunInputs, name: str, storage_path: str,
     resources = {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
-    return TorchTrainer(
-        train_loop_per_worker,
+    common = dict(
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         datasets=inputs.datasets,
-        # One rank needs no split: an unsplit dataset streams from the rank's own process,
-        # without Ray Data's SplitCoordinator actor (one process start per run and per trial).
-        dataset_config=DataConfig(datasets_to_split=[TRAIN] if cfg.num_workers > 1 else []),
+        # One rank streams train from its own process (``LOCAL_STREAM``), without Ray Data's
+        # SplitCoordinator actor: one process start fewer per run and per trial.
+        dataset_config=DataConfig(datasets_to_split=[TRAIN] if TRAIN in inputs.datasets else []),
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
@@ -199,22 +206,12 @@ def build_trainer(inputs: RunInputs, name: str, storage_path: str,
             callbacks=[*(callbacks or []), FailureNotice(cfg.max_failures)],
         ),
     )
-
-
-class EpochProgress(UserCallback):
-    """One line per epoch, printed once by the Train controller (not by every rank)."""
-
-    def __init__(self, epochs: int) -> None:
-        self.epochs = epochs
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        m = metrics[0]
-        print(f"epoch {m[EPOCH] + 1:>3}/{self.epochs}  train_loss {m[TRAIN_LOSS]:.4f}  "
-              f"val_loss {m[VAL_LOSS]:.4f}  val_acc {m[val_key(ACCURACY)]:.4f}  "
-              f"val_bal_acc {m[val_key(BALANCED_ACCURACY)]:.4f}  "
-              f"val_macro_f1 {m[val_key(MACRO_F1)]:.4f}  rows {m['train_rows']}  "
-              f"{m.get('epoch_s', float('nan')):.1f}s"
-              f"{'  *best' if m['is_best'] else ''}", flush=True)
+    if cfg.num_workers == 1:
+        return DataParallelTrainer(train_loop_per_worker, backend_config=BackendConfig(),
+                                   **common)
+    return TorchTrainer(train_loop_per_worker,
+                        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+                        **common)
 
 
 def storage_for(cfg: TrainConfig) -> str:

@@ -1,7 +1,8 @@
-"""Ray Tune + OptunaSearch over TorchTrainer trials (Train V2's Tune integration).
+"""Ray Tune + OptunaSearch over Ray Train trials (Train V2's Tune integration).
 
-Each trial is a Tune *function* that builds and fits a TorchTrainer; metrics flow back through
-``TuneReportCallback`` (the V2 trainer itself is not a Tune trainable).
+Each trial is a Tune *function* that builds and fits a Ray Train trainer (``build_trainer``:
+a TorchTrainer for DDP trials, the plain DataParallelTrainer for one worker); metrics flow
+back through ``TuneReportCallback`` (the V2 trainer itself is not a Tune trainable).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def run_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]], num_classes: int,
               train_storage: str, decoded: list[DecodedSplits] | None = None) -> None:
-    """One Tune trial: build and fit a TorchTrainer; metrics reach Tune via the callback.
+    """One Tune trial: build and fit a Ray Train trainer; metrics reach Tune via the callback.
 
     ``bases`` maps each starting-weights choice (``""`` when weights are not searched) to the
     TrainConfig it starts from. ``decoded`` is the search's shared decoded train/val, one per
