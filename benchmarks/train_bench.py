@@ -7,7 +7,9 @@ Same shards, model (cnn), batch, optimizer, lr schedule, resampling and augmenta
 thread per trainer. For each run: total wall time T(E) of the whole run (start → best
 checkpoint evaluated on test), the steady epoch time (median of epochs 2..E), and the fixed
 overhead as the issue defines it, T(E=4) − 3·epoch. imgpipe's T includes Ray start-up
-(``init_ray``) when it starts Ray itself, like a user's ``jobs/train.py`` run. Writes JSON.
+(``init_ray``) when it starts Ray itself, like a user's ``jobs/train.py`` run. For imgpipe
+runs also: the worker processes the Ray session started, and the Train controller's start-up
+(its imports and set-up, from Ray's State API). Writes JSON.
 """
 
 from __future__ import annotations
@@ -45,16 +47,38 @@ def run_imgpipe(cfg: TrainConfig, workers: int) -> dict:
     res = run_training(cfg.model_copy(update={"num_workers": workers,
                                               "out": f"{cfg.out}/w{workers}"}))
     total = time.perf_counter() - t
+    starts = process_starts()
     ray.shutdown()  # the next run pays its own start-up, like a fresh job
     return {"total_s": total, "epoch_s": [h["epoch_s"] for h in res["history"]],
-            "test_balanced_accuracy": res["test"]["balanced_accuracy"]}
+            "test_balanced_accuracy": res["test"]["balanced_accuracy"], **starts}
+
+
+def process_starts() -> dict:
+    """Worker processes this Ray session started, and the Train controller's own start-up:
+    from its process launch to the launch of the first actor it creates (its placement-group
+    cleaner), i.e. its imports and set-up. From Ray's State API (pids joined to launch times)."""
+    from ray.util.state import list_actors, list_workers
+
+    workers = [w for w in list_workers(limit=10_000, detail=True, raise_on_missing_output=False)
+               if w.worker_type == "WORKER"]
+    launched = {w.pid: w.worker_launch_time_ms for w in workers}
+    first = {}
+    for a in list_actors(limit=10_000, raise_on_missing_output=False):
+        if a.pid in launched:
+            first.setdefault(a.class_name, launched[a.pid])
+    ctl, cleaner = first.get("TrainController"), first.get("PlacementGroupCleaner")
+    return {"worker_processes": len(workers),
+            "controller_startup_s": (cleaner - ctl) / 1000 if ctl and cleaner else None,
+            "actor_classes": sorted(first)}
 
 
 def summarise(name: str, r: dict, epochs: int) -> dict:
     steady = statistics.median(r["epoch_s"][1:] or r["epoch_s"])
     return {"run": name, "total_s": r["total_s"], "steady_epoch_s": steady,
             "fixed_overhead_s": r["total_s"] - (epochs - 1) * steady,
-            "test_balanced_accuracy": r["test_balanced_accuracy"]}
+            "test_balanced_accuracy": r["test_balanced_accuracy"],
+            **{k: r.get(k) for k in ("worker_processes", "controller_startup_s",
+                                     "actor_classes")}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         r["steady_epoch_ratio"] = r["steady_epoch_s"] / plain["steady_epoch_s"] if plain else None
     print(format_table(
         ["run", f"T(E={args.epochs}) s", "steady epoch s", "x plain epoch", "fixed overhead s",
-         "test bal. acc"],
+         "test bal. acc", "processes", "controller start s"],
         [[r["run"], round(r["total_s"], 1), round(r["steady_epoch_s"], 2),
           round(r["steady_epoch_ratio"], 2) if r["steady_epoch_ratio"] else "",
-          round(r["fixed_overhead_s"], 1), round(r["test_balanced_accuracy"], 3)] for r in rows]))
+          round(r["fixed_overhead_s"], 1), round(r["test_balanced_accuracy"], 3),
+          r["worker_processes"] if r["worker_processes"] is not None else "",
+          round(r["controller_startup_s"], 1) if r["controller_startup_s"] else ""]
+         for r in rows]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "runs": rows}, indent=2))
