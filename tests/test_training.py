@@ -171,6 +171,49 @@ def test_one_worker_controller_needs_no_torch(ray_session, tiny_digits, tmp_path
         two.close()
 
 
+def ingest_options_loop(config):
+    """Report the preserve_order the one-rank stream executes with (the real helper)."""
+    import ray.train
+
+    from imgpipe.training.loop import LOCAL_STREAM, local_train_stream
+
+    stream = local_train_stream(config[LOCAL_STREAM], 0)
+    Path(config["result_file"]).write_text(
+        json.dumps(stream.context.execution_options.preserve_order))
+    ray.train.report({"done": 1})
+
+
+def test_one_rank_stream_takes_the_runs_ingest_options(ray_session, tiny_digits, tmp_path):
+    """A search decodes once on the driver, before a --deterministic trial sets preserve_order:
+    the one-rank stream must still run ordered, as Train's own datasets do."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.backend import BackendConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from imgpipe.data.manifest import load_manifest
+    from imgpipe.training.trainer import build_decoded_splits, prepare_inputs
+
+    ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cfg = small_config(tiny_digits, tmp_path, num_workers=1, deterministic=True)
+    ctx = ray_session.data.DataContext.get_current()
+    old = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = False
+    try:
+        shared = build_decoded_splits(cfg, load_manifest(tiny_digits))
+        assert shared.train.context.execution_options.preserve_order is False
+        inputs = prepare_inputs(cfg, shared)  # sets preserve_order, as in a trial
+        DataParallelTrainer(
+            ingest_options_loop, backend_config=BackendConfig(),
+            train_loop_config={**inputs.loop_config, "result_file": str(tmp_path / "r.json")},
+            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.45}),
+            datasets=inputs.datasets,
+            run_config=RunConfig(name="ingest", storage_path=str(tmp_path))).fit()
+        inputs.close()
+    finally:
+        ctx.execution_options.preserve_order = old
+    assert json.loads((tmp_path / "r.json").read_text()) is True
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = create_model("cnn", 4, in_channels=1)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)

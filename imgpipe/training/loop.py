@@ -36,6 +36,20 @@ from imgpipe.training.steps import exact_batches
 LOCAL_STREAM = "local_stream"
 
 
+def local_train_stream(local: dict[str, Any], epoch: int) -> ray.data.Dataset:
+    """This epoch's train stream of a one-rank run (``LOCAL_STREAM``), built on the worker.
+
+    It gets the ingest options Train gives the datasets it manages
+    (``DataConfig.default_ingest_options``, from the DataContext Train propagated when the run
+    started: ``preserve_order`` for ``deterministic``, resource limits). A dataset otherwise
+    keeps the context it was created with, and a search decodes its splits on the driver
+    before any trial sets its own.
+    """
+    decoded = local["decoded"]
+    decoded.context.execution_options = ray.train.DataConfig.default_ingest_options()
+    return build_train_stream(decoded, replace(local["plan"], epoch=epoch))
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -205,7 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             set_epoch(config["clock_name"], epoch)
             source = train_shard
         else:
-            source = build_train_stream(local["decoded"], replace(local["plan"], epoch=epoch))
+            source = local_train_stream(local, epoch)
         loss_fn.set_epoch(epoch)
         if mixer is not None:
             mixer.set_epoch(epoch)
