@@ -22,11 +22,19 @@ import yaml
 
 
 class DropRayNotices(logging.Filter):
-    """Drops Ray Data's start-up notices that every process repeats and that ask nothing of the
-    user ("Progress bars disabled …": this module disables them on purpose)."""
+    """Drops Ray Data's console lines that ask nothing of the user: the start-up notices every
+    process repeats ("Progress bars disabled …": this module disables them on purpose), and the
+    prefetch thread's traceback when a stream's consumer is torn down mid-epoch.
+
+    The second comes from a trial that ASHA stops early: Train kills the trial's worker while
+    the Ray Data prefetch thread waits on the object store, and the thread logs the closed
+    socket ("Failed to read data from the socket: End of file") with a 16-line traceback. The
+    prefetch is only a hint (``ray.wait(..., timeout=0)``); a real fetch failure surfaces on the
+    iterating thread, which raises it. The file handler keeps the record.
+    """
 
     NOTICES = ("Progress bars disabled", "Progress bars for operators disabled",
-               "Progress will be logged")
+               "Progress will be logged", "Error in prefetcher thread")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.NOTICES)

@@ -16,6 +16,11 @@ executor.info("Dataset dataset_1 execution finished in 1.00 seconds")
 logging.getLogger("ray.data._internal.progress").warning(
     "Progress bars disabled. To enable, set ...")
 executor.warning("object store memory is nearly full")
+try:
+    raise OSError("Failed to read data from the socket: End of file")
+except OSError:
+    logging.getLogger("ray.data._internal.block_batching.util").exception(
+        "Error in prefetcher thread.")
 """
 
 
@@ -38,10 +43,13 @@ def test_driver_and_worker_consoles_keep_warnings_only():
         assert "object store memory is nearly full" in proc.stderr
         assert "execution finished" not in proc.stderr
         assert "Progress bars disabled" not in proc.stderr
+        # a trial stopped by ASHA: the prefetch thread's traceback at teardown
+        assert "prefetcher" not in proc.stderr and "End of file" not in proc.stderr
     # --verbose: Ray's defaults, INFO lines included.
     verbose = _run("import ray.data\nfrom imgpipe.logs import configure_console\n"
                    "configure_console(verbose=True)\n" + EMIT, env)
     assert "execution finished" in verbose.stderr
+    assert "Error in prefetcher thread" in verbose.stderr
 
 
 def test_tune_banner_and_optuna_notes_stay_off_the_driver_console():
