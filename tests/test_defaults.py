@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from imgpipe.config import TrainConfig
 from imgpipe.data.manifest import ImageInfo, load_manifest
-from imgpipe.training.defaults import resolve_input_size
+from imgpipe.training.defaults import MIN_SIDE, resolve_input_size
 
 
 def _manifest(root: str, w: int | None, h: int | None):
@@ -18,11 +18,22 @@ def test_size_and_stem_follow_native_images(tiny_digits):
     assert photo.model.image_size == 120 and photo.model.cifar_stem is False
     assert "160x120" in line and "ImageNet stem" in line
     tiny, _ = resolve_input_size(cfg, _manifest(tiny_digits, 8, 8))  # upsampled to the floor
-    assert tiny.model.image_size == 32 and tiny.model.cifar_stem is True
+    assert tiny.model.image_size == MIN_SIDE == 16 and tiny.model.cifar_stem is True
+    # rounded up to a multiple of 8, never down below the native side
+    mnist, _ = resolve_input_size(cfg, _manifest(tiny_digits, 28, 28))
+    assert mnist.model.image_size == 32
+    odd, _ = resolve_input_size(cfg, _manifest(tiny_digits, 150, 100))
+    assert odd.model.image_size == 104
     huge, _ = resolve_input_size(cfg, _manifest(tiny_digits, 4000, 3000))
     assert huge.model.image_size == 224
     mixed, line = resolve_input_size(cfg, _manifest(tiny_digits, None, None))
     assert mixed.model.image_size == 32 and "mixed" in line
+
+
+def test_floor_is_the_architectures_own_minimum_when_larger(tiny_digits):
+    cfg = TrainConfig(data=tiny_digits, model={"name": "convnext_tiny"})
+    got, _ = resolve_input_size(cfg, _manifest(tiny_digits, 8, 8))
+    assert got.model.image_size == 32  # convnext_tiny's 4x stem and three 2x downsamples
 
 
 def test_user_choice_wins(tiny_digits):
