@@ -167,7 +167,9 @@ class ModelConfig(StrictModel):
     weights: str | None = Field(
         None, description="starting weights: local .safetensors/.pt/.pth file, torchvision "
         "weights name (resnet50.IMAGENET1K_V2, local hub cache only), bundle or checkpoint folder")
-    image_size: int | None = Field(None, ge=8, le=1024, description="default: the weights', else 32")
+    image_size: int | None = Field(None, ge=8, le=1024, description=(
+        "default: the weights', else from the data (native side rounded up to a multiple of 8, "
+        "16-224 px; 32 for mixed sizes)"))
     finetune: str = Field(
         "full", description="full | linear-probe | partial:K (freeze stages < K) | bitfit | lora")
     lora_rank: int = Field(8, ge=1, le=512, description="LoRA rank r (finetune=lora)")
