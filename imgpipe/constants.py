@@ -16,6 +16,8 @@ SPLITS = ("train", "val", "test")
 TRAIN, VAL, TEST = SPLITS
 
 MANIFEST_FILE = "manifest.json"
+# Files a weights spec may name (safetensors, or a torch pickle loaded weights-only).
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 SHARD_SCHEMA_VERSION = 1
 
 # Metric names: the same everywhere (train reports, tune, results.json, bundle.json, HTTP).
@@ -83,3 +85,7 @@ MIX_PARTNERS = ("instance", "balanced")
 # the binary decision-threshold rules (imgpipe.calibrate); configs validate against these.
 PRIOR_CHOICES = ("model", "balanced", "train")
 THRESHOLD_MODES = ("max_f1", "recall")
+
+# loop_config key of a one-rank run: {"decoded": the decoded train split, "plan": StreamPlan};
+# the rank builds each epoch's stream itself (several ranks read Train's streaming_split).
+LOCAL_STREAM = "local_stream"

@@ -196,7 +196,7 @@ def test_search_space_covers_finetune_mode_depth_and_head_lr():
     from imgpipe.config import TrainConfig
     from imgpipe.config.search import SearchSpace
     from imgpipe.tuning.space import define_space, params_to_overrides
-    from imgpipe.tuning.tuner import trial_config
+    from imgpipe.tuning.trial import trial_config
 
     space = SearchSpace(finetune=["linear-probe", "partial", "bitfit"], head_lr_ratio=(1.0, 30.0),
                         layer_decay=(0.5, 0.9), sampler="none")

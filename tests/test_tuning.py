@@ -149,6 +149,41 @@ def test_impossible_plan_fails_before_starting(ray_session, tmp_path):
     assert not (tmp_path / "nothing").exists()  # no data was prepared: it failed first
 
 
+TRIAL_PROBE = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+from imgpipe.tuning.trial import trial_config  # what Tune imports to unpickle run_trial
+from imgpipe.training.trainer import build_trainer, prepare_inputs
+cfg = trial_config(json.loads(sys.argv[2]), json.loads(sys.argv[3]), 10)
+inputs = prepare_inputs(cfg)
+try:
+    build_trainer(inputs, "probe", sys.argv[4])
+finally:
+    inputs.close()
+print(json.dumps([m for m in ("torch", "sklearn", "scipy", "optuna") if m in sys.modules]))
+"""
+
+
+@pytest.mark.ray
+def test_a_trials_set_up_imports_no_torch(ray_session, tiny_digits, tmp_path):
+    """Everything a one-worker trial's actor runs before Ray Train takes over (unpickle
+    ``run_trial``, resolve the trial's config, plan the run, build the trainer) imports no torch,
+    scikit-learn or Optuna: Tune starts that actor afresh for every trial, and those imports were
+    most of its start-up. The worker imports them, where the loop runs."""
+    from imgpipe.tuning.tuner import base_train_config
+    from imgpipe.tuning.warm_start import RECIPES
+
+    tcfg = TuneJobConfig(data=tiny_digits, out=str(tmp_path / "out"))
+    base = base_train_config(tcfg).model_dump(mode="json")
+    address = ray_session.get_runtime_context().gcs_address
+    for recipe in RECIPES.values():
+        proc = subprocess.run([sys.executable, "-c", TRIAL_PROBE, address, json.dumps(base),
+                               json.dumps(recipe), str(tmp_path / "storage")],
+                              capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
 def tune_cmd(data: str, out: Path, address: str, *extra: str) -> list[str]:
     return [sys.executable, "jobs/tune.py", "--data", data, "--out", str(out),
             "--bundle-root", str(out / "bundles"), "--epochs", "2", "--grace-period", "1",

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from torch import Tensor, nn
+if TYPE_CHECKING:
+    from torch import nn
+
+# The specs are read on processes that never build a model (a Tune trial's actor resolving its
+# config, the driver planning a run): torch is imported only by the builders, where they run.
 
 # builder(num_classes, in_channels, cifar_stem, image_size) -> model
-ModelBuilder = Callable[[int, int, bool, int | None], nn.Module]
+ModelBuilder = Callable[[int, int, bool, "int | None"], "nn.Module"]
 
 
 @dataclass(frozen=True)
@@ -72,43 +77,6 @@ def get_model_spec(name: str) -> ModelSpec:
     return spec
 
 
-def _conv_bn_relu(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
-            nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
-class SmallCNN(nn.Module):
-    """Three conv blocks (conv-BN-ReLU ×2, max-pool) of 32/64/128 channels, global average
-    pooling, dropout and a linear head: ~0.29M parameters, ~38M MACs per 32×32 image, so it
-    trains in seconds per epoch on two CPU cores.
-
-    The adaptive pooling accepts any input of at least 8×8. ``cifar_stem=False`` makes the
-    first conv stride 2, for larger images (≥ 64 px) where full resolution is wasted.
-    """
-
-    def __init__(self, num_classes: int, in_channels: int = 3, cifar_stem: bool = True,
-                 widths: tuple[int, int, int] = (32, 64, 128), dropout: float = 0.2) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        cin = in_channels
-        for i, width in enumerate(widths):
-            stride = 2 if (i == 0 and not cifar_stem) else 1
-            layers += _conv_bn_relu(cin, width, stride) + _conv_bn_relu(width, width)
-            layers.append(nn.MaxPool2d(2))
-            cin = width
-        self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.fc = nn.Linear(cin, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.pool(self.features(x)).flatten(1)  # (N, 128)
-        return self.fc(self.dropout(x))  # (N, num_classes)
-
-
 def _prefixes(root: str, indices: range) -> tuple[str, ...]:
     return tuple(f"{root}.{i}" for i in indices)
 
@@ -116,6 +84,8 @@ def _prefixes(root: str, indices: range) -> tuple[str, ...]:
 @register_model("cnn", head="fc", cifar_stem=True,
                 stages=tuple(_prefixes("features", range(7 * b, 7 * b + 7)) for b in range(3)))
 def _cnn(num_classes: int, in_channels: int, cifar_stem: bool, image_size: int | None) -> nn.Module:
+    from imgpipe.models.cnn import SmallCNN
+
     return SmallCNN(num_classes, in_channels, cifar_stem)
 
 
@@ -130,6 +100,8 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def _replace_input_conv(model: nn.Module, path: str, in_channels: int) -> None:
     """A first conv taking ``in_channels`` instead of 3 (fresh init; weights adapt on load)."""
+    from torch import nn
+
     old: nn.Conv2d = model.get_submodule(path)
     if old.in_channels == in_channels:
         return
@@ -141,6 +113,7 @@ def _replace_input_conv(model: nn.Module, path: str, in_channels: int) -> None:
 
 def _resnet(arch: str, num_classes: int, in_channels: int, cifar_stem: bool) -> nn.Module:
     import torchvision  # deferred: importing torchvision costs ~1 s and is not always needed
+    from torch import nn
 
     model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
     if cifar_stem:

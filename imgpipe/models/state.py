@@ -14,7 +14,6 @@ log = logging.getLogger("imgpipe.models")
 
 # Wrapper prefixes in saved state dicts: DDP ("module.") and torch.compile ("_orig_mod.").
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

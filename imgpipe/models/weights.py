@@ -16,14 +16,19 @@ import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
-from torch import Tensor, nn
-
 from imgpipe.config import ConfigError, ModelConfig
+from imgpipe.constants import WEIGHT_SUFFIXES
 from imgpipe.data.transforms import Preprocess
 from imgpipe.models.registry import create_model, get_model_spec, list_models
-from imgpipe.models.state import WEIGHT_SUFFIXES, load_init_checkpoint, load_state_dict_file
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
+
+# Resolving a config without weights (every Tune trial's actor does) must not import torch:
+# the state-dict readers (imgpipe.models.state) are imported where tensors are read.
 
 _TORCHVISION_SPEC = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)\.([A-Z][A-Z0-9_]*)$")
 
@@ -84,6 +89,8 @@ def resolve_weights(spec: str) -> ResolvedWeights:
     if path.is_dir():
         return _resolve_folder(spec, path)
     if path.is_file():
+        from imgpipe.models.state import load_state_dict_file
+
         return ResolvedWeights(spec, "file", str(path), load_state_dict_file(path))
     if _TORCHVISION_SPEC.match(spec) and not spec.endswith(WEIGHT_SUFFIXES):
         return _resolve_torchvision(spec)
@@ -184,6 +191,8 @@ def _resolve_checkpoint(spec: str, path: Path) -> ResolvedWeights:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"weights {spec!r}: {path}/meta.json is not a training checkpoint's "
                          f"metadata ({type(e).__name__}: {e})") from None
+    from imgpipe.models.state import load_state_dict_file
+
     state = load_state_dict_file(path / WEIGHTS_FILE)
     return ResolvedWeights(spec, "checkpoint", str(path), state, model=mcfg["name"],
                            cifar_stem=bool(mcfg.get("cifar_stem", True)),
@@ -198,6 +207,8 @@ def load_init_weights(model: nn.Module, source: str | Path | Mapping[str, Tensor
     Raises:
         FileNotFoundError: no such file. ValueError: nothing in the weights fits the model.
     """
+    from imgpipe.models.state import load_init_checkpoint
+
     if isinstance(source, Mapping):
         return load_init_checkpoint(model, source)
     return load_init_checkpoint(model, resolve_weights(str(source)).state_dict, str(source))
@@ -235,6 +246,8 @@ def create_model_from_weights(weights: ResolvedWeights | str, num_classes: int |
         in_channels=in_channels or w.in_channels or 3,
         cifar_stem=cifar_stem if cifar_stem is not None else bool(w.cifar_stem),
         image_size=image_size or (w.preprocess.image_size if w.preprocess else None))
+    from imgpipe.models.state import load_init_checkpoint
+
     load_init_checkpoint(net, w.state_dict)
     return net
 
@@ -254,7 +267,6 @@ def resolve_model_config(cfg: ModelConfig, data_preprocess: Callable[[int], Prep
             architecture's stages, or ``lora`` without the ``peft`` package.
     """
     from imgpipe.config.specs import parse_finetune
-    from imgpipe.models.finetune import num_stages_of
 
     w = weights
     name = cfg.name or (w.model if w else None) or "cnn"
@@ -274,7 +286,7 @@ def resolve_model_config(cfg: ModelConfig, data_preprocess: Callable[[int], Prep
         size = cfg.image_size or 32
         pre = data_preprocess(size)
     ft = parse_finetune(cfg.finetune)
-    stages = num_stages_of(name)
+    stages = len(get_model_spec(name).stages)  # finetune.num_stages_of, without its torch
     if ft.mode == "partial" and ft.frozen_stages(stages) > stages:
         raise ConfigError(f"model.finetune: partial:{ft.stage} but {name} has {stages} stages "
                           f"(0 = full … {stages} = linear-probe)")

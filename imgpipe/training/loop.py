@@ -19,7 +19,17 @@ import torch.nn.functional as F
 
 from imgpipe.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 from imgpipe.config import TrainConfig
-from imgpipe.constants import EPOCH, LABEL, PIXELS, TRAIN, TRAIN_LOSS, VAL, VAL_LOSS, val_key
+from imgpipe.constants import (
+    EPOCH,
+    LABEL,
+    LOCAL_STREAM,
+    PIXELS,
+    TRAIN,
+    TRAIN_LOSS,
+    VAL,
+    VAL_LOSS,
+    val_key,
+)
 from imgpipe.data.pipeline import build_train_stream, set_epoch
 from imgpipe.data.transforms import Preprocess, normalize
 from imgpipe.losses import create_loss
@@ -30,10 +40,6 @@ from imgpipe.training.mixing import create_batch_mixer
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
 from imgpipe.training.recovery import RESUME_KEY
 from imgpipe.training.steps import exact_batches
-
-# loop_config key of a one-rank run: {"decoded": the decoded train split, "plan": StreamPlan};
-# the rank builds each epoch's stream itself (several ranks read Train's streaming_split).
-LOCAL_STREAM = "local_stream"
 
 
 def local_train_stream(local: dict[str, Any], epoch: int) -> ray.data.Dataset:

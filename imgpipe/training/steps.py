@@ -18,8 +18,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ def _rows(batch: dict[str, torch.Tensor]) -> int:
 
 
 def _cat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    import torch
+
     if len(parts) == 1:
         return parts[0]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -104,6 +108,8 @@ def exact_batches(batches: Iterable[dict[str, torch.Tensor]], steps: int, batch_
     if not seen:
         raise ValueError("the training stream yielded no rows on this rank")
     pool = _cat(seen)
+    import torch  # here: the step plan is made where torch is not imported (a trial's actor)
+
     gen = torch.Generator().manual_seed(seed)
     while produced < steps:
         idx = torch.randint(0, _rows(pool), (batch_size,), generator=gen)

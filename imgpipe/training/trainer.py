@@ -22,7 +22,6 @@ from ray.train import (
     ScalingConfig,
 )
 from ray.train.backend import BackendConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from imgpipe import storage
@@ -30,6 +29,7 @@ from imgpipe.checkpoint import load_meta
 from imgpipe.config import TrainConfig
 from imgpipe.constants import (
     LABEL,
+    LOCAL_STREAM,
     METRIC_MODES,
     PIXELS,
     TEST,
@@ -49,11 +49,10 @@ from imgpipe.data.pipeline import (
 from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
 from imgpipe.data.transforms import Preprocess
 from imgpipe.errors import ImgpipeFailure
-from imgpipe.evaluate import evaluate_checkpoint
 from imgpipe.models.weights import load_model_weights, resolve_model_config, target_state_dict
 from imgpipe.runtime import plan_resources
 from imgpipe.training.defaults import resolve_input_size
-from imgpipe.training.loop import LOCAL_STREAM, train_loop_per_worker
+from imgpipe.training.entry import train_loop_per_worker
 from imgpipe.training.progress import EpochProgress
 from imgpipe.training.recovery import RESUME_KEY, FailureNotice, stage_resume_checkpoint
 from imgpipe.training.steps import plan_epoch_steps
@@ -209,6 +208,8 @@ def build_trainer(inputs: RunInputs, name: str, storage_path: str,
     if cfg.num_workers == 1:
         return DataParallelTrainer(train_loop_per_worker, backend_config=BackendConfig(),
                                    **common)
+    from ray.train.torch import TorchConfig, TorchTrainer  # imports torch
+
     return TorchTrainer(train_loop_per_worker,
                         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
                         **common)
@@ -247,6 +248,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     best = result.get_best_checkpoint(val_key(cfg.metric), METRIC_MODES[cfg.metric])
     if best is None:
         raise TrainingFailed(f"training produced no checkpoint (error: {result.error})")
+    from imgpipe.evaluate import evaluate_checkpoint  # torch and scikit-learn: only here
+
     with tempfile.TemporaryDirectory(prefix="imgpipe-best-") as tmp:
         best.to_directory(tmp)
         test = evaluate_checkpoint(tmp, cfg.data, TEST)

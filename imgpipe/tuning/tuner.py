@@ -17,12 +17,11 @@ from typing import Any
 import optuna
 import pandas as pd
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search.optuna import OptunaSearch
 
 from imgpipe import storage
-from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig, resolve_config
+from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig
 from imgpipe.config.search import SearchSpace
 from imgpipe.constants import METRIC_MODES, val_key
 from imgpipe.data.manifest import Manifest, load_manifest
@@ -30,17 +29,9 @@ from imgpipe.errors import ImgpipeError, ImgpipeFailure
 from imgpipe.models.weights import load_model_weights, resolve_model_config
 from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources, train_worker_runtime_env
 from imgpipe.training.defaults import resolve_input_size
-from imgpipe.training.trainer import (
-    DecodedSplits,
-    build_decoded_splits,
-    build_trainer,
-    prepare_inputs,
-)
-from imgpipe.tuning.space import (
-    candidate_overrides,
-    define_space,
-    params_to_overrides,
-)
+from imgpipe.training.trainer import DecodedSplits, build_decoded_splits
+from imgpipe.tuning.space import candidate_overrides, define_space
+from imgpipe.tuning.trial import run_trial
 from imgpipe.tuning.warm_start import warm_start_points
 
 
@@ -61,42 +52,6 @@ def base_train_config(tcfg: TuneJobConfig) -> TrainConfig:
 
 def absolute(location: str) -> str:
     return location if "://" in location else str(Path(location).resolve())
-
-
-def trial_config(base: dict[str, Any], params: dict[str, Any], num_classes: int) -> TrainConfig:
-    return resolve_config(TrainConfig, None, {**_flatten(base), **params_to_overrides(
-        params, num_classes)})
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{key}."))
-        else:
-            out[key] = v
-    return out
-
-
-def run_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]], num_classes: int,
-              train_storage: str, decoded: list[DecodedSplits] | None = None) -> None:
-    """One Tune trial: build and fit a Ray Train trainer; metrics reach Tune via the callback.
-
-    ``bases`` maps each starting-weights choice (``""`` when weights are not searched) to the
-    TrainConfig it starts from. ``decoded`` is the search's shared decoded train/val, one per
-    distinct preprocessing (built once by ``run_search``); a trial only adds its own
-    resampling and augmentation on top.
-    """
-    cfg = trial_config(bases[params.get("weights") or ""], params, num_classes)
-    trial_id = tune.get_context().get_trial_id()
-    inputs = prepare_inputs(cfg, decoded)
-    try:
-        trainer = build_trainer(inputs, name=f"train-{trial_id}", storage_path=train_storage,
-                                callbacks=[TuneReportCallback()])
-        trainer.fit()
-    finally:
-        inputs.close()
 
 
 class TrialLine(tune.Callback):
