@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from imgpipe.config import TrainConfig
 from imgpipe.data.manifest import Manifest
+from imgpipe.models.registry import get_model_spec
 
 MIN_SIDE = 16
 MAX_SIDE = 224
@@ -29,12 +30,6 @@ def native_side(manifest: Manifest) -> int | None:
     """The shorter native side when every image shares one size, else None."""
     h, w = manifest.image.height, manifest.image.width
     return min(h, w) if h and w else None
-
-
-def _architecture_min_side(name: str | None) -> int:
-    from imgpipe.models.registry import get_model_spec  # torch: only where a size is resolved
-
-    return get_model_spec(name or "cnn").min_image_size
 
 
 def resolve_input_size(cfg: TrainConfig, manifest: Manifest) -> tuple[TrainConfig, str]:
@@ -51,7 +46,7 @@ def resolve_input_size(cfg: TrainConfig, manifest: Manifest) -> tuple[TrainConfi
     if "image_size" not in fixed and not pinned and side is not None:
         # Rounded up, not down: resizing below the native side would drop the fine structure
         # the native size is kept for (28 px MNIST-like images stay at 32, not 24).
-        floor = max(MIN_SIDE, _architecture_min_side(model.name))
+        floor = max(MIN_SIDE, get_model_spec(model.name or "cnn").min_image_size)
         update["image_size"] = min(max(-(-side // 8) * 8, floor), MAX_SIDE)
         why = f"from the data's native {manifest.image.width}x{manifest.image.height}"
     elif "image_size" not in fixed:
