@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from imgpipe.config.specs import Finetune, parse_finetune
 from imgpipe.models.heads import HEAD, get_classifier, model_spec_of, parameter_stages
-from imgpipe.models.registry import get_model_spec
 from imgpipe.models.state import unwrap_model
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm,
@@ -32,11 +31,6 @@ LORA_ADAPTER = "default"
 def num_stages(model: nn.Module) -> int:
     """Backbone stages S of a registered model (``partial:K`` takes 0 <= K <= S)."""
     return len(model_spec_of(model).stages)
-
-
-def num_stages_of(name: str) -> int:
-    """Backbone stages S of the registered architecture ``name``."""
-    return len(get_model_spec(name).stages)
 
 
 def _trainable(name: str, stage: int, ft: Finetune, bias_or_norm: bool) -> bool:

@@ -77,6 +77,11 @@ def get_model_spec(name: str) -> ModelSpec:
     return spec
 
 
+def num_stages_of(name: str) -> int:
+    """Backbone stages S of the registered architecture ``name`` (``partial:K`` takes 0…S)."""
+    return len(get_model_spec(name).stages)
+
+
 def _prefixes(root: str, indices: range) -> tuple[str, ...]:
     return tuple(f"{root}.{i}" for i in indices)
 

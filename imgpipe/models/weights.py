@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 from imgpipe.config import ConfigError, ModelConfig
 from imgpipe.constants import WEIGHT_SUFFIXES
 from imgpipe.data.transforms import Preprocess
-from imgpipe.models.registry import create_model, get_model_spec, list_models
+from imgpipe.models.registry import create_model, get_model_spec, list_models, num_stages_of
 
 if TYPE_CHECKING:
     from torch import Tensor, nn
@@ -286,7 +286,7 @@ def resolve_model_config(cfg: ModelConfig, data_preprocess: Callable[[int], Prep
         size = cfg.image_size or 32
         pre = data_preprocess(size)
     ft = parse_finetune(cfg.finetune)
-    stages = len(get_model_spec(name).stages)  # finetune.num_stages_of, without its torch
+    stages = num_stages_of(name)
     if ft.mode == "partial" and ft.frozen_stages(stages) > stages:
         raise ConfigError(f"model.finetune: partial:{ft.stage} but {name} has {stages} stages "
                           f"(0 = full … {stages} = linear-probe)")
