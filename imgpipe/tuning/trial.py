@@ -3,7 +3,7 @@
 Tune starts a fresh actor for every trial and imports this module there, to unpickle
 ``run_trial``. It imports no torch, scikit-learn, SciPy or Optuna: the trial only resolves its
 config and hands the run to Ray Train, whose worker imports the training loop. Those imports
-were most of a trial actor's start-up (a median 4.7–7.3 s, against 1.5 s without them, in a
+were most of a trial actor's start-up (a median 4.6–7.3 s, against 1.5 s without them, in a
 2-trial-at-a-time search on two cores; the run's controller starts after it).
 """
 
