@@ -60,17 +60,22 @@ def score(model: torch.nn.Module, split: InMemorySplit, pre: Preprocess,
 
 
 def iter_plain_epochs(cfg: TrainConfig, world_size: int = 1,
-                      score_splits: tuple[str, ...] = (VAL,), threads: int = 1):
+                      score_splits: tuple[str, ...] = (VAL,), threads: int = 1,
+                      train_splits: tuple[str, ...] = (TRAIN,)):
     """Train like imgpipe's loop with ``world_size × batch_size`` rows per step, in one process;
     yields ``{epoch, seconds, steps, scores: {split: metrics}}`` after every epoch (seconds:
-    training and scoring, decode excluded)."""
+    training and scoring, decode excluded). ``train_splits``: the splits trained on together
+    (their class counts drive the resampling rates and the loss's priors)."""
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     manifest = load_manifest(cfg.data)
     pre = manifest.preprocess(cfg.model.image_size)
-    train = load_split(cfg.data, TRAIN, pre)
+    parts = [load_split(cfg.data, s, pre) for s in train_splits]
+    train = InMemorySplit(*(np.concatenate([getattr(p, f) for p in parts])
+                            for f in ("pixels", "labels", "hashes")))
     held = {s: load_split(cfg.data, s, pre) for s in score_splits}
-    counts = manifest.counts_vector(TRAIN)
+    counts = [sum(manifest.counts_vector(s)[i] for s in train_splits)
+              for i in range(len(manifest.class_names))]
     rates = sampling_rates(counts, cfg.sampler.strategy)
     k = len(counts)
     steps = plan_epoch_steps(float((counts * rates).sum()), world_size, cfg.batch_size,
@@ -107,12 +112,12 @@ def iter_plain_epochs(cfg: TrainConfig, world_size: int = 1,
 
 
 def plain_train(cfg: TrainConfig, world_size: int = 1, score_splits: tuple[str, ...] = (VAL,),
-                threads: int = 1) -> dict:
+                threads: int = 1, train_splits: tuple[str, ...] = (TRAIN,)) -> dict:
     """Run ``iter_plain_epochs`` to the end. Returns per-epoch seconds (train + scoring),
     the steps per epoch, and the scores of the epoch with the best val ``cfg.metric`` (the
     held-out protocol of the train job: pick by the first split, report all)."""
     epochs, best, best_scores, steps = [], None, {}, 0
-    for e in iter_plain_epochs(cfg, world_size, score_splits, threads):
+    for e in iter_plain_epochs(cfg, world_size, score_splits, threads, train_splits):
         epochs.append(e["seconds"])
         steps = e["steps"]
         val = e["scores"][score_splits[0]][cfg.metric]
