@@ -49,7 +49,8 @@ def _main(argv: list[str] | None) -> int:
     check_weights(cfg.model.weights)  # file/cache present: the weights error before Ray starts
     init_ray(job["address"])
     results = run_training(cfg)
-    print("\nTest split, best checkpoint (by val " + cfg.metric + "):")
+    print("\nTest split, " + ("last epoch (refit on train+val):" if cfg.refit
+                               else f"best checkpoint (by val {cfg.metric}):"))
     print(per_class_table(results["class_names"], results["train_counts"], results["test"]))
     if results["restarts"]:
         print(f"recovered from {len(results['restarts'])} worker failure(s): resumed at epoch(s) "

@@ -214,6 +214,10 @@ class TrainConfig(StrictModel):
     seed: int = 0
     metric: Literal["macro_f1", "balanced_accuracy", "accuracy"] = "macro_f1"
     patience: int | None = Field(None, ge=1, description="early stopping on the val metric")
+    refit: bool = Field(
+        False, description="train on train+val: the val images join the train stream and the "
+        "class counts, so nothing is held out; the run keeps its last epoch, and its val scores "
+        "are in-sample. For a configuration already chosen on val (the tune job's --refit)")
     resume: str | None = Field(None, description="checkpoint dir to resume from")
     max_failures: int = Field(
         3, ge=-1, description="worker/node failures Ray Train recovers from by restoring the "
@@ -250,6 +254,9 @@ class TrainConfig(StrictModel):
             raise ValueError("amp: mixed precision needs use_gpu=true")
         if self.metric not in METRIC_MODES:
             raise ValueError(f"metric: unknown {self.metric!r}")
+        if self.refit and self.patience is not None:
+            raise ValueError("patience: early stopping needs a held-out val split, and refit "
+                             "trains on val; give refit a fixed number of epochs instead")
         self._not_double_corrected()
         return self
 
@@ -305,6 +312,10 @@ class TuneJobConfig(StrictModel):
     trial_max_failures: int = Field(
         2, ge=-1, description="times Tune retries a failed trial (from its latest checkpoint)")
     report: bool = Field(True, description="write the evaluation report for the best bundle")
+    refit: bool = Field(
+        False, description="after the search, retrain the best trial's configuration on "
+        "train+val for the epochs its checkpoint had, and bundle that model (AutoGluon's "
+        "refit_full): rare classes gain their val images; test stays unseen")
     train: dict[str, Any] = Field(
         default_factory=dict, description="TrainConfig fields shared by all trials")
     search: dict[str, Any] = Field(default_factory=dict, description="SearchSpace overrides")
@@ -324,6 +335,9 @@ class TuneJobConfig(StrictModel):
     def _consistent(self) -> TuneJobConfig:
         if self.grace_period is not None and self.grace_period > self.epochs:
             raise ValueError(f"grace_period ({self.grace_period}) exceeds epochs ({self.epochs})")
+        if self.train.get("refit"):
+            raise ValueError("train.refit: trials are compared on val, so they must not train "
+                             "on it; use refit (--refit) to retrain the chosen one on train+val")
         if self.candidates:
             if self.rank_score not in TRANSFER_SCORE_NAMES:
                 raise ValueError(f"rank_score: unknown score {self.rank_score!r}; valid: "

@@ -77,6 +77,20 @@ def _rebalance_lines(info: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def refit_lines(info: dict[str, Any] | None) -> list[str]:
+    """How a refit bundle was made (``imgpipe.tuning.refit``), if it was: Markdown bullets."""
+    if not info:
+        return []
+    chosen = next((f"{k.removeprefix('selected_')} {v:.4f}" for k, v in info.items()
+                   if k.startswith("selected_val_")), "")
+    return [f"- Refit on {' + '.join(info.get('splits', []))} for {info.get('epochs')} epochs "
+            f"after the search chose trial `{info.get('selected_trial')}` (held-out {chosen} at "
+            f"epoch {int(info.get('selected_epoch', -1)) + 1}). Val is in this model's training "
+            "data: its val scores are in-sample; test is unseen",
+            "- Temperature (and binary threshold) fitted on held-out val by the chosen trial's "
+            "model, before the refit"]
+
+
 # Markdown, not HTML: no autoescaping, but a "|" in a cell would split a table column, so
 # cells are escaped for Markdown tables (``_cells``). Blank lines around headings and tables:
 # CommonMark renderers need them.
@@ -96,7 +110,7 @@ _TEMPLATE = """\
 mode {{ meta.preprocess.mode }}
 - Created {{ created }} UTC with imgpipe {{ meta.code_version }}
 - Hyperparameters: {{ "`%s`"|format(meta.hyperparameters) if meta.hyperparameters else "not recorded" }}
-{% for line in rebalance %}{{ line }}
+{% for line in rebalance + refit %}{{ line }}
 {% endfor %}
 ## Data
 
@@ -173,6 +187,7 @@ def render_model_card(meta: BundleMeta, manifest: Manifest, evals: dict[str, Bun
         meta=meta, manifest=manifest, main_split=main_split, report_file=REPORT_FILE,
         created=f"{meta.created_at:%Y-%m-%d %H:%M}",
         rebalance=_rebalance_lines(meta.hyperparameters.get("rebalance")),
+        refit=refit_lines(meta.hyperparameters.get("refit")),
         imbalance_ratio=fmt(manifest.imbalance_ratio, 1),
         counts=_cells(["class", *splits], count_rows),
         metrics=_cells(["metric", *evals], metric_rows),

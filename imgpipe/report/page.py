@@ -141,6 +141,10 @@ def _fit(evals: dict[str, BundleEvaluation]) -> dict[str, Any] | None:
                  "labels (an untrained or broken model?).")
     if fit["temperature"] == 1.0:
         note = "T = 1: this bundle has not been temperature-scaled (evaluate with --calibrate)."
+    if evals[VAL].meta.hyperparameters.get("refit"):
+        note = (f"T = {fit['temperature']:.4f}, fitted on held-out val by the model the search "
+                "chose, before it was refit on train+val. This model trained on val, so the "
+                "val rows here are in-sample.")
     return {"table": _table(["metric", "before (T = 1)", "after", "change"], rows), "note": note}
 
 
@@ -185,6 +189,9 @@ def _setup(ev: BundleEvaluation, shots: ShotThresholds) -> dict[str, list]:
     prior = meta.deployment_prior
     rows = [
         ["architecture", f"{meta.architecture.model} ({meta.architecture.num_classes} classes)"],
+        *([["training", f"refit on train+val ({meta.hyperparameters['refit'].get('epochs')} "
+                        "epochs) after the search: val scores are in-sample"]]
+          if meta.hyperparameters.get("refit") else []),
         ["temperature", meta.temperature],
         ["deployment prior (applied)", prior if isinstance(prior, str) else
          short_vector(prior)],

@@ -107,7 +107,20 @@ def build_decoded_splits(cfg: TrainConfig, manifest: Manifest, pre: Preprocess |
                                      runtime_env=runtime_env)
     val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded,
                                  columns=(PIXELS, LABEL), runtime_env=runtime_env)
+    if cfg.refit:
+        # The stream needs every train column (the row ids key the resampling draws), which
+        # the val cache above leaves out: val is decoded once more, with them.
+        val_rows, _ = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded,
+                                    runtime_env=runtime_env)
+        train = train.union(val_rows)
+        train = train.materialize() if cfg.cache_decoded else train
     return DecodedSplits(pre, train, val, {TRAIN: train_bad, VAL: val_bad})
+
+
+def fit_counts(cfg: TrainConfig, manifest: Manifest) -> list[int]:
+    """Per-class image counts of what ``cfg`` trains on: train, plus val with ``refit``."""
+    splits = (TRAIN, VAL) if cfg.refit else (TRAIN,)
+    return [sum(c) for c in zip(*(manifest.counts_vector(s) for s in splits), strict=True)]
 
 
 def prepare_inputs(cfg: TrainConfig,
@@ -123,10 +136,11 @@ def prepare_inputs(cfg: TrainConfig,
     model_cfg, pre = resolve_model_config(cfg.model, manifest.preprocess, weights)
     cfg = cfg.model_copy(update={"model": model_cfg})
     shared = [decoded] if isinstance(decoded, DecodedSplits) else list(decoded or [])
-    decoded = next((d for d in shared if d.preprocess == pre), None)
+    # a search's shared splits hold train alone: a refit decodes its own train+val
+    decoded = None if cfg.refit else next((d for d in shared if d.preprocess == pre), None)
     if decoded is None:
         decoded = build_decoded_splits(cfg, manifest, pre)
-    counts = manifest.counts_vector(TRAIN)
+    counts = fit_counts(cfg, manifest)
     rates = sampling_rates(counts, cfg.sampler.strategy)
     epoch_rows = float(expected_epoch_counts(counts, rates).sum())
     steps = plan_epoch_steps(epoch_rows, cfg.num_workers, cfg.batch_size, cfg.min_steps_per_epoch)
@@ -196,7 +210,8 @@ def build_trainer(inputs: RunInputs, name: str, storage_path: str,
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            checkpoint_config=CheckpointConfig(
+            # A refit holds nothing out to score by: it keeps its latest checkpoint.
+            checkpoint_config=CheckpointConfig(num_to_keep=1) if cfg.refit else CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=val_key(cfg.metric),
                 checkpoint_score_order=METRIC_MODES[cfg.metric]),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
@@ -238,6 +253,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         print(f"{inputs.config.model.name}: {size_line}; {cfg.num_workers} worker(s) x batch "
               f"{cfg.batch_size}, {steps} steps per epoch{passes}, {cfg.epochs} epochs",
               flush=True)
+        if cfg.refit:
+            print(f"refit: training on train+val ({sum(inputs.loop_config['train_counts'])} "
+                  "images); nothing is held out, so the last epoch is kept and val scores are "
+                  "in-sample", flush=True)
     try:
         trainer = build_trainer(inputs, name=f"train-{int(time.time())}",
                                 storage_path=storage_for(cfg),
@@ -245,7 +264,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         result = trainer.fit()
     finally:
         inputs.close()
-    best = result.get_best_checkpoint(val_key(cfg.metric), METRIC_MODES[cfg.metric])
+    best = (result.checkpoint if cfg.refit
+            else result.get_best_checkpoint(val_key(cfg.metric), METRIC_MODES[cfg.metric]))
     if best is None:
         raise TrainingFailed(f"training produced no checkpoint (error: {result.error})")
     from imgpipe.evaluate import evaluate_checkpoint  # torch and scikit-learn: only here
@@ -265,7 +285,9 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "train_counts": inputs.loop_config["train_counts"],
         "sampling_rates": inputs.loop_config["sampling_rates"],
         "corrupt_skipped": inputs.corrupt,
-        "best_epoch": _best_epoch(history, cfg.metric),
+        "best_epoch": (history[-1]["epoch"] if cfg.refit and history
+                       else _best_epoch(history, cfg.metric)),
+        "refit": cfg.refit,
         "best_checkpoint": best_dir,
         "restarts": restarts,
         "val": val,

@@ -126,6 +126,27 @@ def verify_bundle(bundle_dir: Path, data_root: str, reported: dict[str, Any]) ->
     return fresh
 
 
+def stage_checkpoint(ckpt_dir: Path, stage_root: str, name: str,
+                     extra_hyperparameters: dict[str, Any] | None = None) -> Path:
+    """A training checkpoint as an unpublished bundle under ``stage_root`` (``stage_bundle``):
+    its weights, architecture, preprocessing, class counts and the prior its recipe makes the
+    model predict for; no metrics yet. The caller publishes or discards it."""
+    meta = load_meta(ckpt_dir)
+    cfg = TrainConfig.model_validate(meta["train"])
+    pre = Preprocess.model_validate(meta["preprocess"])
+    counts = list(meta["train_counts"])
+    return stage_bundle(
+        stage_root, name, load_weights(ckpt_dir),
+        architecture={"model": cfg.model.name, "num_classes": len(meta["class_names"]),
+                      "in_channels": pre.channels, "cifar_stem": cfg.model.cifar_stem},
+        preprocess=pre, class_names=meta["class_names"], train_class_counts=counts,
+        model_prior=model_prior_for(cfg, counts),
+        hyperparameters={"train": meta["train"], "epoch": meta["epoch"],
+                         **(extra_hyperparameters or {})},
+        metrics={"val": {}, "test": {}},
+    )
+
+
 def export_bundle(ckpt_dir: Path, data_root: str, bundle_root: str, name: str,
                   extra_hyperparameters: dict[str, Any] | None = None,
                   finish: Callable[[Path], Any] | None = None) -> tuple[str, dict]:
@@ -141,23 +162,10 @@ def export_bundle(ckpt_dir: Path, data_root: str, bundle_root: str, name: str,
     Raises:
         ExportVerificationError: the staged bundle does not reproduce the trial's metrics.
     """
-    meta = load_meta(ckpt_dir)
-    cfg = TrainConfig.model_validate(meta["train"])
-    pre = Preprocess.model_validate(meta["preprocess"])
-    counts = list(meta["train_counts"])
-    reported = {k: v for k, v in meta.items() if k.startswith("val_")}
+    reported = {k: v for k, v in load_meta(ckpt_dir).items() if k.startswith("val_")}
     with tempfile.TemporaryDirectory(prefix="imgpipe-export-") as tmp:
         stage_root = tmp if storage.is_uri(bundle_root) else storage.absolute_location(bundle_root)
-        staged = stage_bundle(
-            stage_root, name, load_weights(ckpt_dir),
-            architecture={"model": cfg.model.name, "num_classes": len(meta["class_names"]),
-                          "in_channels": pre.channels, "cifar_stem": cfg.model.cifar_stem},
-            preprocess=pre, class_names=meta["class_names"], train_class_counts=counts,
-            model_prior=model_prior_for(cfg, counts),
-            hyperparameters={"train": meta["train"], "epoch": meta["epoch"],
-                             **(extra_hyperparameters or {})},
-            metrics={"val": {}, "test": {}},
-        )
+        staged = stage_checkpoint(ckpt_dir, stage_root, name, extra_hyperparameters)
         try:
             val = verify_bundle(staged, data_root, reported)
             test = bundle_metrics(staged, data_root, TEST)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from imgpipe import storage
+from imgpipe.bundle import update_staged_meta
 from imgpipe.checkpoint import load_meta
 from imgpipe.config import PrepareConfig, TuneJobConfig
 from imgpipe.console import format_table, write_json
@@ -103,18 +104,30 @@ def _export_and_report(tcfg: TuneJobConfig, outcome: TuneOutcome, work: Path) ->
     ckpt = best_checkpoint_dir(outcome.train_storage, outcome.best_trial_id, tcfg.metric,
                                work / "best_checkpoint")
     name = tcfg.bundle_name or Path(tcfg.data.rstrip("/")).name
+    extra: dict[str, Any] = {"search_params": outcome.best_params,
+                             "trial_id": outcome.best_trial_id}
+    refit = None
+    if tcfg.refit:
+        from imgpipe.tuning.refit import run_refit  # a Train run: only when asked for
+
+        refit = run_refit(ckpt, tcfg.data, work, outcome.best_trial_id, tcfg.metric)
+        ckpt, extra["refit"] = refit.checkpoint, refit.info
     history = load_meta(ckpt).get("history", [])
     report_dir = work / "report"
 
     def finish(staged: Path) -> None:
+        if refit is not None:  # val is in-sample for the refit model: keep the held-out fit
+            update_staged_meta(staged, temperature=refit.temperature,
+                               decision_threshold=refit.decision_threshold)
         if tcfg.report:  # calibrated and reported before publication: a version is complete
-            document_bundle(staged, tcfg.data, report_dir, history=history, robustness=True)
+            document_bundle(staged, tcfg.data, report_dir, history=history, robustness=True,
+                            calibrate=refit is None)
 
-    bundle, metrics = export_bundle(ckpt, tcfg.data, tcfg.bundle_root, name,
-                                    {"search_params": outcome.best_params,
-                                     "trial_id": outcome.best_trial_id}, finish=finish)
-    print(f"\nbundle {bundle} verified: val {tcfg.metric} {metrics['val'][tcfg.metric]:.4f}, "
-          f"test balanced accuracy {metrics[TEST]['balanced_accuracy']:.4f}, "
+    bundle, metrics = export_bundle(ckpt, tcfg.data, tcfg.bundle_root, name, extra,
+                                    finish=finish)
+    val_note = " (in-sample: refit on train+val)" if refit is not None else ""
+    print(f"\nbundle {bundle} verified: val {tcfg.metric} {metrics['val'][tcfg.metric]:.4f}"
+          f"{val_note}, test balanced accuracy {metrics[TEST]['balanced_accuracy']:.4f}, "
           f"test macro-F1 {metrics[TEST]['macro_f1']:.4f}", flush=True)
     report = storage.join(storage.absolute_location(tcfg.out), "report", "report.html")
     return {
@@ -124,6 +137,7 @@ def _export_and_report(tcfg: TuneJobConfig, outcome: TuneOutcome, work: Path) ->
         "best_params": outcome.best_params,
         "bundle": bundle,
         "report": report if tcfg.report else None,
+        "refit": refit.info if refit is not None else None,
         "num_trials": len(outcome.ranking),
         "failed_trials": outcome.failed_trials,
         "val": metrics["val"],
