@@ -400,6 +400,19 @@ def load_bundle(path: str | Path) -> tuple[BundleMeta, dict[str, torch.Tensor]]:
     return meta, state
 
 
+def val_in_sample(meta: BundleMeta, what: str) -> str | None:
+    """Why ``what`` must not use this bundle's val split, or None when val is held out.
+
+    A bundle refit on train+val (``imgpipe.tuning.refit``, recorded under
+    ``hyperparameters["refit"]``) trained on val: anything fitted or estimated on val would
+    measure in-sample behaviour (over-confidence, a near-diagonal confusion matrix).
+    """
+    if not meta.hyperparameters.get("refit"):
+        return None
+    return (f"{meta.name} v{meta.version} was refit on train+val, so its val split is "
+            f"in-sample and {what} on it would measure its training data")
+
+
 def update_bundle_meta(path: str | Path, **fields: Any) -> BundleMeta:
     """Change calibration/evaluation fields of an existing bundle and return the new metadata.
 

@@ -29,8 +29,8 @@ SHORTCUTS = {"trigger.drift-p-below": "trigger-drift-p", "trigger.prior-tv-above
 def get_args_parser() -> argparse.ArgumentParser:
     p = config_parser(MonitorConfig, __doc__, shortcuts=SHORTCUTS)
     add_job_flag(p, "--init-reference", metavar="DATA",
-                 help="write the bundle's monitor reference from DATA's val split, then stop "
-                      "unless --log is given")
+                 help="write the bundle's monitor reference from DATA's val split (test for a "
+                      "bundle refit on train+val), then stop unless --log is given")
     return p
 
 

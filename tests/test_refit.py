@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,11 @@ def test_refit_streams_val_rows_and_counts_them(ray_session, tiny_digits):
 @pytest.mark.ray
 def test_tune_refit_bundles_the_train_val_model_with_held_out_calibration(
         ray_session, tiny_digits, tmp_path):
-    from imgpipe.bundle import load_bundle_meta
+    from imgpipe.bundle import BundleError, load_bundle_meta
+    from imgpipe.config import RebalanceConfig
+    from imgpipe.decoupled.stage import rebalance_classifier
+    from imgpipe.evaluate.calibration import calibrate_bundle
+    from imgpipe.monitoring.reference import REFERENCE_INFO, init_reference
     from imgpipe.tuning.job import run_tune_job
     from imgpipe.tuning.refit import held_out_calibration
 
@@ -76,3 +81,12 @@ def test_tune_refit_bundles_the_train_val_model_with_held_out_calibration(
     card = (Path(res["bundle"]) / "model_card.md").read_text()
     assert "in-sample" in card
     assert "in-sample" in Path(res["report"]).read_text()
+    # every later step that would fit or estimate on val refuses it, or uses test instead
+    with pytest.raises(BundleError, match=r"refit on train\+val.*calibrating"):
+        calibrate_bundle(res["bundle"], tiny_digits)
+    with pytest.raises(BundleError, match="re-balanced head"):
+        rebalance_classifier(RebalanceConfig(bundle=res["bundle"], data=tiny_digits,
+                                             out=str(tmp_path / "rb")))
+    reference = init_reference(res["bundle"], tiny_digits)
+    info = json.loads((reference.parent / REFERENCE_INFO).read_text())
+    assert info["split"] == "test"

@@ -30,6 +30,7 @@ from imgpipe.bundle import (
     resolve_bundle_dir,
     stage_bundle,
     update_staged_meta,
+    val_in_sample,
 )
 from imgpipe.bundle_versions import discard
 from imgpipe.config import RebalanceConfig
@@ -111,8 +112,9 @@ def rebalance_classifier(cfg: RebalanceConfig) -> dict[str, Any]:
     """Run the stage; returns the results dict (the job writes it to ``<out>/results.json``).
 
     Raises:
-        BundleError / BundleChecksumError: unreadable source bundle, or a head that is not a
-            linear layer on the penultimate features.
+        BundleError / BundleChecksumError: unreadable source bundle, a head that is not a
+            linear layer on the penultimate features, or a bundle refit on train+val (the new
+            head is chosen on val).
         ManifestError: ``cfg.data`` is not prepared shards.
         ValueError: the data's classes differ from the bundle's.
         ExportVerificationError: the staged bundle does not reproduce the head's val metrics
@@ -125,6 +127,9 @@ def rebalance_classifier(cfg: RebalanceConfig) -> dict[str, Any]:
     if list(manifest.class_names) != list(meta.class_names):
         raise DataSourceError(f"data: classes {list(manifest.class_names)} differ from the bundle's "
                          f"{list(meta.class_names)}")
+    in_sample = val_in_sample(meta, "choosing a re-balanced head")
+    if in_sample:
+        raise BundleError(f"{in_sample}; re-balance the bundle of a search without --refit")
     if "rebalance" in meta.hyperparameters:
         log.warning("%s is itself a re-balanced bundle (%s); its head is the starting point. "
                     "Name the trained version (bundles/<name>/v<N>) to start from the original.",

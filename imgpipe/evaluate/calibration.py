@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from imgpipe.bundle import DeploymentPrior, update_bundle_meta
+from imgpipe.bundle import BundleError, DeploymentPrior, update_bundle_meta, val_in_sample
 from imgpipe.calibrate import ThresholdMode, choose_threshold, fit_temperature
 from imgpipe.config.specs import parse_prior
 from imgpipe.constants import VAL
@@ -37,11 +37,16 @@ def calibrate_bundle(bundle_dir: str | Path, data_root: str, *,
         ``calibration_at_split_prior`` on val (without the bins) plus ``"decision_threshold",
         "threshold_mode", "target_recall", "deployment_prior"``.
     Raises:
-        BundleError / ManifestError as for ``run_evaluation``; ValueError: an empty val split,
-        or a binary val split without positives.
+        BundleError / ManifestError as for ``run_evaluation``, or a bundle refit on train+val
+        (``imgpipe.bundle.val_in_sample``); ValueError: an empty val split, or a binary val
+        split without positives.
     """
     predictor = load_predictor(bundle_dir, parse_prior(deployment_prior))
     meta = predictor.meta
+    in_sample = val_in_sample(meta, "calibrating")
+    if in_sample:
+        raise BundleError(f"{in_sample}; its temperature was fitted on held-out val by the "
+                          "model the search chose, before the refit")
     preds = predict_split(predictor.model, meta.preprocess, data_root, VAL)
     if preds.labels.size == 0:
         raise DataSourceError(f"{data_root}: the val split has no decodable image to calibrate on")

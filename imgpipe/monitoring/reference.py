@@ -1,11 +1,11 @@
 """The monitor's reference: what the bundle's model does on held-out, labelled images.
 
 ``init_reference`` (``jobs/monitor.py --init-reference DATA``) runs the bundle's ``Predictor`` on
-the data's validation split once and writes ``<bundle>/monitor/reference.parquet``: per image
-the true label, the calibrated probabilities (``softmax(z / T)``, the model's own prior) and the
-penultimate embedding. Everything the monitor needs follows from it: the BBSE confusion
-matrix P(ŷ | y) for any deployment prior, recall under any decision rule, and the reference
-sample for the drift test.
+the data's validation split (test for a bundle refit on train+val) once and writes
+``<bundle>/monitor/reference.parquet``: per image the true label, the calibrated probabilities
+(``softmax(z / T)``, the model's own prior) and the penultimate embedding. Everything the
+monitor needs follows from it: the BBSE confusion matrix P(ŷ | y) for any deployment prior,
+recall under any decision rule, and the reference sample for the drift test.
 
 Why a monitor-side step writing into the bundle (and not at export time): it works for every
 bundle ever exported, needs only the bundle and its data, and keeps the data flowing one way —
@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from imgpipe.bundle import BundleMeta, resolve_bundle_dir
-from imgpipe.constants import IMAGE, LABEL, VAL
+from imgpipe.bundle import BundleMeta, resolve_bundle_dir, val_in_sample
+from imgpipe.constants import IMAGE, LABEL, TEST, VAL
 from imgpipe.data.shards import read_split_table
 from imgpipe.data.transforms import ImageDecodeError
 from imgpipe.errors import UserError
@@ -68,17 +68,22 @@ def penultimate_and_logits(predictor: Predictor, x: torch.Tensor
     return logits, (caught[0].cpu().numpy() if caught else None)
 
 
-def init_reference(bundle: str | Path, data: str, split: str = VAL,
+def init_reference(bundle: str | Path, data: str, split: str | None = None,
                    batch_size: int = 256) -> Path:
     """Write ``<bundle>/monitor/reference.parquet`` (+ ``reference.json``) from ``split``.
 
-    Undecodable images are skipped and counted in ``reference.json``.
+    ``split`` defaults to val, or to test for a bundle refit on train+val, whose val
+    predictions are in-sample (a near-diagonal BBSE confusion matrix, over-confident
+    probabilities; ``imgpipe.bundle.val_in_sample``). Undecodable images are skipped and
+    counted in ``reference.json``.
 
     Raises:
         BundleError: unreadable bundle; ManifestError: unreadable data.
     """
     bundle_dir = resolve_bundle_dir(bundle)
     predictor = Predictor.load(bundle_dir)
+    if split is None:
+        split = TEST if val_in_sample(predictor.meta, "a reference") else VAL
     table = read_split_table(data, split)
     images, labels = table[IMAGE].to_pylist(), table[LABEL].to_numpy()
     probs, embs, keep, skipped = [], [], [], 0
