@@ -90,3 +90,23 @@ def test_tune_refit_bundles_the_train_val_model_with_held_out_calibration(
     reference = init_reference(res["bundle"], tiny_digits)
     info = json.loads((reference.parent / REFERENCE_INFO).read_text())
     assert info["split"] == "test"
+
+
+def test_the_tune_job_suggests_refit_when_val_outnumbers_train(tiny_digits):
+    from imgpipe.tuning.job import refit_hint
+
+    manifest = load_manifest(tiny_digits)
+    train = manifest.counts["train"]
+    names = list(manifest.class_names)
+
+    def with_val(val: dict[str, int]):
+        return manifest.model_copy(update={"counts": {**manifest.counts, "val": val}})
+
+    assert refit_hint(with_val({n: train[n] for n in names})) is None  # as many: no hint
+    tail = {n: train[n] + 20 for n in names[-2:]}  # the digits-lt case: 1 train, 20 val
+    hint = refit_hint(with_val({**{n: 1 for n in names}, **tail}))
+    assert "2 class(es)" in hint and "--refit" in hint
+    for n in names[-2:]:
+        assert f"{n} ({train[n]} train / {train[n] + 20} val)" in hint
+    many = refit_hint(with_val({n: train[n] + 1 for n in names}), max_named=3)
+    assert f"{len(names)} class(es)" in many and f"and {len(names) - 3} more" in many

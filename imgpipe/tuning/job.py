@@ -12,7 +12,7 @@ from imgpipe.bundle import update_staged_meta
 from imgpipe.checkpoint import load_meta
 from imgpipe.config import PrepareConfig, TuneJobConfig
 from imgpipe.console import format_table, write_json
-from imgpipe.constants import TEST, val_key
+from imgpipe.constants import TEST, TRAIN, VAL, val_key
 from imgpipe.data.manifest import Manifest, ManifestNotFoundError, load_manifest
 from imgpipe.data.prepare import ensure_prepared
 from imgpipe.report import document_bundle
@@ -129,6 +129,9 @@ def _export_and_report(tcfg: TuneJobConfig, outcome: TuneOutcome, work: Path) ->
     print(f"\nbundle {bundle} verified: val {tcfg.metric} {metrics['val'][tcfg.metric]:.4f}"
           f"{val_note}, test balanced accuracy {metrics[TEST]['balanced_accuracy']:.4f}, "
           f"test macro-F1 {metrics[TEST]['macro_f1']:.4f}", flush=True)
+    hint = refit_hint(load_manifest(tcfg.data)) if refit is None else None
+    if hint:
+        print(hint, flush=True)
     report = storage.join(storage.absolute_location(tcfg.out), "report", "report.html")
     return {
         "search_wall_time_s": round(outcome.wall_time_s, 2),
@@ -143,6 +146,23 @@ def _export_and_report(tcfg: TuneJobConfig, outcome: TuneOutcome, work: Path) ->
         "val": metrics["val"],
         "test": metrics[TEST],
     }
+
+
+def refit_hint(manifest: Manifest, max_named: int = 5) -> str | None:
+    """A line suggesting ``--refit`` when val holds more images of some class than train does
+    (the classes a model learns least about gain the most from them), else None."""
+    if VAL not in manifest.counts or TRAIN not in manifest.counts:
+        return None
+    pairs = [(name, manifest.counts[TRAIN][name], manifest.counts[VAL][name])
+             for name in manifest.class_names]
+    short = [(n, t, v) for n, t, v in pairs if v > t]
+    if not short:
+        return None
+    named = ", ".join(f"{n} ({t} train / {v} val)" for n, t, v in short[:max_named])
+    more = f" and {len(short) - max_named} more" if len(short) > max_named else ""
+    return (f"hint: val holds more images than train of {len(short)} class(es): {named}{more}. "
+            "--refit retrains the chosen configuration on train+val for the bundle (test "
+            "stays unseen)")
 
 
 def ranking_table(ranking, metric: str, max_rows: int = 20) -> str:
