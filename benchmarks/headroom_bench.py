@@ -33,13 +33,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain import iter_plain_epochs, load_split  # noqa: E402
+from plain import DEFAULT_DATA, bench_data, iter_plain_epochs, load_split  # noqa: E402
 
-from imgpipe.config import PrepareConfig, TrainConfig, resolve_config  # noqa: E402
+from imgpipe.config import TrainConfig, resolve_config  # noqa: E402
 from imgpipe.console import format_table  # noqa: E402
 from imgpipe.constants import TEST, TRAIN, VAL  # noqa: E402
 from imgpipe.data.manifest import load_manifest  # noqa: E402
-from imgpipe.data.prepare import ensure_prepared  # noqa: E402
 from imgpipe.training.defaults import resolve_input_size  # noqa: E402
 from imgpipe.tuning.space import params_to_overrides  # noqa: E402
 from imgpipe.tuning.warm_start import RECIPES  # noqa: E402
@@ -101,13 +100,12 @@ def refit_row(data: str, seed: int, epochs: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default="data/digits-lt")
+    p.add_argument("--data", default=DEFAULT_DATA, help="prepared shards (default: digits-lt)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=16, help="max epochs (the default tune's)")
     p.add_argument("--out", default="bench-results/headroom_bench.json")
     args = p.parse_args(argv)
-    ensure_prepared(PrepareConfig(dataset="digits-lt", out=args.data))
-    data = str(Path(args.data).resolve())
+    data = bench_data(args.data)
     manifest = load_manifest(data)
     counts = manifest.counts_vector(TRAIN)
     rare = sorted(range(len(counts)), key=lambda i: counts[i])[:3]

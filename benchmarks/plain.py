@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +25,31 @@ from imgpipe.metrics import classification_metrics, confusion_matrix
 from imgpipe.models import create_model
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
 from imgpipe.training.steps import plan_epoch_steps
+
+DEFAULT_DATA = "data/digits-lt"
+
+
+def bench_data(path: str) -> str:
+    """A benchmark's ``--data`` folder, absolute. Prepared shards are used as they are;
+    digits-lt is prepared only into the default folder, and only when it holds none: never
+    over a user's data, never into a mistyped path.
+
+    Raises:
+        SystemExit: ``path`` holds no prepared shards and is not the default folder.
+    """
+    from imgpipe.config import PrepareConfig
+    from imgpipe.data.manifest import ManifestNotFoundError
+    from imgpipe.data.prepare import ensure_prepared
+
+    try:
+        load_manifest(path)
+    except ManifestNotFoundError:
+        if Path(path).resolve() != Path(DEFAULT_DATA).resolve():
+            raise SystemExit(f"--data {path}: no prepared shards there (no manifest.json). "
+                             "Prepare your images with jobs/prepare_data.py, or leave --data "
+                             f"at {DEFAULT_DATA} (digits-lt, prepared on first use)") from None
+        ensure_prepared(PrepareConfig(dataset="digits-lt", out=path))
+    return str(Path(path).resolve())
 
 
 @dataclass

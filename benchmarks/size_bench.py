@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain import plain_train  # noqa: E402
+from plain import DEFAULT_DATA, bench_data, plain_train  # noqa: E402
 
-from imgpipe.config import PrepareConfig, TrainConfig, resolve_config  # noqa: E402
+from imgpipe.config import TrainConfig, resolve_config  # noqa: E402
 from imgpipe.console import format_table  # noqa: E402
-from imgpipe.data.prepare import ensure_prepared  # noqa: E402
+from imgpipe.data.manifest import load_manifest  # noqa: E402
 from imgpipe.tuning.space import params_to_overrides  # noqa: E402
 from imgpipe.tuning.warm_start import RECIPES  # noqa: E402
 
@@ -34,7 +34,7 @@ def run(data: str, size: int, recipe: str, seed: int, epochs: int) -> dict:
     cfg = resolve_config(TrainConfig, None, {
         "data": data, "epochs": epochs, "seed": seed, "model.name": "cnn",
         "model.image_size": size, "model.cifar_stem": True,
-        **params_to_overrides(RECIPES[recipe], 10)})
+        **params_to_overrides(RECIPES[recipe], len(load_manifest(data).class_names))})
     r = plain_train(cfg, world_size=1, score_splits=("val", "test"))
     steady = r["epoch_s"][1:] or r["epoch_s"]
     return {"recipe": recipe, "size": size, "seed": seed, "best_val_macro_f1": r["best_val"],
@@ -44,15 +44,14 @@ def run(data: str, size: int, recipe: str, seed: int, epochs: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default="data/digits-lt")
+    p.add_argument("--data", default=DEFAULT_DATA, help="prepared shards (default: digits-lt)")
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32])
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=16)
     p.add_argument("--out", default="bench-results/size_bench.json")
     args = p.parse_args(argv)
-    ensure_prepared(PrepareConfig(dataset="digits-lt", out=args.data))
-    data = str(Path(args.data).resolve())
+    data = bench_data(args.data)
     runs = []
     for recipe in args.recipes:
         for size in args.sizes:

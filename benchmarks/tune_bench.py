@@ -33,13 +33,12 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from plain import iter_plain_epochs  # noqa: E402
+from plain import DEFAULT_DATA, bench_data, iter_plain_epochs  # noqa: E402
 
-from imgpipe.config import PrepareConfig, TrainConfig, resolve_config  # noqa: E402
+from imgpipe.config import TrainConfig, resolve_config  # noqa: E402
 from imgpipe.config.search import SearchSpace
 from imgpipe.console import format_table  # noqa: E402
 from imgpipe.data.manifest import load_manifest  # noqa: E402
-from imgpipe.data.prepare import ensure_prepared  # noqa: E402
 from imgpipe.runtime import init_ray  # noqa: E402
 from imgpipe.training.defaults import resolve_input_size  # noqa: E402
 from imgpipe.tuning.space import define_space, params_to_overrides  # noqa: E402
@@ -51,7 +50,7 @@ METRIC = "val_macro_f1"
 def trial_fn(params: dict, data: str, epochs: int, seed: int) -> None:
     cfg = resolve_config(TrainConfig, None, {
         "data": data, "epochs": epochs, "seed": seed, "model.name": "cnn",
-        **params_to_overrides(params, 10)})
+        **params_to_overrides(params, len(load_manifest(data).class_names))})
     cfg, _ = resolve_input_size(cfg, load_manifest(data))  # the train job's own input size rule
     for e in iter_plain_epochs(cfg, world_size=1):
         tune.report({METRIC: e["scores"]["val"]["macro_f1"]})
@@ -59,12 +58,13 @@ def trial_fn(params: dict, data: str, epochs: int, seed: int) -> None:
 
 def run_arm(arm: str, data: str, trials: int, epochs: int, seed: int, storage: str) -> list:
     """Each trial's per-epoch val macro-F1, in trial start order."""
+    k = len(load_manifest(data).class_names)
     if arm == "random":
-        searcher = OptunaSearch(space=partial(define_space, space=SearchSpace(), num_classes=10),
+        searcher = OptunaSearch(space=partial(define_space, space=SearchSpace(), num_classes=k),
                                 metric=METRIC, mode="max",
                                 sampler=optuna.samplers.RandomSampler(seed=seed))
     else:  # the tune job's own searcher: warm-started, grouped multivariate TPE
-        searcher = tpe_searcher(SearchSpace(), 10, metric=METRIC, mode="max", seed=seed,
+        searcher = tpe_searcher(SearchSpace(), k, metric=METRIC, mode="max", seed=seed,
                                 num_samples=trials)
     scheduler = (FIFOScheduler() if arm == "random" else
                  ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=2,
@@ -95,22 +95,20 @@ def epochs_to_reach(curves: list[list[float]], target: float) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", default="data/digits-lt")
+    p.add_argument("--data", default=DEFAULT_DATA, help="prepared shards (default: digits-lt)")
     p.add_argument("--trials", type=int, default=16)
     p.add_argument("--epochs", type=int, default=8, help="max epochs per trial")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--storage", default="bench-results/tune_bench_runs")
     p.add_argument("--out", default="bench-results/tune_bench.json")
     args = p.parse_args(argv)
-    ensure_prepared(PrepareConfig(dataset="digits-lt", out=args.data))
+    data = bench_data(args.data)
     init_ray()
     storage = str(Path(args.storage).resolve())
     rows, runs = [], []
     for seed in args.seeds:
-        rand = run_arm("random", str(Path(args.data).resolve()), args.trials, args.epochs, seed,
-                       storage)
-        tpe = run_arm("tpe-asha", str(Path(args.data).resolve()), args.trials, args.epochs, seed,
-                      storage)
+        rand = run_arm("random", data, args.trials, args.epochs, seed, storage)
+        tpe = run_arm("tpe-asha", data, args.trials, args.epochs, seed, storage)
         if not any(rand) or not any(tpe):
             raise SystemExit("every trial of an arm failed: see the Tune errors above")
         target = max(max(c) for c in rand if c)

@@ -28,8 +28,9 @@ from imgpipe.config.search import SearchSpace
 from imgpipe.config.specs import parse_class_weights, parse_sampler
 from imgpipe.constants import PRIOR_CHOICES, TRAIN
 from imgpipe.data.manifest import Manifest, ManifestNotFoundError, load_manifest
-from imgpipe.data.rebalance import sampling_rates
+from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
 from imgpipe.losses import create_loss
+from imgpipe.training.steps import plan_epoch_steps
 
 # Class counts of the embedded datasets, for a tune run that will prepare them (no manifest yet).
 _DIGITS_CLASSES = 10
@@ -73,6 +74,23 @@ def check_train_against_counts(cfg: TrainConfig, counts: list[int], names: list[
         create_loss(cfg.loss, counts)
     except ValueError as e:
         raise _fail(f"{prefix}loss", str(e)) from None
+    check_ranks_get_rows(counts, cfg.sampler.strategy, cfg.num_workers, f"{prefix}num_workers")
+
+
+def check_ranks_get_rows(counts: list[int], strategy: str, num_workers: int, field: str) -> None:
+    """Every DDP rank must get rows each epoch: the resampled epoch (``strategy``'s rates over
+    ``counts``) needs at least one row per rank (``plan_epoch_steps``, which training runs).
+
+    Raises:
+        ConfigError: ``field`` with the epoch's size and the largest worker count that fits.
+    """
+    rows = float(expected_epoch_counts(counts, sampling_rates(counts, strategy)).sum())
+    try:
+        plan_epoch_steps(rows, num_workers, 1, 1)
+    except ValueError:
+        raise _fail(field, f"{num_workers} workers but an epoch (sampler {strategy!r}) holds "
+                           f"about {rows:.0f} rows: every worker needs rows each epoch; use at "
+                           f"most {max(1, int(rows))} workers") from None
 
 
 def check_train_config(cfg: TrainConfig) -> Manifest:
@@ -145,7 +163,8 @@ def check_tune_config(tcfg: TuneJobConfig) -> None:
         ConfigError: ``train.<field>`` or ``search.<field>[i]`` that does not fit the data.
     """
     counts, n, names = _tune_classes(tcfg)
-    train = TrainConfig.model_validate(tcfg.train)
+    # trials run workers_per_trial workers whatever train.num_workers says: checked below
+    train = TrainConfig.model_validate(tcfg.train).model_copy(update={"num_workers": 1})
     if counts is not None:
         check_train_against_counts(train, counts, names, prefix="train.")
     else:  # lengths can be checked already; the rest once the data is prepared
@@ -155,6 +174,9 @@ def check_tune_config(tcfg: TuneJobConfig) -> None:
             if values is not None:
                 _vector_length(f"train.{field}", values, n, "the vector", names)
     check_search_against_classes(tcfg.search, n, names)
+    if counts is not None:
+        for strategy in _choices(SearchSpace.model_validate(tcfg.search).sampler):
+            check_ranks_get_rows(counts, strategy, tcfg.workers_per_trial, "workers_per_trial")
 
 
 def check_prior(prior: Any, meta: BundleMeta, field: str = "prior") -> None:

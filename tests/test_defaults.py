@@ -45,3 +45,22 @@ def test_user_choice_wins(tiny_digits):
     # the starting weights fix the input: left unset here, resolve_model_config fills it
     # from the weights (a bare file: 32)
     assert got.model.image_size is None and got.model.cifar_stem is None
+
+
+def test_a_vit_gets_a_multiple_of_its_patch_size(tiny_digits):
+    from imgpipe.models.weights import resolve_model_config
+
+    cfg = TrainConfig(data=tiny_digits, model={"name": "vit_b_16"})
+    for (w, h), size in (((150, 100), 112), ((300, 20), 32), ((8, 8), 16), ((4000, 3000), 224)):
+        got, line = resolve_input_size(cfg, _manifest(tiny_digits, w, h))
+        assert got.model.image_size == size, (w, h)
+        assert "stem" not in line  # a ViT has no CIFAR/ImageNet stem choice
+        resolve_model_config(got.model, _manifest(tiny_digits, w, h).preprocess, None)
+
+
+def test_thin_images_warn_that_the_centre_crop_drops_most_of_them(tiny_digits):
+    cfg = TrainConfig(data=tiny_digits)
+    _, thin = resolve_input_size(cfg, _manifest(tiny_digits, 300, 20))
+    assert "warning" in thin and "middle 7%" in thin
+    _, photo = resolve_input_size(cfg, _manifest(tiny_digits, 160, 120))
+    assert "warning" not in photo

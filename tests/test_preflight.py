@@ -19,6 +19,7 @@ from imgpipe.config import ConfigError, TrainConfig, TuneJobConfig
 from imgpipe.constants import TEST, TRAIN, VAL
 from imgpipe.preflight import (
     check_evaluate_config,
+    check_ranks_get_rows,
     check_search_against_classes,
     check_serve_overrides,
     check_train_against_counts,
@@ -59,6 +60,9 @@ def assert_refused_before_ray(capsys, rc: int, field: str) -> None:
     (["--sampler", "0.5,0.5"], "sampler.strategy"),
     (["--sampler", ",".join(["0.1"] * 10)], "sampler.strategy"),  # mass on the absent class
     (["--class-weights", ",".join(["1"] * 11)], "loss.class_weights"),
+    # 27 train rows: more ranks than rows would leave one without data (a DDP hang)
+    (["--num-workers", "30"], "num_workers: 30 workers but an epoch (sampler 'none') holds "
+                              "about 27 rows"),
 ])
 def test_train_job_refuses_vectors_that_do_not_fit_the_data(ten_class_data, capsys, flags,
                                                             field):
@@ -98,6 +102,21 @@ def test_tune_job_refuses_before_ray(ten_class_data, tmp_path, capsys, train, se
                                    "train": train, "search": search}))
     rc = load_job("tune").main(["--config", str(cfg)])
     assert_refused_before_ray(capsys, rc, field)
+
+
+def test_tune_refuses_more_workers_per_trial_than_any_searched_epoch_has_rows(
+        ten_class_data, tmp_path, capsys):
+    cfg = tmp_path / "tune.yaml"
+    cfg.write_text(yaml.safe_dump({"data": ten_class_data, "out": str(tmp_path / "o"),
+                                   "workers_per_trial": 30,
+                                   "search": {"sampler": ["none", "undersample"]}}))
+    rc = load_job("tune").main(["--config", str(cfg)])
+    assert_refused_before_ray(capsys, rc, "workers_per_trial: 30 workers but an epoch (sampler "
+                                          "'none') holds about 27 rows")
+    # undersampling TEN keeps 1 row per class: 10 rows, fewer than 12 workers
+    check_ranks_get_rows(TEN, "none", 12, "workers_per_trial")
+    with pytest.raises(ConfigError, match=r"'undersample'\) holds about 10 rows.*at most 10"):
+        check_ranks_get_rows(TEN, "undersample", 12, "workers_per_trial")
 
 
 def test_tune_without_prepared_data_checks_against_the_embedded_dataset(tmp_path):

@@ -36,6 +36,7 @@ class ModelSpec:
         torchvision_name: the torchvision builder whose weights fit (``None``: imgpipe's own).
         cifar_stem: whether ``cifar_stem`` changes the network (ResNets and the small CNN).
         min_image_size: the smallest input side (px) the network accepts.
+        image_size_multiple: input sides must be a multiple of this (a ViT's patch size).
     """
 
     builder: ModelBuilder
@@ -44,6 +45,7 @@ class ModelSpec:
     torchvision_name: str | None = None
     cifar_stem: bool = False
     min_image_size: int = 8
+    image_size_multiple: int = 1
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -51,14 +53,15 @@ _MODELS: dict[str, ModelSpec] = {}
 
 def register_model(name: str, head: str, stages: tuple[tuple[str, ...], ...],
                    torchvision_name: str | None = None, cifar_stem: bool = False,
-                   min_image_size: int = 8) -> Callable[[ModelBuilder], ModelBuilder]:
+                   min_image_size: int = 8, image_size_multiple: int = 1
+                   ) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator adding ``builder`` under ``name`` with its head path and stages."""
 
     def add(builder: ModelBuilder) -> ModelBuilder:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
         _MODELS[name] = ModelSpec(builder, head, stages, torchvision_name, cifar_stem,
-                                  min_image_size)
+                                  min_image_size, image_size_multiple)
         return builder
 
     return add
@@ -189,7 +192,7 @@ VIT_PATCH = 16
                 stages=(("conv_proj", "class_token", "encoder.pos_embedding"),
                         *((f"encoder.layers.encoder_layer_{i}",) for i in range(11)),
                         ("encoder.layers.encoder_layer_11", "encoder.ln")),
-                min_image_size=16)
+                min_image_size=16, image_size_multiple=VIT_PATCH)
 def _vit_b_16(num_classes: int, in_channels: int, cifar_stem: bool,
               image_size: int | None) -> nn.Module:
     size = image_size or 224

@@ -296,12 +296,15 @@ def resolve_model_config(cfg: ModelConfig, data_preprocess: Callable[[int], Prep
         except ImportError:
             raise ConfigError("model.finetune: lora needs the peft package "
                               "(pip install 'peft>=0.13')") from None
-    min_size = get_model_spec(name).min_image_size
-    if size < min_size:
-        raise ConfigError(f"model.image_size: {name} needs at least {min_size} px, got {size}; "
-                          f"pass --image-size {min_size} (images are resized on decode)")
-    if name == "vit_b_16" and size % 16:
-        raise ConfigError(f"model.image_size: vit_b_16 needs a multiple of 16, got {size}")
+    spec = get_model_spec(name)
+    if size < spec.min_image_size:
+        raise ConfigError(f"model.image_size: {name} needs at least {spec.min_image_size} px, "
+                          f"got {size}; pass --image-size {spec.min_image_size} (images are "
+                          "resized on decode)")
+    if size % spec.image_size_multiple:
+        m = spec.image_size_multiple
+        raise ConfigError(f"model.image_size: {name} needs a multiple of {m}, got {size}; "
+                          f"pass --image-size {-(-size // m) * m}")
     resolved = cfg.model_copy(update={"name": name, "cifar_stem": True if stem is None else stem,
                                       "image_size": size})
     return resolved, pre

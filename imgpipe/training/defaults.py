@@ -17,6 +17,8 @@ about a quarter of a 32 px one — upsampling further adds compute, not detail.
 
 from __future__ import annotations
 
+import math
+
 from imgpipe.config import TrainConfig
 from imgpipe.data.manifest import Manifest
 from imgpipe.models.registry import get_model_spec
@@ -24,6 +26,7 @@ from imgpipe.models.registry import get_model_spec
 MIN_SIDE = 16
 MAX_SIDE = 224
 CIFAR_STEM_BELOW = 64
+CROP_WARN_RATIO = 2.0  # longer / shorter side from which the centre crop keeps half or less
 
 
 def native_side(manifest: Manifest) -> int | None:
@@ -45,12 +48,17 @@ def resolve_input_size(cfg: TrainConfig, manifest: Manifest) -> tuple[TrainConfi
     why = "set by the user"
     if "image_size" not in fixed and not pinned and side is not None:
         # Rounded up, not down: resizing below the native side would drop the fine structure
-        # the native size is kept for (28 px MNIST-like images stay at 32, not 24).
-        floor = max(MIN_SIDE, get_model_spec(model.name or "cnn").min_image_size)
-        update["image_size"] = min(max(-(-side // 8) * 8, floor), MAX_SIDE)
+        # the native size is kept for (28 px MNIST-like images stay at 32, not 24). A ViT also
+        # needs a multiple of its patch size.
+        spec = get_model_spec(model.name or "cnn")
+        step = math.lcm(8, spec.image_size_multiple)
+        floor = max(MIN_SIDE, spec.min_image_size)
+        update["image_size"] = min(max(_round_up(side, step), _round_up(floor, step)),
+                                   MAX_SIDE // step * step)
         why = f"from the data's native {manifest.image.width}x{manifest.image.height}"
     elif "image_size" not in fixed:
-        why = "default (pretrained/initial weights)" if pinned else "default (mixed image sizes)"
+        why = ("the default for pretrained/initial weights" if pinned
+               else "the default for mixed image sizes")
     size = update.get("image_size", model.image_size)
     if size is None and not pinned:
         size = update["image_size"] = 32
@@ -64,5 +72,23 @@ def resolve_input_size(cfg: TrainConfig, manifest: Manifest) -> tuple[TrainConfi
         # model_copy keeps model_fields_set; the resolved values count as set from here on.
         model = model.model_validate({**model.model_dump(), **update})
         cfg = cfg.model_copy(update={"model": model})
-    return cfg, (f"input {size}x{size} px ({why}), "
-                 f"{'CIFAR stem' if stem else 'ImageNet stem (stride-2 start)'}")
+    name = model.name or "cnn"
+    stem_text = ("" if not get_model_spec(name).cifar_stem
+                 else ", CIFAR stem" if stem else ", ImageNet stem (stride-2 start)")
+    return cfg, f"input {size}x{size} px ({why}){stem_text}{_crop_warning(manifest)}"
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
+def _crop_warning(manifest: Manifest) -> str:
+    """A warning when decoding (resize the shorter side, centre-crop a square) keeps less than
+    half of each image: thin strips lose most of their content."""
+    h, w = manifest.image.height, manifest.image.width
+    if not h or not w or max(h, w) < CROP_WARN_RATIO * min(h, w):
+        return ""
+    kept = min(h, w) / max(h, w)
+    return (f"; warning: the {w}x{h} images are resized by their shorter side and centre-"
+            f"cropped to a square, which keeps the middle {kept:.0%} of each (pad or tile them "
+            "to a squarer shape when prepared)")

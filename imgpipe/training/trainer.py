@@ -84,6 +84,10 @@ class RunInputs:
             self.clock = None
 
 
+# A step (all workers) larger than this many resampled epochs is worth a note at start.
+LARGE_BATCH_RATIO = 4
+
+
 @dataclass
 class DecodedSplits:
     """Train and val decoded once (and cached); shareable by every trial of a search."""
@@ -251,8 +255,14 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         passes = f" ({repeat} augmented passes)" if repeat > 1 else ""
         # the architecture is known only once the weights are resolved (prepare_inputs)
         print(f"{inputs.config.model.name}: {size_line}; {cfg.num_workers} worker(s) x batch "
-              f"{cfg.batch_size}, {steps} steps per epoch{passes}, {cfg.epochs} epochs",
-              flush=True)
+              f"{cfg.batch_size}, {_count(steps, 'step')} per epoch{passes}, "
+              f"{_count(cfg.epochs, 'epoch')}", flush=True)
+        rows = inputs.loop_config["epoch_rows"] / repeat  # one resampled pass
+        if cfg.num_workers * cfg.batch_size > LARGE_BATCH_RATIO * rows:
+            print(f"note: a step takes {cfg.num_workers} x {cfg.batch_size} rows, "
+                  f"{cfg.num_workers * cfg.batch_size / rows:.0f}x the {rows:.0f}-row epoch: "
+                  "each epoch repeats every image many times; a smaller --batch-size gives the "
+                  "same number of steps for less compute", flush=True)
         if cfg.refit:
             print(f"refit: training on train+val ({sum(inputs.loop_config['train_counts'])} "
                   "images); nothing is held out, so the last epoch is kept and val scores are "
@@ -294,6 +304,10 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "test": test,
         "history": history,
     }
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _best_epoch(history: list[dict[str, Any]], metric: str) -> int | None:
