@@ -143,12 +143,17 @@ TUNE_SLOW_LOGGERS = ("ray.tune.utils.util", "ray.tune.execution.tune_controller"
 
 def configure_console(verbose: bool = False) -> None:
     """Call before ``ray.init``: quiet Ray Data's console (unless ``verbose``); files keep all.
+    Forwarded worker lines lose Ray's colour codes when stdout is not a terminal.
 
     Also, in this process: the raylet's worker-count notes (:data:`RAYLET_NOTES`), Tune's
     timing hints (:data:`TUNE_SLOW_NOTE`), Tune's experiment banner ("Configuration for
     experiment", "View detailed results here", the TensorBoard hint) and Optuna's "A new study
     created" are left out, since the jobs print their own per-trial lines and summary.
     """
+    if not sys.stdout.isatty():
+        # Ray colours the "(actor pid=...)" prefix of forwarded worker lines; in a file or a
+        # pipe (CI logs, `| tee`) the escape codes are noise (read at print time by Ray).
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if verbose:
         return
     os.environ.setdefault(QUIET_ENV, "1")  # read by quiet_worker_loggers in every worker

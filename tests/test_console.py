@@ -1,6 +1,7 @@
 """The jobs' console: Ray Data's INFO lines and start-up notices stay in Ray's log files, its
 warnings still show, in the driver and in every worker (``imgpipe.logs``). No Ray instance:
-each case runs in a fresh interpreter, as a job's driver or a Ray worker starts."""
+each case runs in a fresh interpreter, as a job's driver or a Ray worker starts (one case
+starts its own small instance: the colour codes of forwarded worker lines)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import subprocess
 import sys
 import textwrap
+
+import pytest
 
 EMIT = """
 import logging
@@ -128,3 +131,28 @@ for name in TUNE_SLOW_LOGGERS:
     assert quiet.stderr.count("Trial t errored") == 2  # the loggers' other warnings stay
     loud = _run(code.format(verbose=True), env)
     assert loud.stderr.count("performance bottleneck") == 2
+
+
+FORWARDED = """
+import ray
+from imgpipe.logs import configure_console
+from imgpipe.runtime import start_local_ray
+{setup}
+start_local_ray(num_cpus=1)
+
+@ray.remote
+def work():
+    print("epoch 1/1 from a worker", flush=True)
+
+ray.get(work.remote())
+import time; time.sleep(2)  # the driver's log listener prints forwarded lines asynchronously
+ray.shutdown()
+"""
+
+
+@pytest.mark.ray
+def test_forwarded_worker_lines_carry_no_colour_codes_into_a_file():
+    env = {k: v for k, v in os.environ.items() if k != "RAY_COLOR_PREFIX"}
+    out = _run(FORWARDED.format(setup="configure_console()"), env)
+    lines = [x for x in (out.stdout + out.stderr).splitlines() if "from a worker" in x]
+    assert lines and all("\x1b[" not in x for x in lines), lines  # captured: not a terminal

@@ -24,8 +24,10 @@ from imgpipe.constants import (
 class EpochProgress(UserCallback):
     """One line per epoch, printed once by the Train controller (not by every rank)."""
 
-    def __init__(self, epochs: int) -> None:
+    def __init__(self, epochs: int, in_sample: bool = False) -> None:
+        # in_sample (a refit on train+val): val scores are not held out, so no "*best" mark
         self.epochs = epochs
+        self.mark_best = not in_sample
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         m = metrics[0]
@@ -34,4 +36,4 @@ class EpochProgress(UserCallback):
               f"val_bal_acc {m[val_key(BALANCED_ACCURACY)]:.4f}  "
               f"val_macro_f1 {m[val_key(MACRO_F1)]:.4f}  rows {m['train_rows']}  "
               f"{m.get('epoch_s', float('nan')):.1f}s"
-              f"{'  *best' if m['is_best'] else ''}", flush=True)
+              f"{'  *best' if m['is_best'] and self.mark_best else ''}", flush=True)

@@ -270,7 +270,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     try:
         trainer = build_trainer(inputs, name=f"train-{int(time.time())}",
                                 storage_path=storage_for(cfg),
-                                callbacks=[EpochProgress(cfg.epochs)] if cfg.progress else None)
+                                callbacks=([EpochProgress(cfg.epochs, in_sample=cfg.refit)]
+                                           if cfg.progress else None))
         result = trainer.fit()
     finally:
         inputs.close()
