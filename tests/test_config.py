@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imgpipe.config import ConfigError, PrepareConfig, TrainConfig, resolve_config
+from imgpipe.config import ConfigError, PrepareConfig, TrainConfig, TuneJobConfig, resolve_config
 
 
 def test_defaults_yaml_and_overrides_layer(tmp_path):
@@ -70,3 +70,23 @@ def test_every_optimizer_name_builds_its_optimizer():
         opt = create_optimizer(TrainConfig(data="d").optim.model_copy(update={"name": name}), model)
         assert type(opt).__name__.lower() == name
 
+
+
+@pytest.mark.parametrize(("overrides", "line"), [
+    ({"train": {"batch_size": 0}}, "  train.batch_size: Input should be greater than or equal to 1"),
+    ({"search": {"lr": [1.0, 0.0]}}, "  search.lr: range [1.0, 0.0] is reversed"),
+    ({"grace_period": 10, "epochs": 3}, "  grace_period (10) exceeds epochs (3)"),
+])
+def test_refusals_name_the_field_without_pydantics_wrapping(overrides, line):
+    with pytest.raises(ConfigError) as e:
+        resolve_config(TuneJobConfig, None, overrides)
+    text = str(e.value)
+    assert line in text.splitlines(), text
+    assert "Value error" not in text and "(top level)" not in text and "invalid train" not in text
+
+
+def test_grace_period_only_matters_to_schedulers_that_stop_trials():
+    resolve_config(TuneJobConfig, None, {"scheduler": "fifo", "grace_period": 10, "epochs": 3})
+    with pytest.raises(ConfigError, match="grace_period"):
+        resolve_config(TuneJobConfig, None, {"scheduler": "median", "grace_period": 10,
+                                             "epochs": 3})

@@ -68,6 +68,9 @@ def test_sampling_rates_reach_their_targets():
 def test_bad_sampler_is_refused():
     with pytest.raises(ValueError, match="sampler: unknown strategy"):
         parse_sampler("balanced")
+    # a negative entry is a bad vector, not an unknown strategy name
+    with pytest.raises(ValueError, match=r"values must be finite, >= 0"):
+        parse_sampler("-1,1,1")
     with pytest.raises(ValueError, match="no training rows"):
         sampling_rates([10, 0], "0.5,0.5")
 

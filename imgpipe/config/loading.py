@@ -72,8 +72,23 @@ def resolve_config(model: type[M], yaml_path: str | Path | None = None,
 
 
 def format_validation_error(e: ValidationError, what: str) -> str:
-    lines = [f"invalid {what}:"]
+    """``invalid <what>:`` and one indented line per error (``field.path: message``)."""
+    return "\n".join([f"invalid {what}:", *validation_error_lines(e)])
+
+
+def validation_error_lines(e: ValidationError, section: str = "") -> list[str]:
+    """One ``  field.path: message`` line per error, the path under ``section`` if given.
+
+    A model validator's error has no path; its message names the field itself (imgpipe's
+    validators start with it), so it is shown without pydantic's "Value error, " prefix, one
+    line per line of the message.
+    """
+    lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        lines.append(f"  {loc}: {err['msg']}")
-    return "\n".join(lines)
+        loc = ".".join([section] * bool(section) + [str(p) for p in err["loc"]])
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["loc"]:
+            lines.append(f"  {loc}: {msg}")
+        else:
+            lines += [f"  {x.strip()}" for x in msg.splitlines() if x.strip()]
+    return lines

@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import CliVariadicArg  # list fields take `--flag a b c` on the command line
 
-from imgpipe.config.loading import format_validation_error
+from imgpipe.config.loading import validation_error_lines
 from imgpipe.config.search import SearchSpace
 from imgpipe.config.specs import parse_class_weights, parse_finetune, parse_sampler
 from imgpipe.constants import (
@@ -333,7 +333,8 @@ class TuneJobConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> TuneJobConfig:
-        if self.grace_period is not None and self.grace_period > self.epochs:
+        if (self.grace_period is not None and self.grace_period > self.epochs
+                and self.scheduler != "fifo"):  # FIFO never stops a trial: no grace to give
             raise ValueError(f"grace_period ({self.grace_period}) exceeds epochs ({self.epochs})")
         if self.train.get("refit"):
             raise ValueError("train.refit: trials are compared on val, so they must not train "
@@ -353,7 +354,8 @@ class TuneJobConfig(StrictModel):
             try:
                 model.model_validate(getattr(self, section))
             except ValidationError as e:
-                raise ValueError(format_validation_error(e, section)) from None
+                # as the section's own paths (train.batch_size), not a nested "invalid train"
+                raise ValueError("\n".join(validation_error_lines(e, section))) from None
         return self
 
 

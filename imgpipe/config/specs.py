@@ -68,7 +68,7 @@ def parse_sampler(text: str) -> SamplerSpec:
     text = text.strip()
     if text in SAMPLER_STRATEGIES[:4]:
         return SamplerSpec(text)
-    if text and (text[0].isdigit() or text[0] == "."):
+    if text and (text[0].isdigit() or text[0] in ".-+"):  # a vector (a sign: its own error)
         return SamplerSpec("explicit", target=_floats(text, "sampler"))
     raise ValueError(
         f"sampler: unknown strategy {text!r}; choose one of none, oversample, undersample, "
