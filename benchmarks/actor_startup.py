@@ -15,12 +15,13 @@ Train controller starts after it). Prints the median, min and max per actor clas
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
 from datetime import datetime
 from pathlib import Path
+
+from imgpipe.console import write_json
 
 STAMP = re.compile(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})")
 
@@ -64,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, secs in sorted(found.items()):
         print(f"{name:30s} {len(secs):3d} {statistics.median(secs):9.2f} {min(secs):7.2f} "
               f"{max(secs):7.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"session": str(session), "creation_s": found}, indent=2))
+    out = write_json(args.out, {"session": str(session), "creation_s": found})
     print(f"written {out}")
     return 0
 

@@ -25,7 +25,6 @@ row; writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain import DEFAULT_DATA, bench_data, iter_plain_epochs, load_split  # noqa: E402
 
 from imgpipe.config import TrainConfig, resolve_config  # noqa: E402
-from imgpipe.console import format_table  # noqa: E402
+from imgpipe.console import format_table, write_json  # noqa: E402
 from imgpipe.constants import TEST, TRAIN, VAL  # noqa: E402
 from imgpipe.data.manifest import load_manifest  # noqa: E402
 from imgpipe.training.defaults import resolve_input_size  # noqa: E402
@@ -136,11 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(["row", "runs", "mean test bal. acc", *(f"mean recall {n}" for n in names)],
                        [[s["row"], s["runs"], f"{s['mean_balanced_accuracy']:.3f}",
                          *(f"{v:.2f}" for v in s["mean_rare_recall"])] for s in summary]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "train_counts": counts,
-                               "rarest_classes": names, "runs": runs, "summary": summary},
-                              indent=2))
+    out = write_json(args.out, {"args": vars(args), "train_counts": counts,
+                                "rarest_classes": names, "runs": runs, "summary": summary})
     print(f"\nwrote {out}")
     return 0
 

@@ -15,7 +15,6 @@ the largest size; writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plain import DEFAULT_DATA, bench_data, plain_train  # noqa: E402
 
 from imgpipe.config import TrainConfig, resolve_config  # noqa: E402
-from imgpipe.console import format_table  # noqa: E402
+from imgpipe.console import format_table, write_json  # noqa: E402
 from imgpipe.data.manifest import load_manifest  # noqa: E402
 from imgpipe.tuning.space import params_to_overrides  # noqa: E402
 from imgpipe.tuning.warm_start import RECIPES  # noqa: E402
@@ -74,10 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                          round(cost[size] / cost[max(args.sizes)], 2)])
     print(format_table(["recipe", "px", "test bal. acc per seed", "mean", "epoch s",
                         f"x {max(args.sizes)} px epoch"], rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
-    print(f"written {out}")
+    print(f"written {write_json(args.out, {'args': vars(args), 'runs': runs})}")
     return 0
 
 

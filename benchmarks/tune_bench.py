@@ -22,7 +22,6 @@ Prints the ratio TPE+ASHA trial-epochs / random trial-epochs (target ≤ 0.40); 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -37,7 +36,7 @@ from plain import DEFAULT_DATA, bench_data, iter_plain_epochs  # noqa: E402
 
 from imgpipe.config import TrainConfig, resolve_config  # noqa: E402
 from imgpipe.config.search import SearchSpace
-from imgpipe.console import format_table  # noqa: E402
+from imgpipe.console import format_table, write_json  # noqa: E402
 from imgpipe.data.manifest import load_manifest  # noqa: E402
 from imgpipe.runtime import init_ray  # noqa: E402
 from imgpipe.training.defaults import resolve_input_size  # noqa: E402
@@ -127,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     reached = [r["ratio"] for r in runs if r["ratio"] is not None]
     print(f"reached random's best in {len(reached)}/{len(runs)} seeds; mean ratio "
           f"{sum(reached) / len(reached):.2f}" if reached else "never reached random's best")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
-    print(f"written {out}")
+    print(f"written {write_json(args.out, {'args': vars(args), 'runs': runs})}")
     return 0
 
 
