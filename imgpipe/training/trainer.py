@@ -109,15 +109,17 @@ def build_decoded_splits(cfg: TrainConfig, manifest: Manifest, pre: Preprocess |
                                       load_model_weights(cfg.model))
     train, train_bad = build_decoded(cfg.data, TRAIN, pre, cache=cfg.cache_decoded,
                                      runtime_env=runtime_env)
-    val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded,
-                                 columns=(PIXELS, LABEL), runtime_env=runtime_env)
-    if cfg.refit:
-        # The stream needs every train column (the row ids key the resampling draws), which
-        # the val cache above leaves out: val is decoded once more, with them.
-        val_rows, _ = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded,
-                                    runtime_env=runtime_env)
-        train = train.union(val_rows)
-        train = train.materialize() if cfg.cache_decoded else train
+    if not cfg.refit:
+        val, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded,
+                                     columns=(PIXELS, LABEL), runtime_env=runtime_env)
+        return DecodedSplits(pre, train, val, {TRAIN: train_bad, VAL: val_bad})
+    # A refit streams val too, with every train column (the row ids key the resampling
+    # draws): val is decoded once, and the per-epoch val pass reads a projection of it.
+    rows, val_bad = build_decoded(cfg.data, VAL, pre, cache=cfg.cache_decoded,
+                                  runtime_env=runtime_env)
+    train, val = train.union(rows), rows.select_columns([PIXELS, LABEL])
+    if cfg.cache_decoded:
+        train, val = train.materialize(), val.materialize()
     return DecodedSplits(pre, train, val, {TRAIN: train_bad, VAL: val_bad})
 
 
