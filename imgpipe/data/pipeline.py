@@ -140,7 +140,7 @@ def build_decoded(data_root: str, split: str, pre: Preprocess, *, cache: bool,
     env = train_worker_runtime_env() if runtime_env is None else runtime_env
     remote = {"runtime_env": env} if env else {}
     ds = ray.data.read_parquet(split_files(data_root, split, manifest),
-                               ray_remote_args=remote).select_columns([IMAGE, LABEL, ID])
+                               runtime_env=env or None).select_columns([IMAGE, LABEL, ID])
     decoded = ds.map_batches(
         decode_batch, fn_kwargs={"pre": pre}, batch_format="numpy", batch_size=block_rows,
         **remote,
