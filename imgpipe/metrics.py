@@ -17,7 +17,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn import metrics as skm
 
 from imgpipe.constants import (
     ACCURACY,
@@ -197,6 +196,15 @@ def confusion_extras(cm: Any, iba_alpha: float = 0.1) -> dict[str, Any]:
     }
 
 
+def _sklearn_metrics():
+    """``sklearn.metrics``, imported on first use: with SciPy and pandas it takes seconds to
+    import, and the confusion-matrix metrics that every train worker and Tune trial computes
+    (``classification_metrics``) need none of it."""
+    from sklearn import metrics
+
+    return metrics
+
+
 def _binary_ranking(positive: np.ndarray, score: np.ndarray) -> tuple[float | None, float | None]:
     """(ROC-AUC, average precision) of one-vs-rest scores (scikit-learn's ``roc_auc_score`` /
     ``average_precision_score``); None when undefined: ROC-AUC needs both positives and
@@ -204,10 +212,10 @@ def _binary_ranking(positive: np.ndarray, score: np.ndarray) -> tuple[float | No
     n_pos = int(positive.sum())
     if n_pos == 0:
         return None, None
-    ap = float(skm.average_precision_score(positive, score))
+    ap = float(_sklearn_metrics().average_precision_score(positive, score))
     if n_pos == positive.size:
         return None, ap
-    return float(skm.roc_auc_score(positive, score)), ap
+    return float(_sklearn_metrics().roc_auc_score(positive, score)), ap
 
 
 def ranking_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
@@ -241,12 +249,13 @@ def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
         return 1.0
     # sklearn reads a binary problem's score as one column (the positive class).
     score = probs[:, 1] if c == 2 else probs
-    return float(skm.top_k_accuracy_score(y_true, score, k=k, labels=np.arange(c)))
+    return float(_sklearn_metrics().top_k_accuracy_score(y_true, score, k=k,
+                                                          labels=np.arange(c)))
 
 
 def negative_log_likelihood(y_true: np.ndarray, probs: np.ndarray) -> float:
     """Mean ``-log p_y`` (``sklearn.metrics.log_loss``, which clips p to float64 eps)."""
-    return float(skm.log_loss(y_true, probs, labels=np.arange(probs.shape[1])))
+    return float(_sklearn_metrics().log_loss(y_true, probs, labels=np.arange(probs.shape[1])))
 
 
 def brier_score(y_true: np.ndarray, probs: np.ndarray) -> float:
@@ -256,8 +265,8 @@ def brier_score(y_true: np.ndarray, probs: np.ndarray) -> float:
     two classes sklearn's default halves it (the classic binary ``mean (p_1 − y)²``); we never
     halve, so the number means the same thing for every C.
     """
-    return float(skm.brier_score_loss(y_true, probs, labels=np.arange(probs.shape[1]),
-                                      scale_by_half=False))
+    return float(_sklearn_metrics().brier_score_loss(
+        y_true, probs, labels=np.arange(probs.shape[1]), scale_by_half=False))
 
 
 def calibration(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> dict[str, Any]:
