@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from imgpipe.checkpoint import load_meta, load_train_state, load_weights, save_checkpoint
 from imgpipe.config import TrainConfig
-from imgpipe.constants import PER_CLASS_RECALL, TRAIN
+from imgpipe.constants import PER_CLASS_RECALL, TEST, TRAIN, VAL
 from imgpipe.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,6 +98,15 @@ def task_workers(name: str) -> set[str]:
     return {t.worker_id for t in tasks if t.worker_id}
 
 
+def finished_task_workers(name: str, wait_s: float = 30.0) -> set[str]:
+    """:func:`task_workers` once the task's events reached the GCS (workers flush them about
+    once a second, so a task that just returned may not be listed yet)."""
+    deadline = time.monotonic() + wait_s
+    while not (workers := task_workers(name)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return workers
+
+
 def actors_of(*class_names: str) -> set[str]:
     """Ids of this Ray session's actors (alive or dead) of these classes."""
     from ray.util.state import list_actors
@@ -124,6 +134,15 @@ def test_train_end_to_end_with_corrupt_images_and_resume(ray_session, corrupt_di
     tail = int(np.argmin(res["train_counts"]))
     assert res["test"][PER_CLASS_RECALL][tail] > 0
     assert res["test"]["num_rows"] == 100 and res["test"]["skipped_corrupt"] == 0
+    # the final scores came from a Ray task in a process of the run's own data tasks (torch
+    # already imported), and are what scoring the published checkpoint here gives
+    assert finished_task_workers("score_checkpoint") & (task_workers(
+        "MapBatches(decode_batch)->MapBatches(drop_corrupt)") | task_workers(
+        "MapBatches(resample_and_augment)"))
+    from imgpipe.evaluate import evaluate_checkpoint
+
+    assert res["test"] == evaluate_checkpoint(res["best_checkpoint"], str(data), TEST)
+    assert res["val"] == evaluate_checkpoint(res["best_checkpoint"], str(data), VAL)
 
     # checkpoint round trip: the saved best is a complete checkpoint
     best = Path(res["best_checkpoint"])

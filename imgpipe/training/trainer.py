@@ -55,6 +55,7 @@ from imgpipe.training.defaults import resolve_input_size
 from imgpipe.training.entry import train_loop_per_worker
 from imgpipe.training.progress import EpochProgress
 from imgpipe.training.recovery import RESUME_KEY, FailureNotice, stage_resume_checkpoint
+from imgpipe.training.scoring import score_checkpoint_remotely
 from imgpipe.training.steps import plan_epoch_steps
 
 
@@ -281,12 +282,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             else result.get_best_checkpoint(val_key(cfg.metric), METRIC_MODES[cfg.metric]))
     if best is None:
         raise TrainingFailed(f"training produced no checkpoint (error: {result.error})")
-    from imgpipe.evaluate import evaluate_checkpoint  # torch and scikit-learn: only here
-
+    # absolute: a Ray worker's working directory need not be the driver's
+    scores = score_checkpoint_remotely(best, storage.absolute_location(cfg.data), (TEST, VAL))
+    test, val = scores[TEST], scores[VAL]
     with tempfile.TemporaryDirectory(prefix="imgpipe-best-") as tmp:
         best.to_directory(tmp)
-        test = evaluate_checkpoint(tmp, cfg.data, TEST)
-        val = evaluate_checkpoint(tmp, cfg.data, VAL)
         best_dir = _publish_best(tmp, storage.join(out, "best"))
     history, restarts = _history(result)
     return {

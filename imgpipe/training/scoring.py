@@ -1,0 +1,49 @@
+"""The run's final numbers: the kept checkpoint scored on held-out splits, in a Ray task.
+
+Scoring needs torch and the model code. The train job's driver imports neither otherwise, and
+importing them there cost about 5 s at the end of every run on a 2-core laptop
+(``benchmarks/train_bench.py``). The task is given the train workers' runtime env, so it lands
+in an idle process of the run's own Ray Data tasks, where the stream's map tasks have already
+imported torch (Ray keeps idle workers for ``RAY_idle_worker_killing_time_threshold_ms``). On a
+cluster it runs on any node, which reads the data and the run's storage like the workers do.
+
+This module imports no torch: a worker unpickles ``score_checkpoint`` by importing it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from imgpipe.runtime import train_worker_runtime_env
+
+TASK_NAME = "score_checkpoint"
+
+
+def score_checkpoint(checkpoint: ray.train.Checkpoint, data_root: str,
+                     splits: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``evaluate_checkpoint`` of ``checkpoint`` on each of ``splits`` → {split: metrics}.
+
+    Runs where it is called; :func:`score_checkpoint_remotely` runs it as a Ray task.
+    """
+    from imgpipe.evaluate import evaluate_checkpoint  # torch: in the task's process only
+
+    with tempfile.TemporaryDirectory(prefix="imgpipe-score-") as tmp:
+        checkpoint.to_directory(tmp)
+        return {split: evaluate_checkpoint(tmp, data_root, split) for split in splits}
+
+
+def score_checkpoint_remotely(checkpoint: ray.train.Checkpoint, data_root: str,
+                              splits: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """:func:`score_checkpoint` as a one-CPU Ray task named ``score_checkpoint``, in the train
+    workers' runtime env; blocks until it returns.
+
+    Raises:
+        ray.exceptions.RayTaskError: scoring failed in the task (wrapping the original error).
+    """
+    env = train_worker_runtime_env()
+    task = ray.remote(score_checkpoint).options(name=TASK_NAME, runtime_env=env or None)
+    return ray.get(task.remote(checkpoint, data_root, tuple(splits)))
