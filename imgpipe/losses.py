@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imgpipe.config import LossConfig
-from imgpipe.data.rebalance import class_weights
+from imgpipe.data.rebalance import check_class_counts, class_prior, class_weights
 
 log = logging.getLogger(__name__)
 
@@ -209,25 +209,6 @@ class LogitAdjustedCrossEntropy(ImbalanceLoss):
         return f"tau={self.tau}, " + super().extra_repr()
 
 
-def class_prior(class_counts: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Training class prior ``n_c / Σn`` with zero-count classes treated as one example.
-
-    The floor keeps ``log(prior)`` finite (no -inf/NaN in logit adjustment); a class absent
-    from training is thus adjusted like a 1-shot class. Raises ValueError if all counts are 0.
-    """
-    n = _check_counts(class_counts)
-    return np.where(n > 0, n, 1.0) / n.sum()
-
-
-def _check_counts(class_counts: Sequence[int] | np.ndarray) -> np.ndarray:
-    n = np.asarray(class_counts, dtype=np.float64)
-    if n.ndim != 1 or n.size < 2:
-        raise ValueError(f"class_counts: expected one count per class (>= 2), got shape {n.shape}")
-    if not np.isfinite(n).all() or (n < 0).any() or n.sum() <= 0:
-        raise ValueError(f"class_counts: need finite counts >= 0, not all 0, got {n.tolist()}")
-    return n
-
-
 LossBuilder = Callable[[LossConfig, np.ndarray, np.ndarray], ImbalanceLoss]
 
 
@@ -270,7 +251,7 @@ def create_loss(cfg: LossConfig, class_counts: Sequence[int] | np.ndarray) -> Im
     builder = _LOSSES.get(cfg.name)
     if builder is None:
         raise ValueError(f"unknown loss {cfg.name!r}; valid names: {', '.join(list_losses())}")
-    counts = _check_counts(class_counts)
+    counts = check_class_counts(class_counts)
     weights = class_weights(counts, cfg.class_weights)
     if cfg.drw_epoch is not None and np.allclose(weights, weights[0]):
         log.warning("loss: drw_epoch=%s has no effect with uniform class weights (%s)",

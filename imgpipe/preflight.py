@@ -5,16 +5,17 @@ sampler target distribution, a deployment prior (one value per class), the searc
 a tune run that hold such vectors, the bundle a job evaluates or serves against the data's class
 list. Each job calls one ``check_*`` here right after parsing its configuration, so a wrong
 length fails in a second with exit 2 and the field's name — not minutes later inside a Ray
-worker. The checks run the same functions training runs (``sampling_rates``, ``create_loss``),
-so a value accepted here is accepted there.
+worker. The checks run the same functions training runs (``sampling_rates``, and the counts and
+class-weight functions ``create_loss`` builds the loss from), so a value accepted here is accepted
+there. The train and tune checks import no torch: the job's driver never needs it (the bundle
+checks of evaluate and serve import it with the bundle code).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
-from imgpipe.bundle import BundleMeta, check_prior_vector, load_bundle_meta
 from imgpipe.checkpoint import META_FILE, load_meta
 from imgpipe.config import (
     ConfigError,
@@ -28,9 +29,16 @@ from imgpipe.config.search import SearchSpace
 from imgpipe.config.specs import parse_class_weights, parse_sampler
 from imgpipe.constants import PRIOR_CHOICES, TRAIN
 from imgpipe.data.manifest import Manifest, ManifestNotFoundError, load_manifest
-from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
-from imgpipe.losses import create_loss
+from imgpipe.data.rebalance import (
+    check_class_counts,
+    class_weights,
+    expected_epoch_counts,
+    sampling_rates,
+)
 from imgpipe.training.steps import plan_epoch_steps
+
+if TYPE_CHECKING:
+    from imgpipe.bundle import BundleMeta
 
 # Class counts of the embedded datasets, for a tune run that will prepare them (no manifest yet).
 _DIGITS_CLASSES = 10
@@ -71,7 +79,7 @@ def check_train_against_counts(cfg: TrainConfig, counts: list[int], names: list[
     except ValueError as e:
         raise _fail(f"{prefix}sampler.strategy", str(e)) from None
     try:
-        create_loss(cfg.loss, counts)
+        class_weights(check_class_counts(counts), cfg.loss.class_weights)
     except ValueError as e:
         raise _fail(f"{prefix}loss", str(e)) from None
     check_ranks_get_rows(counts, cfg.sampler.strategy, cfg.num_workers, f"{prefix}num_workers")
@@ -200,6 +208,8 @@ def check_prior(prior: Any, meta: BundleMeta, field: str = "prior") -> None:
             raise _fail(field, f"expected one of {', '.join(PRIOR_CHOICES)} or one probability "
                                f"per class, got {prior!r}") from None
     _vector_length(field, values, meta.architecture.num_classes, "the prior", meta.class_names)
+    from imgpipe.bundle import check_prior_vector  # torch: the train job's driver has none
+
     try:
         check_prior_vector([float(v) for v in values], meta.architecture.num_classes, field)
     except ValueError as e:
@@ -214,6 +224,8 @@ def check_evaluate_config(bundle: str, data: str, split: str, prior: Any) -> Non
         BundleError / ManifestError: unreadable bundle or data.
         ConfigError: ``data``, ``split`` or ``prior`` with the reason.
     """
+    from imgpipe.bundle import load_bundle_meta
+
     meta = load_bundle_meta(bundle)
     manifest = load_manifest(data)
     if manifest.class_names != meta.class_names:
@@ -231,6 +243,8 @@ def check_serve_overrides(bundle: str, deployment_prior: Any, decision_threshold
         BundleError: unreadable bundle.
         ConfigError: ``deployment_prior`` or ``decision_threshold`` that does not fit it.
     """
+    from imgpipe.bundle import load_bundle_meta
+
     meta = load_bundle_meta(bundle)
     check_prior(deployment_prior, meta, "deployment_prior")
     if decision_threshold is not None and meta.architecture.num_classes != 2:

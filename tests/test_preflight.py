@@ -8,6 +8,9 @@ also when the suite's shared instance already runs in this process.
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -186,3 +189,31 @@ def test_resume_from_a_checkpoint_of_other_classes(ten_class_data, tmp_path, cap
     rc = load_job("train").main(["--data", ten_class_data, "--resume", str(ckpt),
                                  "--out", str(tmp_path / "o")])
     assert_refused_before_ray(capsys, rc, "resume")
+
+
+DRIVER_PROBE = """
+import importlib.util, json, sys
+sys.path.insert(0, sys.argv[1])
+spec = importlib.util.spec_from_file_location("train_job", f"{sys.argv[1]}/jobs/train.py")
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+import imgpipe.training.trainer
+from imgpipe.config import TrainConfig, TuneJobConfig
+from imgpipe.preflight import check_train_config, check_tune_config
+for loss in ("ce", "focal", "logit-adjusted"):
+    check_train_config(TrainConfig(data=sys.argv[2], **{"loss": {"name": loss,
+                                                           "class_weights": "power:0.5"}}))
+check_tune_config(TuneJobConfig(data=sys.argv[2], out=sys.argv[3]))
+print(json.dumps(sorted(m for m in ("torch", "sklearn", "scipy") if m in sys.modules)))
+"""
+
+
+def test_the_train_jobs_driver_imports_no_torch(ten_class_data, tmp_path):
+    """The train job's driver (its module, the run's set-up, and the preflight checks of every
+    loss, which the tune job runs too) imports no torch, scikit-learn or SciPy: it only starts
+    Ray work, and those imports cost seconds on a laptop before Ray starts. The kept checkpoint
+    is scored in a Ray task (``imgpipe/training/scoring.py``). The tune job's driver imports
+    torch to export the bundle."""
+    proc = subprocess.run([sys.executable, "-c", DRIVER_PROBE, str(ROOT), ten_class_data,
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []

@@ -13,6 +13,33 @@ import numpy as np
 from imgpipe.config.specs import SamplerSpec, WeightSpec, parse_class_weights, parse_sampler
 
 
+def check_class_counts(class_counts: np.ndarray | list[int]) -> np.ndarray:
+    """Per-class training counts as float64 ``(C,)``.
+
+    Raises:
+        ValueError: fewer than 2 classes, a count that is negative or not finite, or all 0.
+    """
+    n = np.asarray(class_counts, dtype=np.float64)
+    if n.ndim != 1 or n.size < 2:
+        raise ValueError(f"class_counts: expected one count per class (>= 2), got shape {n.shape}")
+    if not np.isfinite(n).all() or (n < 0).any() or n.sum() <= 0:
+        raise ValueError(f"class_counts: need finite counts >= 0, not all 0, got {n.tolist()}")
+    return n
+
+
+def class_prior(class_counts: np.ndarray | list[int]) -> np.ndarray:
+    """Training class prior ``n_c / Σn`` ``(C,)`` with zero-count classes counted as one example.
+
+    The floor keeps ``log(prior)`` finite (no -inf/NaN in logit adjustment); a class absent
+    from training is thus adjusted like a 1-shot class.
+
+    Raises:
+        ValueError: as :func:`check_class_counts`.
+    """
+    n = check_class_counts(class_counts)
+    return np.where(n > 0, n, 1.0) / n.sum()
+
+
 def class_weights(counts: np.ndarray | list[int], spec: WeightSpec | str) -> np.ndarray:
     """Per-class loss weights with mean 1 (classes with zero count get weight 0 before scaling).
 
