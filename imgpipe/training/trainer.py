@@ -282,12 +282,13 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             else result.get_best_checkpoint(val_key(cfg.metric), METRIC_MODES[cfg.metric]))
     if best is None:
         raise TrainingFailed(f"training produced no checkpoint (error: {result.error})")
-    # absolute: a Ray worker's working directory need not be the driver's
-    scores = score_checkpoint_remotely(best, storage.absolute_location(cfg.data), (TEST, VAL))
-    test, val = scores[TEST], scores[VAL]
     with tempfile.TemporaryDirectory(prefix="imgpipe-best-") as tmp:
         best.to_directory(tmp)
         best_dir = _publish_best(tmp, storage.join(out, "best"))
+    # Scored after publishing, so a failure to score loses no trained model; the data path is
+    # absolute because a Ray worker's working directory need not be the driver's.
+    scores = score_checkpoint_remotely(best, storage.absolute_location(cfg.data), (TEST, VAL))
+    test, val = scores[TEST], scores[VAL]
     history, restarts = _history(result)
     return {
         "config": inputs.config.model_dump(mode="json"),
