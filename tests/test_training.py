@@ -274,3 +274,31 @@ def test_results_json_written_by_job(ray_session, tiny_digits, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert set(res) >= {"config", "wall_time_s", "val", "test", "history"}
     assert res["config"]["loss"]["name"] == "logit-adjusted"
+
+
+def test_a_failed_scoring_task_raises_the_tasks_own_error(ray_session, tiny_digits, tmp_path):
+    """The final scoring runs in a Ray task (``training/scoring.py``): its scores are the
+    driver's, and a user error in it (a split file gone since the run started) reaches the job
+    as that error, one line, not as Ray's wrapper with the remote traceback in its text."""
+    import shutil
+
+    import ray
+    from ray.train import Checkpoint
+    from test_bundle_publication import _checkpoint
+
+    from imgpipe.data.manifest import ManifestError
+    from imgpipe.evaluate import evaluate_checkpoint
+    from imgpipe.training.scoring import score_checkpoint_remotely
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_digits, data)
+    ckpt = _checkpoint(tiny_digits, tmp_path / "ckpt")
+    checkpoint = Checkpoint.from_directory(str(ckpt))
+    scores = score_checkpoint_remotely(checkpoint, str(data), (VAL,))
+    assert scores[VAL] == evaluate_checkpoint(ckpt, str(data), VAL)
+    for shard in (data / TEST).glob("*.parquet"):
+        shard.unlink()
+    with pytest.raises(ManifestError, match="missing") as raised:
+        score_checkpoint_remotely(checkpoint, str(data), (VAL, TEST))
+    assert not isinstance(raised.value, ray.exceptions.RayTaskError)
+    assert "Traceback" not in str(raised.value)

@@ -42,8 +42,15 @@ def score_checkpoint_remotely(checkpoint: ray.train.Checkpoint, data_root: str,
     workers' runtime env; blocks until it returns.
 
     Raises:
-        ray.exceptions.RayTaskError: scoring failed in the task (wrapping the original error).
+        The task's own error (e.g. ``ManifestError`` for a split file that is gone), chained
+        to Ray's ``RayTaskError``, which holds the remote traceback: a user error then reads as
+        the one line it would be in the driver, not as Ray's wrapper text.
     """
     env = train_worker_runtime_env()
     task = ray.remote(score_checkpoint).options(name=TASK_NAME, runtime_env=env or None)
-    return ray.get(task.remote(checkpoint, data_root, tuple(splits)))
+    try:
+        return ray.get(task.remote(checkpoint, data_root, tuple(splits)))
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, Exception):
+            raise e.cause from e
+        raise

@@ -48,7 +48,7 @@ from imgpipe.data.pipeline import (
 )
 from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
 from imgpipe.data.transforms import Preprocess
-from imgpipe.errors import ImgpipeFailure
+from imgpipe.errors import ImgpipeFailure, UserError
 from imgpipe.models.weights import load_model_weights, resolve_model_config, target_state_dict
 from imgpipe.runtime import plan_resources
 from imgpipe.training.defaults import resolve_input_size
@@ -278,17 +278,26 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         result = trainer.fit()
     finally:
         inputs.close()
+    # (Ray's get_best_checkpoint raises, rather than returning None, when there is none)
+    if result.checkpoint is None:
+        why = (f"error: {result.error}" if result.error is not None else
+               "no epoch ran; a --resume checkpoint that already ran --epochs epochs?")
+        raise TrainingFailed(f"training produced no checkpoint ({why})")
     best = (result.checkpoint if cfg.refit
             else result.get_best_checkpoint(val_key(cfg.metric), METRIC_MODES[cfg.metric]))
-    if best is None:
-        raise TrainingFailed(f"training produced no checkpoint (error: {result.error})")
+    # Scored before publishing, so ``<out>`` never holds a best checkpoint that its
+    # results.json does not describe; the data path is absolute because a Ray worker's working
+    # directory need not be the driver's.
+    try:
+        scores = score_checkpoint_remotely(best, storage.absolute_location(cfg.data),
+                                           (TEST, VAL))
+    except UserError as e:
+        raise ScoringFailed(f"scoring the kept checkpoint failed: {e}. The trained checkpoint "
+                            f"is at {best.path}; {out} was left as it was") from e
+    test, val = scores[TEST], scores[VAL]
     with tempfile.TemporaryDirectory(prefix="imgpipe-best-") as tmp:
         best.to_directory(tmp)
         best_dir = _publish_best(tmp, storage.join(out, "best"))
-    # Scored after publishing, so a failure to score loses no trained model; the data path is
-    # absolute because a Ray worker's working directory need not be the driver's.
-    scores = score_checkpoint_remotely(best, storage.absolute_location(cfg.data), (TEST, VAL))
-    test, val = scores[TEST], scores[VAL]
     history, restarts = _history(result)
     return {
         "config": inputs.config.model_dump(mode="json"),
@@ -340,6 +349,11 @@ def _publish_best(local_dir: str, dest: str) -> str:
 
 class TrainingFailed(ImgpipeFailure):
     """The run ended without a usable checkpoint."""
+
+
+class ScoringFailed(UserError):
+    """The kept checkpoint could not be scored on the held-out splits for a reason the user
+    can fix (e.g. a split file removed during the run); the message says where it is kept."""
 
 
 def _history(result) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
