@@ -27,7 +27,7 @@ from imgpipe.config import (
 )
 from imgpipe.config.search import SearchSpace
 from imgpipe.config.specs import parse_class_weights, parse_sampler
-from imgpipe.constants import PRIOR_CHOICES, TRAIN
+from imgpipe.constants import EPOCH, PRIOR_CHOICES, TRAIN
 from imgpipe.data.manifest import Manifest, ManifestNotFoundError, load_manifest
 from imgpipe.data.rebalance import (
     check_class_counts,
@@ -107,16 +107,23 @@ def check_train_config(cfg: TrainConfig) -> Manifest:
     Raises:
         ManifestError: no readable manifest at ``cfg.data``.
         ConfigError: naming the field that does not fit the data (``resume``: a checkpoint
-            trained on other classes).
+            trained on other classes; ``epochs``: no more than the checkpoint already ran).
     """
     manifest = load_manifest(cfg.data)
     check_train_against_counts(cfg, manifest.counts_vector(TRAIN), manifest.class_names)
     if cfg.resume and "://" not in cfg.resume and (Path(cfg.resume) / META_FILE).is_file():
+        meta = load_meta(cfg.resume)
         # A checkpoint of other classes would fail to load its classifier head in every worker.
-        saved = load_meta(cfg.resume).get("class_names")
+        saved = meta.get("class_names")
         if saved is not None and list(saved) != manifest.class_names:
             raise _fail("resume", f"{cfg.resume} was trained on classes {saved}, but {cfg.data} "
                                   f"has {manifest.class_names}")
+        # A resumed run starts after the checkpoint's epoch (0-based in the checkpoint).
+        done = meta.get(EPOCH)
+        if done is not None and int(done) + 1 >= cfg.epochs:
+            raise _fail("epochs", f"{cfg.resume} already ran {int(done) + 1} epoch(s), so "
+                                  f"--epochs {cfg.epochs} leaves none to train; the epoch count "
+                                  f"is the run's total: give more than {int(done) + 1}")
     return manifest
 
 

@@ -191,6 +191,25 @@ def test_resume_from_a_checkpoint_of_other_classes(ten_class_data, tmp_path, cap
     assert_refused_before_ray(capsys, rc, "resume")
 
 
+def test_resume_with_no_epochs_left_is_refused(ten_class_data, tmp_path, capsys):
+    """``--epochs`` is the run's total: a checkpoint that already ran that many leaves nothing
+    to train (Ray Train would end with no checkpoint at all)."""
+    import json
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    names = [f"class_{i}" for i in range(10)]
+    (ckpt / "meta.json").write_text(json.dumps({"epoch": 2, "class_names": names}))
+    job = load_job("train")
+    for epochs in ("2", "3"):
+        rc = job.main(["--data", ten_class_data, "--resume", str(ckpt), "--epochs", epochs,
+                       "--out", str(tmp_path / "o")])
+        assert_refused_before_ray(capsys, rc, "epochs")
+    from imgpipe.preflight import check_train_config
+
+    check_train_config(TrainConfig(data=ten_class_data, resume=str(ckpt), epochs=4))
+
+
 DRIVER_PROBE = """
 import importlib.util, json, sys
 sys.path.insert(0, sys.argv[1])
