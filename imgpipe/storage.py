@@ -25,6 +25,24 @@ RAY_JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 _WORKING_DIR_MARK = f"{os.sep}runtime_resources{os.sep}working_dir_files{os.sep}"
 
 
+def _process_umask() -> int:
+    """This process's umask. Read once, at import: setting it to read it back (the only
+    portable way) would briefly change it for every thread."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
+def default_mode(directory: bool = False) -> int:
+    """The permission bits ``open``/``mkdir`` would give a new file or folder here (0o666 or
+    0o777 less the umask). ``tempfile`` creates owner-only ones, which a file we publish by
+    renaming one must not keep: a server or colleague reading the output would be refused."""
+    return (0o777 if directory else 0o666) & ~_UMASK
+
+
 def is_uri(location: str) -> bool:
     return "://" in location
 
@@ -79,6 +97,7 @@ def write_bytes(location: str, data: bytes) -> str:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, default_mode())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -338,6 +338,7 @@ def _publish_best(local_dir: str, dest: str) -> str:
     dest_path = Path(dest)
     dest_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".best-", dir=dest_path.parent))
+    os.chmod(staging, storage.default_mode(directory=True))
     shutil.copytree(local_dir, staging, dirs_exist_ok=True)
     old = dest_path.with_name(f".{dest_path.name}-old-{os.getpid()}")
     if dest_path.exists():
