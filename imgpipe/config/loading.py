@@ -88,6 +88,8 @@ def validation_error_lines(e: ValidationError, section: str = "") -> list[str]:
         loc = ".".join([section] * bool(section) + [str(p) for p in err["loc"]])
         msg = err["msg"].removeprefix("Value error, ")
         if err["loc"]:
+            # a parser shared with non-pydantic callers names its field itself: say it once
+            msg = msg.removeprefix(f"{err['loc'][-1]}: ")
             lines.append(f"  {loc}: {msg}")
         else:
             lines += [f"  {x.strip()}" for x in msg.splitlines() if x.strip()]
