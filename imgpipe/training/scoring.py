@@ -12,7 +12,6 @@ This module imports no torch: a worker unpickles ``score_checkpoint`` by importi
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,15 +24,17 @@ TASK_NAME = "score_checkpoint"
 
 def score_checkpoint(checkpoint: ray.train.Checkpoint, data_root: str,
                      splits: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``evaluate_checkpoint`` of ``checkpoint`` on each of ``splits`` → {split: metrics}.
+    """``evaluate_checkpoint`` of ``checkpoint`` on each of ``splits`` → {split: metrics}, with
+    the model loaded once, read in place when the checkpoint is local (``as_directory``).
 
     Runs where it is called; :func:`score_checkpoint_remotely` runs it as a Ray task.
     """
-    from imgpipe.evaluate import evaluate_checkpoint  # torch: in the task's process only
+    from imgpipe.evaluate import load_checkpoint_model, score_split  # torch: the task's only
 
-    with tempfile.TemporaryDirectory(prefix="imgpipe-score-") as tmp:
-        checkpoint.to_directory(tmp)
-        return {split: evaluate_checkpoint(tmp, data_root, split) for split in splits}
+    with checkpoint.as_directory() as d:
+        model, pre, meta = load_checkpoint_model(d)
+    return {split: score_split(model, pre, data_root, split, len(meta["class_names"]))
+            for split in splits}
 
 
 def score_checkpoint_remotely(checkpoint: ray.train.Checkpoint, data_root: str,
