@@ -68,9 +68,12 @@ _DATA_CONFIG = {
 # of the one message dropped (the logger's other warnings, e.g. a failed clean-up, still show).
 # Train's placement-group cleaner notes at the end of every trial that it is removing the
 # finished controller's placement group (its liveness poll races the controller's own clean-up).
+# A one-worker Tune trial, which trains in its own actor, logs the path of every epoch's
+# checkpoint (Tune's storage module, at INFO); the trial lines and the ranking say what counts.
 QUIET_WORKER_NOTES = {
     "ray.train.v2._internal.execution.controller.placement_group_cleaner":
         "Detected that the Ray Train controller actor",
+    "ray.train._internal.storage": "Checkpoint successfully created at",
 }
 QUIET_ENV = "IMGPIPE_QUIET_RAY_LOGGERS"
 
@@ -160,6 +163,11 @@ def configure_console(verbose: bool = False) -> None:
     # Tune's new console prints its banner even at verbose=0; the classic one prints nothing at
     # verbose=0 (every RunConfig imgpipe builds sets it: the classic default, 3, prints tables).
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Tune warns when it snapshots its experiment state more often than every 5 s: it must,
+    # whenever a trial has checkpointed ``num_to_keep`` times since the last snapshot, and a
+    # small model's epochs on local storage take less than that; the advice (keep more
+    # checkpoints, checkpoint less often) trades disk for nothing here. 0 is Ray's off switch.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     optuna = sys.modules.get("optuna")  # imported by the tune job; never imported here
     if optuna is not None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -119,9 +119,10 @@ def start_local_ray(**init_kwargs) -> None:
                  dashboard_port=port, runtime_env=runtime_env, **init_kwargs)
 
 
-def train_worker_runtime_env(*, tune_trial: bool = False) -> dict:
+def train_worker_runtime_env(*, tune_trial: bool = False, ray_train: bool = True) -> dict:
     """The runtime env Ray Train gives its controller and workers (in a Tune trial: on top of
-    the trial actor's), for tasks that should share their worker processes.
+    the trial actor's; ``ray_train=False``: the trial actor's alone, where a one-worker trial
+    trains), for tasks that should share their worker processes.
 
     Ray Train adds ``env_vars`` to its actors (the ``RAY_TRAIN_*`` variables set in this
     process, and ``RAY_WARN_BLOCKING_GET_INSIDE_ASYNC=0``), Tune adds its own to a trial's actor
@@ -149,6 +150,8 @@ def train_worker_runtime_env(*, tune_trial: bool = False) -> dict:
             env_vars.update({k: os.environ[k] for k in ENV_VARS_TO_PROPAGATE if k in os.environ})
     except ImportError:
         return {}
+    if not ray_train:
+        return {"env_vars": env_vars}
     env_vars.update(get_env_vars_to_propagate())
     env_vars.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
                         DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)

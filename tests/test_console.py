@@ -77,16 +77,18 @@ def test_quiet_worker_loggers_drops_only_the_routine_note(monkeypatch):
 
     from imgpipe.logs import QUIET_ENV, QUIET_WORKER_NOTES, quiet_worker_loggers
 
-    ((name, prefix),) = QUIET_WORKER_NOTES.items()
-    logger = logging.getLogger(name)
-    monkeypatch.setattr(logger, "filters", [])
+    loggers = {name: logging.getLogger(name) for name in QUIET_WORKER_NOTES}
+    for logger in loggers.values():
+        monkeypatch.setattr(logger, "filters", [])
     monkeypatch.delenv(QUIET_ENV, raising=False)  # --verbose: nothing changes
     quiet_worker_loggers()
-    assert logger.filter(logging.makeLogRecord({"msg": prefix + " (a) is dead."}))
+    for name, prefix in QUIET_WORKER_NOTES.items():
+        assert loggers[name].filter(logging.makeLogRecord({"msg": prefix + " (a) is dead."}))
     monkeypatch.setenv(QUIET_ENV, "1")
     quiet_worker_loggers()
-    assert not logger.filter(logging.makeLogRecord({"msg": prefix + " (a) is dead."}))
-    assert logger.filter(logging.makeLogRecord({"msg": "Failed to clean up placement group: x"}))
+    for name, prefix in QUIET_WORKER_NOTES.items():
+        assert not loggers[name].filter(logging.makeLogRecord({"msg": prefix + " (a) x."}))
+        assert loggers[name].filter(logging.makeLogRecord({"msg": "Failed to clean up: x"}))
 
 
 def test_driver_drops_only_the_raylets_worker_count_note(monkeypatch, capsys):

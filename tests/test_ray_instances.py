@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from imgpipe.logs import QUIET_WORKER_NOTES
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs in a fresh process beside the test session's instance: init_ray starts a second one.
@@ -70,4 +72,4 @@ def test_a_second_local_instance_and_its_workers_use_their_own_state_api(ray_ses
     assert "RAY_API_SERVER_ADDRESS" not in os.environ  # nor does the test session's driver
     # the setup hook ran in the worker: Ray's bookkeeping warnings stay off the console
     # (only the routine note: the same logger's failure warnings still pass)
-    assert seen["quiet_notes"] == [[False, True]]
+    assert seen["quiet_notes"] == [[False, True]] * len(QUIET_WORKER_NOTES)

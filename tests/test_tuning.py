@@ -125,6 +125,10 @@ def test_decode_tasks_get_the_runtime_env_of_train_workers_and_tune_trials(monke
                              ("RAY_WARN_BLOCKING_GET_INSIDE_ASYNC", "0")}
     trial = train_worker_runtime_env(tune_trial=True)["env_vars"]
     assert trial.items() >= train.items() and trial["PL_DISABLE_FORK"] == "1"
+    # a one-worker trial trains in the trial actor itself: Tune's variables (it propagates
+    # Train's RAY_TRAIN_* too), not those Train adds to its own actors
+    actor = train_worker_runtime_env(tune_trial=True, ray_train=False)["env_vars"]
+    assert actor["PL_DISABLE_FORK"] == "1" and "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC" not in actor
 
 
 def test_impossible_plan_names_the_flags():
@@ -150,38 +154,58 @@ def test_impossible_plan_fails_before_starting(ray_session, tmp_path):
 
 
 TRIAL_PROBE = """
-import json, sys, ray
-ray.init(address=sys.argv[1], logging_level="ERROR")
-from imgpipe.tuning.trial import trial_config  # what Tune imports to unpickle run_trial
-from imgpipe.training.trainer import build_trainer, prepare_inputs
-cfg = trial_config(json.loads(sys.argv[2]), json.loads(sys.argv[3]), 10)
-inputs = prepare_inputs(cfg)
-try:
-    build_trainer(inputs, "probe", sys.argv[4])
-finally:
-    inputs.close()
+import json, sys
+from imgpipe.tuning.trial import run_trial  # what Tune imports in every trial actor
 print(json.dumps([m for m in ("torch", "sklearn", "scipy", "optuna") if m in sys.modules]))
 """
 
 
-@pytest.mark.ray
-def test_a_trials_set_up_imports_no_torch(ray_session, tiny_digits, tmp_path):
-    """Everything a one-worker trial's actor runs before Ray Train takes over (unpickle
-    ``run_trial``, resolve the trial's config, plan the run, build the trainer) imports no torch,
-    scikit-learn or Optuna: Tune starts that actor afresh for every trial, and those imports were
-    most of its start-up. The worker imports them, where the loop runs."""
-    from imgpipe.tuning.tuner import base_train_config
-    from imgpipe.tuning.warm_start import RECIPES
+def test_the_trial_module_imports_no_torch():
+    """Tune imports ``run_trial``'s module in every trial actor it starts, including a DDP
+    trial's, which only drives its Ray Train run: that import stays cheap."""
+    proc = subprocess.run([sys.executable, "-c", TRIAL_PROBE], capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 
-    tcfg = TuneJobConfig(data=tiny_digits, out=str(tmp_path / "out"))
-    base = base_train_config(tcfg).model_dump(mode="json")
-    address = ray_session.get_runtime_context().gcs_address
-    for recipe in RECIPES.values():
-        proc = subprocess.run([sys.executable, "-c", TRIAL_PROBE, address, json.dumps(base),
-                               json.dumps(recipe), str(tmp_path / "storage")],
-                              capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+def _actors(*class_names: str) -> set[str]:
+    """Ids of every actor of these classes the session's instance has created, alive or dead."""
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(limit=10_000, raise_on_missing_output=False)
+            if a.class_name in class_names}
+
+
+# Tune's function-trainable actor: the State API lists it as ImplicitFunc or by the trainable.
+TRIAL_ACTOR = ("ImplicitFunc", "run_trial")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_one_worker_trials_train_in_one_reused_actor_and_ddp_trials_in_ray_train(
+        ray_session, tiny_digits, tmp_path):
+    """A one-worker trial runs the loop in Tune's trial actor, which the next trial reuses: no
+    Ray Train controller or worker starts, and one actor serves a one-at-a-time search. A
+    trial of two workers is a Ray Train run with two workers. Both export a verified bundle."""
+    from imgpipe.tuning.job import run_tune_job
+
+    kinds = {"controller": ("TrainController",), "worker": ("RayTrainWorker",),
+             "trial": TRIAL_ACTOR}
+
+    def search(name: str, **fields):
+        before = {k: _actors(*c) for k, c in kinds.items()}
+        res = run_tune_job(resolve_config(TuneJobConfig, None, {
+            "data": tiny_digits, "out": str(tmp_path / name), "bundle_root": str(tmp_path / "b"),
+            "bundle_name": name, "epochs": 2, "grace_period": 1, "max_concurrent": 1,
+            "report": False, "train": {"model": {"image_size": 16}, "batch_size": 32,
+                                       "min_steps_per_epoch": 2}, **fields}))
+        assert Path(res["bundle"]).is_dir() and res["num_trials"] == fields["num_samples"]
+        return {k: len(_actors(*c) - before[k]) for k, c in kinds.items()}
+
+    assert search("one", num_samples=3) == {"controller": 0, "worker": 0, "trial": 1}
+    ddp = search("ddp", num_samples=1, workers_per_trial=2, scheduler="fifo")
+    assert ddp["controller"] == 1 and ddp["worker"] == 2
 
 
 def tune_cmd(data: str, out: Path, address: str, *extra: str) -> list[str]:

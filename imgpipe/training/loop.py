@@ -1,8 +1,8 @@
-"""The per-worker training loop (runs inside Ray Train workers; DDP over gloo or NCCL)."""
+"""The training loop: in Ray Train workers (DDP over gloo or NCCL), or in a one-worker Tune
+trial's own actor (``training.session``)."""
 
 from __future__ import annotations
 
-import logging
 import tempfile
 import time
 from contextlib import nullcontext
@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import ray
 import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -39,6 +38,7 @@ from imgpipe.models.finetune import apply_finetune, export_state_dict
 from imgpipe.training.mixing import create_batch_mixer
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
 from imgpipe.training.recovery import RESUME_KEY
+from imgpipe.training.session import TrainSession, TrialSession
 from imgpipe.training.steps import exact_batches
 
 
@@ -131,11 +131,11 @@ def evaluate(model: torch.nn.Module, loader, pre: Preprocess, num_classes: int,
     return out
 
 
-def _resume_checkpoint(config: dict[str, Any]):
-    """(checkpoint, restored): Ray Train's latest checkpoint of a restored run, else the
-    ``--resume`` one (a ``ray.train.Checkpoint`` staged in the run's storage by
+def _resume_checkpoint(config: dict[str, Any], session: TrainSession | TrialSession):
+    """(checkpoint, restored): the latest checkpoint of a restored run or retried trial, else
+    the ``--resume`` one (a ``ray.train.Checkpoint`` staged in the run's storage by
     ``recovery.stage_resume_checkpoint``, never a driver-local path), else None."""
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.get_checkpoint()
     restored = ckpt is not None
     return (ckpt if restored else config.get(RESUME_KEY)), restored
 
@@ -179,31 +179,27 @@ def _restore(resume, restored: bool, optimizer, scaler
             list(meta.get("history", [])), restarts)
 
 
-def _quiet_report_log() -> None:
-    # Train V2 logs every report (the whole metrics dict, per rank) at INFO on a logger named
-    # by its file path, outside the "ray.train" hierarchy that LoggingConfig controls.
-    from ray.train.v2._internal.execution import context as train_context
-
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point; ``config`` is built by ``trainer.build_loop_config``."""
+    """Ray Train entry point; ``config`` is ``RunInputs.loop_config`` (``trainer``)."""
+    train_loop(config, TrainSession())
+
+
+def train_loop(config: dict[str, Any], session: TrainSession | TrialSession) -> None:
+    """Train for ``config["train"]["epochs"]`` epochs on ``session``'s host, reporting each
+    epoch's val metrics (and rank 0's checkpoint) through it."""
     cfg = TrainConfig.model_validate(config["train"])
-    _quiet_report_log()
     pre = Preprocess.model_validate(config["preprocess"])
     class_names: list[str] = config["class_names"]
     counts: list[int] = config["train_counts"]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = session.rank
     torch.manual_seed(cfg.seed + rank)
-    device = ray.train.torch.get_device()
+    device = session.device(cfg.use_gpu)
 
-    resume, restored = _resume_checkpoint(config)
+    resume, restored = _resume_checkpoint(config, session)
     model = create_train_model(cfg, len(class_names), pre, config.get("init_weights"), resume)
     # DDP (world > 1) broadcasts rank 0's initial weights, so all ranks start identical; it
     # only reduces gradients of trainable parameters, so frozen ones need no special case.
-    model = ray.train.torch.prepare_model(model)
+    model = session.prepare_model(model, device)
     loss_fn = create_loss(cfg.loss, counts).to(device)
     pool = config.get("partner_pool")
     mixer = create_batch_mixer(cfg.mix, len(class_names), cfg.seed, rank, pre, cfg.augment,
@@ -216,8 +212,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     steps = int(config["epoch_steps"])
     key, mode = val_key(cfg.metric), "max"
     local = config.get(LOCAL_STREAM)
-    train_shard = ray.train.get_dataset_shard(TRAIN) if local is None else None
-    val_shard = ray.train.get_dataset_shard(VAL) if rank == 0 else None
+    train_shard = session.dataset(TRAIN) if local is None else None
+    val_shard = session.dataset(VAL) if rank == 0 else None
 
     last_end = time.perf_counter()
     for epoch in range(start, cfg.epochs):
@@ -255,19 +251,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         bad_epochs = 0 if improved else bad_epochs + 1
         metrics.update({"best": best, "is_best": improved, "bad_epochs": bad_epochs})
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        _report(metrics, history, model, optimizer, scaler, config, rank)
+        _report(session, metrics, history, model, optimizer, scaler, config)
         if cfg.patience is not None and bad_epochs >= cfg.patience:
             break
 
 
-def _report(metrics: dict[str, Any], history: list[dict[str, Any]], model, optimizer, scaler,
-            config: dict[str, Any], rank: int) -> None:
-    if rank != 0:
-        ray.train.report(metrics)  # every rank reports the same number of times
+def _report(session: TrainSession | TrialSession, metrics: dict[str, Any],
+            history: list[dict[str, Any]], model, optimizer, scaler,
+            config: dict[str, Any]) -> None:
+    if session.rank != 0:
+        session.report(metrics)  # every rank reports the same number of times
         return
     with tempfile.TemporaryDirectory() as tmp:
         meta = {**{k: config[k] for k in ("train", "class_names", "train_counts", "preprocess",
                                           "restarts")},
                 **metrics, "history": history}
         save_checkpoint(tmp, export_state_dict(model), meta, optimizer, scaler)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        session.report(metrics, checkpoint_dir=tmp)

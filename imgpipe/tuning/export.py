@@ -21,7 +21,6 @@ from imgpipe.constants import (
     ACCURACY,
     BALANCED_ACCURACY,
     MACRO_F1,
-    METRIC_MODES,
     NLL,
     SUPPORT,
     TEST,
@@ -43,12 +42,8 @@ class ExportVerificationError(ImgpipeFailure):
     """The exported bundle does not reproduce the trial's validation metrics."""
 
 
-def best_checkpoint_dir(train_storage: str, trial_id: str, metric: str, dest: Path) -> Path:
-    """Copy the best epoch's checkpoint of one trial's Train run into ``dest``."""
-    result = ray.train.Result.from_path(f"{train_storage.rstrip('/')}/train-{trial_id}")
-    ckpt = result.get_best_checkpoint(val_key(metric), METRIC_MODES[metric])
-    if ckpt is None:
-        raise RuntimeError(f"trial {trial_id} has no checkpoint scored by {val_key(metric)}")
+def best_checkpoint_dir(ckpt: ray.train.Checkpoint, dest: Path) -> Path:
+    """Copy a trial's checkpoint (``TuneOutcome.best_checkpoint``) into ``dest``."""
     shutil.rmtree(dest, ignore_errors=True)
     ckpt.to_directory(str(dest))
     return dest

@@ -101,8 +101,7 @@ def _export_and_report(tcfg: TuneJobConfig, outcome: TuneOutcome, work: Path) ->
     if outcome.failed_trials:
         print(f"{len(outcome.failed_trials)} trial(s) failed after their retries and are left "
               f"out of the ranking: {', '.join(outcome.failed_trials)}", flush=True)
-    ckpt = best_checkpoint_dir(outcome.train_storage, outcome.best_trial_id, tcfg.metric,
-                               work / "best_checkpoint")
+    ckpt = best_checkpoint_dir(outcome.best_checkpoint, work / "best_checkpoint")
     name = tcfg.bundle_name or Path(tcfg.data.rstrip("/")).name
     extra: dict[str, Any] = {"search_params": outcome.best_params,
                              "trial_id": outcome.best_trial_id}

@@ -1,10 +1,14 @@
-"""One Tune trial: a Ray Train run built from the trial's parameters.
+"""One Tune trial: the training run built from the trial's parameters.
 
-Tune starts a fresh actor for every trial and imports this module there, to unpickle
-``run_trial``. It imports no torch, scikit-learn, SciPy or Optuna: the trial only resolves its
-config and hands the run to Ray Train, whose worker imports the training loop. Those imports
-were most of a trial actor's start-up (a median 4.6–7.3 s, against 1.5 s without them, in a
-2-trial-at-a-time search on two cores; the run's controller starts after it).
+A one-worker trial (the default) runs the training loop in the trial's own actor
+(``training.session.TrialSession``), which the search reuses from trial to trial: no Ray Train
+controller, worker group or per-run helper actors (seven actor processes per trial with Ray
+Train on two cores, each a Python start), and torch is imported once per actor, not per trial.
+A trial of several workers is a Ray Train run (DDP), its metrics reaching Tune through
+``TuneReportCallback``.
+
+This module imports no torch, scikit-learn, SciPy or Optuna: Tune imports it in every trial
+actor to unpickle ``run_trial``, and a DDP trial's actor never trains.
 """
 
 from __future__ import annotations
@@ -35,9 +39,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def trains_in_trial_actor(workers_per_trial: int) -> bool:
+    """Whether a trial of this many workers runs its loop in the trial's own actor."""
+    return workers_per_trial == 1
+
+
 def run_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]], num_classes: int,
               train_storage: str, decoded: list[DecodedSplits] | None = None) -> None:
-    """One Tune trial: build and fit a Ray Train trainer; metrics reach Tune via the callback.
+    """One Tune trial: the training loop here (one worker), or a Ray Train run (several).
 
     ``bases`` maps each starting-weights choice (``""`` when weights are not searched) to the
     TrainConfig it starts from. ``decoded`` is the search's shared decoded train/val, one per
@@ -47,6 +56,15 @@ def run_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]], num_clas
     cfg = trial_config(bases[params.get("weights") or ""], params, num_classes)
     trial_id = tune.get_context().get_trial_id()
     inputs = prepare_inputs(cfg, decoded)
+    if trains_in_trial_actor(cfg.num_workers):
+        from imgpipe.training.loop import train_loop  # torch: imported once per reused actor
+        from imgpipe.training.session import TrialSession
+
+        try:
+            train_loop(inputs.loop_config, TrialSession(inputs.datasets))
+        finally:
+            inputs.close()
+        return
     try:
         trainer = build_trainer(inputs, name=f"train-{trial_id}", storage_path=train_storage,
                                 callbacks=[TuneReportCallback()])

@@ -1,8 +1,9 @@
-"""Ray Tune + OptunaSearch over Ray Train trials (Train V2's Tune integration).
+"""Ray Tune + OptunaSearch + ASHA over training trials.
 
-Each trial is a Tune *function* that builds and fits a Ray Train trainer (``build_trainer``:
-a TorchTrainer for DDP trials, the plain DataParallelTrainer for one worker); metrics flow
-back through ``TuneReportCallback`` (the V2 trainer itself is not a Tune trainable).
+Each trial is a Tune *function* (``trial.run_trial``). A one-worker trial runs the training
+loop in its own actor, reused from trial to trial, and reports to Tune directly; a trial of
+several workers builds and fits a Ray Train ``TorchTrainer`` (DDP), whose metrics flow back
+through ``TuneReportCallback`` (Train V2's Tune integration).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import optuna
 import pandas as pd
+import ray.train
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 from ray.tune.search.optuna import OptunaSearch
@@ -31,7 +33,7 @@ from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources, train_work
 from imgpipe.training.defaults import resolve_input_size
 from imgpipe.training.trainer import DecodedSplits, build_decoded_splits
 from imgpipe.tuning.space import candidate_overrides, define_space
-from imgpipe.tuning.trial import run_trial
+from imgpipe.tuning.trial import run_trial, trains_in_trial_actor
 from imgpipe.tuning.warm_start import warm_start_points
 
 
@@ -143,6 +145,7 @@ class TuneOutcome:
     train_storage: str
     ranking: pd.DataFrame
     best_trial_id: str
+    best_checkpoint: ray.train.Checkpoint  # the best trial's best epoch, by the search metric
     best_params: dict[str, Any]
     plan: ResourcePlan
     wall_time_s: float
@@ -184,9 +187,12 @@ def candidate_bases(tcfg: TuneJobConfig, manifest: Manifest) -> tuple[dict[str, 
         _, pre = resolve_model_config(cfg.model, manifest.preprocess,
                                       load_model_weights(cfg.model))
         if all(d.preprocess != pre for d in decoded):
-            # decoded in the trials' runtime env: their streams reuse the warm decode workers
+            # decoded in the runtime env of the processes that stream in the trials (the trial
+            # actor's, or its Ray Train workers'): their streams reuse the warm decode workers
             decoded.append(build_decoded_splits(
-                cfg, manifest, pre, runtime_env=train_worker_runtime_env(tune_trial=True)))
+                cfg, manifest, pre, runtime_env=train_worker_runtime_env(
+                    tune_trial=True,
+                    ray_train=not trains_in_trial_actor(tcfg.workers_per_trial))))
     return bases, decoded
 
 
@@ -200,10 +206,11 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
     root = storage_root(tcfg)
     exp_path = f"{root.rstrip('/')}/{tcfg.name}"
     train_storage = f"{root.rstrip('/')}/{tcfg.name}-trials"
+    in_actor = trains_in_trial_actor(tcfg.workers_per_trial)
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, bases=bases, num_classes=num_classes,
                              train_storage=train_storage, decoded=decoded),
-        {"CPU": DRIVER_CPU})
+        trial_resources(tcfg))
     if tcfg.resume and tune.Tuner.can_restore(exp_path):
         print(f"resuming {exp_path}", flush=True)
         tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_unfinished=True,
@@ -217,8 +224,14 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
                 metric=val_key(tcfg.metric), mode=METRIC_MODES[tcfg.metric],
                 search_alg=build_searcher(tcfg, num_classes), scheduler=build_scheduler(tcfg),
                 num_samples=tcfg.num_samples, max_concurrent_trials=tcfg.max_concurrent,
-                time_budget_s=tcfg.time_budget_s),
+                time_budget_s=tcfg.time_budget_s,
+                # a trial that trains in its actor leaves torch imported for the next one
+                reuse_actors=in_actor),
             run_config=tune.RunConfig(name=tcfg.name, storage_path=root, verbose=0,
+                                      checkpoint_config=tune.CheckpointConfig(
+                                          num_to_keep=2,
+                                          checkpoint_score_attribute=val_key(tcfg.metric),
+                                          checkpoint_score_order=METRIC_MODES[tcfg.metric]),
                                       failure_config=tune.FailureConfig(
                                           max_failures=tcfg.trial_max_failures),
                                       callbacks=[TrialLine(val_key(tcfg.metric),
@@ -235,8 +248,41 @@ def run_search(tcfg: TuneJobConfig, manifest: Manifest | None = None) -> TuneOut
     params = {k[len("config/"):]: v for k, v in best.items()
               if k.startswith("config/") and "[" not in k and pd.notna(v)}
     failed = failed_trial_ids(results)
-    return TuneOutcome(exp_path, train_storage, ranking, str(best["trial_id"]), params, plan,
+    best_id = str(best["trial_id"])
+    ckpt = best_trial_checkpoint(results, best_id, train_storage, tcfg.metric, in_actor)
+    return TuneOutcome(exp_path, train_storage, ranking, best_id, ckpt, params, plan,
                        time.perf_counter() - started, failed)
+
+
+def trial_resources(tcfg: TuneJobConfig) -> dict[str, float]:
+    """What each trial's actor holds: a one-worker trial trains there (the worker's CPU and
+    GPU); a DDP trial's actor only drives its Ray Train run, whose workers hold their own."""
+    if not trains_in_trial_actor(tcfg.workers_per_trial):
+        return {"CPU": DRIVER_CPU}
+    resources = {"CPU": tcfg.cpus_per_worker}
+    if tcfg.use_gpu:
+        resources["GPU"] = tcfg.gpus_per_worker
+    return resources
+
+
+def best_trial_checkpoint(results: tune.ResultGrid, trial_id: str, train_storage: str,
+                          metric: str, in_actor: bool) -> ray.train.Checkpoint:
+    """The best-scored checkpoint of one trial: Tune's own (the trial trained in its actor),
+    else that of the trial's Ray Train run (``<train_storage>/train-<trial_id>``).
+
+    Raises:
+        SearchFailed: the trial has no checkpoint scored by the metric.
+    """
+    key, mode = val_key(metric), METRIC_MODES[metric]
+    if in_actor:
+        result = next((r for r in results
+                       if str((r.metrics or {}).get("trial_id")) == trial_id), None)
+    else:
+        result = ray.train.Result.from_path(f"{train_storage.rstrip('/')}/train-{trial_id}")
+    ckpt = result.get_best_checkpoint(key, mode) if result is not None else None
+    if ckpt is None:
+        raise SearchFailed(f"trial {trial_id} has no checkpoint scored by {key}")
+    return ckpt
 
 
 class SearchFailed(ImgpipeFailure):
