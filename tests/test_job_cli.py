@@ -268,3 +268,14 @@ def test_serve_ingress_without_haproxy_falls_back_or_says_so(clean_serve_env, ca
     assert "no HAProxy binary" in caplog.text
     with pytest.raises(ConfigError, match="--ingress haproxy: no HAProxy binary"):
         ingress.use_ingress("haproxy")
+
+
+def test_refit_is_decided_by_the_data_unless_a_flag_says():
+    """``refit: bool | None``: no flag leaves it to the tune job; ``--refit`` / ``--no-refit``
+    set it; both at once is refused."""
+    parser = _job("tune").get_args_parser()
+    for argv, want in (([], None), (["--refit"], True), (["--no-refit"], False)):
+        tcfg, _ = parse_job_args(TuneJobConfig, parser, argv)
+        assert tcfg.refit is want
+    with pytest.raises(SystemExit):
+        parse_job_args(TuneJobConfig, _job("tune").get_args_parser(), ["--refit", "--no-refit"])

@@ -92,8 +92,8 @@ def test_tune_refit_bundles_the_train_val_model_with_held_out_calibration(
     assert info["split"] == "test"
 
 
-def test_the_tune_job_suggests_refit_when_val_outnumbers_train(tiny_digits):
-    from imgpipe.tuning.job import refit_hint
+def test_the_tune_job_refits_by_default_exactly_when_val_outnumbers_train(tiny_digits, capsys):
+    from imgpipe.tuning.job import resolve_refit, val_outnumbers_train
 
     manifest = load_manifest(tiny_digits)
     train = manifest.counts["train"]
@@ -102,11 +102,21 @@ def test_the_tune_job_suggests_refit_when_val_outnumbers_train(tiny_digits):
     def with_val(val: dict[str, int]):
         return manifest.model_copy(update={"counts": {**manifest.counts, "val": val}})
 
-    assert refit_hint(with_val({n: train[n] for n in names})) is None  # as many: no hint
+    tcfg = TuneJobConfig(data=tiny_digits)
+    assert tcfg.refit is None  # the default: decided from the data
+    as_many = with_val({n: train[n] for n in names})
+    assert val_outnumbers_train(as_many) is None
+    assert resolve_refit(tcfg, as_many).refit is False
+    assert "refit: off" in capsys.readouterr().out
     tail = {n: train[n] + 20 for n in names[-2:]}  # the digits-lt case: 1 train, 20 val
-    hint = refit_hint(with_val({**{n: 1 for n in names}, **tail}))
-    assert "2 class(es)" in hint and "--refit" in hint
+    short = with_val({**{n: 1 for n in names}, **tail})
+    assert resolve_refit(tcfg, short).refit is True
+    line = capsys.readouterr().out
+    assert "refit: on" in line and "2 class(es)" in line and "--no-refit" in line
     for n in names[-2:]:
-        assert f"{n} ({train[n]} train / {train[n] + 20} val)" in hint
-    many = refit_hint(with_val({n: train[n] + 1 for n in names}), max_named=3)
+        assert f"{n} ({train[n]} train / {train[n] + 20} val)" in line
+    for given in (True, False):  # --refit / --no-refit win over the data
+        assert resolve_refit(tcfg.model_copy(update={"refit": given}), short).refit is given
+        assert resolve_refit(tcfg.model_copy(update={"refit": given}), as_many).refit is given
+    many = val_outnumbers_train(with_val({n: train[n] + 1 for n in names}), max_named=3)
     assert f"{len(names)} class(es)" in many and f"and {len(names) - 3} more" in many

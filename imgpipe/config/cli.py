@@ -60,8 +60,31 @@ def config_parser(model: type[BaseModel], description: str | None, *,
         model, root_parser=parser, cli_kebab_case=True, cli_implicit_flags=True,
         cli_avoid_json=True, cli_hide_none_type=True, cli_exit_on_error=True,
         cli_shortcuts=dict(shortcuts or {}))
+    _optional_bool_flags(parser, model)
     parser.set_defaults(**{f"{_JOB}source": source, f"{_JOB}renamed": renamed})
     return parser
+
+
+def _optional_bool_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """``--name`` / ``--no-name`` for each top-level ``bool | None`` field (None: decided by the
+    job, e.g. ``refit``), which pydantic-settings would turn into ``--name {bool,null}``."""
+    for name, info in model.model_fields.items():
+        if info.annotation != (bool | None):
+            continue
+        flag = "--" + name.replace("_", "-")
+        action = parser._option_string_actions.get(flag)
+        if action is None:
+            continue
+        parser._remove_action(action)
+        for option in action.option_strings:
+            parser._option_string_actions.pop(option, None)
+        group = parser.add_mutually_exclusive_group()
+        # the strings pydantic-settings itself parses into a bool
+        group.add_argument(flag, dest=action.dest, action="store_const", const="true",
+                           default=argparse.SUPPRESS, help=action.help)
+        group.add_argument(f"--no-{flag[2:]}", dest=action.dest, action="store_const",
+                           const="false", default=argparse.SUPPRESS,
+                           help=f"the opposite of {flag}")
 
 
 def add_job_flag(parser: argparse.ArgumentParser, *flags: str, **kwargs: Any) -> None:

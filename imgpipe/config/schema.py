@@ -312,10 +312,11 @@ class TuneJobConfig(StrictModel):
     trial_max_failures: int = Field(
         2, ge=-1, description="times Tune retries a failed trial (from its latest checkpoint)")
     report: bool = Field(True, description="write the evaluation report for the best bundle")
-    refit: bool = Field(
-        False, description="after the search, retrain the best trial's configuration on "
+    refit: bool | None = Field(
+        None, description="after the search, retrain the best trial's configuration on "
         "train+val for the epochs its checkpoint had, and bundle that model (AutoGluon's "
-        "refit_full): rare classes gain their val images; test stays unseen")
+        "refit_full): rare classes gain their val images; test stays unseen. Default: only "
+        "when val holds more images than train of some class")
     train: dict[str, Any] = Field(
         default_factory=dict, description="TrainConfig fields shared by all trials")
     search: dict[str, Any] = Field(default_factory=dict, description="SearchSpace overrides")
