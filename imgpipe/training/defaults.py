@@ -45,7 +45,7 @@ def resolve_input_size(cfg: TrainConfig, manifest: Manifest) -> tuple[TrainConfi
     pinned = bool(model.weights)  # their size/stem come from the weights (resolve_model_config)
     side = native_side(manifest)
     update: dict[str, object] = {}
-    why = "set by the user"
+    why = "as configured"  # by the user, or by the search a refit retrains
     if "image_size" not in fixed and not pinned and side is not None:
         # Rounded up, not down: resizing below the native side would drop the fine structure
         # the native size is kept for (28 px MNIST-like images stay at 32, not 24). A ViT also
