@@ -39,7 +39,7 @@ def test_floor_is_the_architectures_own_minimum_when_larger(tiny_digits):
 def test_user_choice_wins(tiny_digits):
     cfg = TrainConfig(data=tiny_digits, model={"image_size": 48, "cifar_stem": True})
     got, line = resolve_input_size(cfg, _manifest(tiny_digits, 160, 120))
-    assert got.model.image_size == 48 and got.model.cifar_stem is True and "user" in line
+    assert got.model.image_size == 48 and got.model.cifar_stem is True and "as configured" in line
     init = TrainConfig(data=tiny_digits, model={"init_checkpoint": "w.pt"})
     got, _ = resolve_input_size(init, _manifest(tiny_digits, 160, 120))
     # the starting weights fix the input: left unset here, resolve_model_config fills it
