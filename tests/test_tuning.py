@@ -170,14 +170,26 @@ def test_the_trial_module_imports_no_torch():
 
 
 def _actors(*class_names: str) -> set[str]:
-    """Ids of every actor of these classes the session's instance has created, alive or dead."""
-    from ray.util.state import list_actors
+    """This Ray session's worker processes that hosted an actor of these classes, alive or dead.
 
-    return {a.actor_id for a in list_actors(limit=10_000, raise_on_missing_output=False)
-            if a.class_name in class_names}
+    Read from the session's logs: a worker writes ``:actor_name:<class>`` to its
+    ``worker-*.out`` when it creates an actor. The State API cannot be trusted here: after a
+    full test session it lists at most 10,000 actors, not necessarily the newest ones.
+    """
+    import re
+
+    from ray._private.worker import _global_node
+
+    out = set()
+    for log in Path(_global_node.get_logs_dir_path()).glob("worker-*.out"):
+        with log.open(errors="ignore") as f:
+            names = {m.group(1) for line in f if (m := re.match(r":actor_name:(\S+)", line))}
+        if names & set(class_names):
+            out.add(log.name)
+    return out
 
 
-# Tune's function-trainable actor: the State API lists it as ImplicitFunc or by the trainable.
+# Tune's function-trainable actor: its worker logs ImplicitFunc, then the trainable's name.
 TRIAL_ACTOR = ("ImplicitFunc", "run_trial")
 
 
