@@ -129,7 +129,8 @@ def rebalance_classifier(cfg: RebalanceConfig) -> dict[str, Any]:
                          f"{list(meta.class_names)}")
     in_sample = val_in_sample(meta, "choosing a re-balanced head")
     if in_sample:
-        raise BundleError(f"{in_sample}; re-balance the bundle of a search without --refit")
+        raise BundleError(f"{in_sample}; re-balance the bundle of a search run with --no-refit "
+                          "(jobs/tune.py refits by default when val outnumbers train)")
     if "rebalance" in meta.hyperparameters:
         log.warning("%s is itself a re-balanced bundle (%s); its head is the starting point. "
                     "Name the trained version (bundles/<name>/v<N>) to start from the original.",
