@@ -274,6 +274,9 @@ def test_refit_is_decided_by_the_data_unless_a_flag_says():
     """``refit: bool | None``: no flag leaves it to the tune job; ``--refit`` / ``--no-refit``
     set it; both at once is refused."""
     parser = _job("tune").get_args_parser()
+    listed = [ln.split()[0] for ln in parser.format_help().splitlines()
+              if ln.startswith("  --refit") or ln.startswith("  --no-refit")]
+    assert listed == ["--refit", "--no-refit"]  # once each, not also as --refit {bool,null}
     for argv, want in (([], None), (["--refit"], True), (["--no-refit"], False)):
         tcfg, _ = parse_job_args(TuneJobConfig, parser, argv)
         assert tcfg.refit is want

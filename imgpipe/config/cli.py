@@ -76,12 +76,16 @@ def _optional_bool_flags(parser: argparse.ArgumentParser, model: type[BaseModel]
         if action is None:
             continue
         parser._remove_action(action)
+        for group in parser._action_groups:  # else --help still lists the removed flag
+            if action in group._group_actions:
+                group._group_actions.remove(action)
         for option in action.option_strings:
             parser._option_string_actions.pop(option, None)
         group = parser.add_mutually_exclusive_group()
         # the strings pydantic-settings itself parses into a bool
         group.add_argument(flag, dest=action.dest, action="store_const", const="true",
-                           default=argparse.SUPPRESS, help=action.help)
+                           default=argparse.SUPPRESS,
+                           help=(action.help or "").replace(" (default: None)", ""))
         group.add_argument(f"--no-{flag[2:]}", dest=action.dest, action="store_const",
                            const="false", default=argparse.SUPPRESS,
                            help=f"the opposite of {flag}")

@@ -54,7 +54,6 @@ def run_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]], num_clas
     resampling and augmentation on top.
     """
     cfg = trial_config(bases[params.get("weights") or ""], params, num_classes)
-    trial_id = tune.get_context().get_trial_id()
     inputs = prepare_inputs(cfg, decoded)
     if trains_in_trial_actor(cfg.num_workers):
         from imgpipe.training.loop import train_loop  # torch: imported once per reused actor
@@ -65,6 +64,7 @@ def run_trial(params: dict[str, Any], bases: dict[str, dict[str, Any]], num_clas
         finally:
             inputs.close()
         return
+    trial_id = tune.get_context().get_trial_id()
     try:
         trainer = build_trainer(inputs, name=f"train-{trial_id}", storage_path=train_storage,
                                 callbacks=[TuneReportCallback()])
