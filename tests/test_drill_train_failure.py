@@ -1,4 +1,5 @@
-"""Drill: SIGKILL one Ray Train worker mid-run; the run restores itself and finishes.
+"""Drill: SIGKILL one Ray Train worker mid-run, or the Tune trial actor that hosts a one-worker
+run; the run restores itself from its latest checkpoint and finishes.
 
 Also: ``--resume DIR`` reaches the workers through the run's storage, never the driver's path.
 """
@@ -59,6 +60,59 @@ def test_sigkilled_worker_is_restored_and_the_run_finishes(ray_session, tiny_dig
     assert "recovered from 1 worker failure(s)" in proc.stdout
     # the last line names where the results are, absolutely
     assert proc.stdout.strip().splitlines()[-1].endswith(f"best checkpoint in {out / 'best'}")
+
+
+ONE_WORKER_EPOCHS = 5
+
+
+def _tune_registered(ray_results: Path) -> int:
+    """Reports Tune has taken for the one trial of a Tune-hosted run (each carries a
+    checkpoint; Tune appends it to ``result.json`` once it has processed it)."""
+    return max((sum(1 for line in f.read_text().splitlines() if line)
+                for f in ray_results.glob("train-*/run/result.json")), default=0)
+
+
+def _kill_the_trial_actor_after(ray_results: Path, killed: dict, timeout_s: float = 900) -> None:
+    """SIGKILL the trial actor once a checkpoint is registered and epochs remain (an actor
+    that reported its last epoch has finished the run)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if 1 <= _tune_registered(ray_results) < ONE_WORKER_EPOCHS - 1:
+            pids = ray_actor_pids("ImplicitFunc")
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed["pid"] = pids[-1]
+                return
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_sigkilled_trial_actor_of_a_one_worker_run_is_restored(ray_session, tiny_digits,
+                                                               tmp_path):
+    """A one-worker run trains in a Tune trial actor (no Ray Train worker): killing that
+    process mid-run restarts it from the latest checkpoint, and the console says so."""
+    out = tmp_path / "run"
+    killed: dict = {}
+    killer = threading.Thread(target=_kill_the_trial_actor_after,
+                              args=(out / "ray_results", killed), daemon=True)
+    killer.start()
+    proc = subprocess.run(
+        [sys.executable, "jobs/train.py", "--data", tiny_digits,
+         "--epochs", str(ONE_WORKER_EPOCHS), "--num-workers", "1", "--image-size", "16",
+         "--batch-size", "32", "--out", str(out), "--min-steps-per-epoch", "10",
+         "--address", ray_session.get_runtime_context().gcs_address],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    killer.join(timeout=1)
+    assert killed, f"no trial actor was killed:\n{proc.stdout[-3000:]}"
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [h["epoch"] for h in res["history"]] == list(range(ONE_WORKER_EPOCHS))
+    assert len(res["restarts"]) == 1 and res["restarts"][0]["resumed_at_epoch"] >= 1
+    assert "worker failure 1 of 3 allowed (rank 0: " in proc.stdout
+    assert "restoring the latest checkpoint" in proc.stdout
+    assert "recovered from 1 worker failure(s)" in proc.stdout
+    assert not list((out / "ray_results").glob("train-*/checkpoint_manager_snapshot.json"))
 
 
 def test_resume_dir_is_staged_into_run_storage(tmp_path):

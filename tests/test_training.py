@@ -157,33 +157,27 @@ def test_train_end_to_end_with_corrupt_images_and_resume(ray_session, corrupt_di
     assert resumed["history"][:4] == hist
 
 
-def test_one_worker_controller_needs_no_torch(ray_session, tiny_digits, tmp_path):
-    """What the Train controller of a one-worker run unpickles (run context: backend config,
-    loop config, callbacks) imports no torch: that process starts seconds sooner per run and
-    per Tune trial. Several workers keep TorchTrainer (its backend builds the process group)."""
+def test_one_worker_runs_are_hosted_by_tune_and_ddp_runs_by_ray_train(ray_session, tiny_digits,
+                                                                       tmp_path):
+    """One worker trains in a one-trial Tune run's actor (no Train controller, worker group or
+    helper actors to start); several workers are a Ray Train TorchTrainer run (DDP). The
+    decode and scoring tasks run in the runtime env of the process that streams."""
     from ray.train.torch import TorchTrainer
 
-    from imgpipe.training.progress import EpochProgress
-    from imgpipe.training.trainer import build_trainer, prepare_inputs
+    from imgpipe.runtime import train_worker_runtime_env
+    from imgpipe.training.trainer import (
+        build_trainer,
+        host_runtime_env,
+        hosted_by_tune,
+        prepare_inputs,
+    )
 
-    cfg = small_config(tiny_digits, tmp_path, num_workers=1)
-    inputs = prepare_inputs(cfg)
-    try:
-        trainer = build_trainer(inputs, "t", str(tmp_path), callbacks=[EpochProgress(2)])
-        ref = ray_session.put(trainer.train_run_context)  # as the controller receives it
-        address = ray_session.get_runtime_context().gcs_address
-        probe = ("import sys, ray; ray.init(address=sys.argv[1], logging_level='ERROR'); "
-                 "from ray import cloudpickle; ctx = ray.get(cloudpickle.loads(bytes.fromhex("
-                 "sys.argv[2]))); assert ctx.train_loop_config['local_stream']; "
-                 "print('torch' in sys.modules)")
-        proc = subprocess.run([sys.executable, "-c", probe, address,
-                               ray_session.cloudpickle.dumps(ref).hex()],
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert proc.stdout.strip().splitlines()[-1] == "False"
-    finally:
-        inputs.close()
-    two = prepare_inputs(small_config(tiny_digits, tmp_path / "two", num_workers=2))
+    one = small_config(tiny_digits, tmp_path, num_workers=1)
+    assert hosted_by_tune(one)
+    assert host_runtime_env(one) == train_worker_runtime_env(tune_trial=True, ray_train=False)
+    two_cfg = small_config(tiny_digits, tmp_path / "two", num_workers=2)
+    assert not hosted_by_tune(two_cfg) and host_runtime_env(two_cfg) == train_worker_runtime_env()
+    two = prepare_inputs(two_cfg)
     try:
         assert isinstance(build_trainer(two, "t2", str(tmp_path)), TorchTrainer)
     finally:

@@ -44,16 +44,24 @@ class FailureNotice(UserCallback):
         ranks = ", ".join(str(r) for r in sorted(worker_exceptions))
         first = next(iter(worker_exceptions.values()))
         reason = (str(first).strip().splitlines() or [type(first).__name__])[0][:200]
-        limit = "unlimited" if self.max_failures < 0 else str(self.max_failures)
-        if 0 <= self.max_failures < self.failures:
-            action = "no restarts left (max_failures reached): the run fails"
-        elif self.last_epoch is None:
-            action = "restarting the workers from the beginning (no checkpoint yet)"
-        else:
-            action = (f"restoring the latest checkpoint (epoch {self.last_epoch + 1}) and "
-                      f"continuing from epoch {self.last_epoch + 2}")
-        print(f"worker failure {self.failures} of {limit} allowed (rank {ranks}: "
-              f"{type(first).__name__}: {reason}); {action}", flush=True)
+        print(failure_line(self.failures, self.max_failures, self.last_epoch, ranks,
+                           type(first).__name__, reason), flush=True)
+
+
+def failure_line(failures: int, max_failures: int, last_epoch: int | None, ranks: str,
+                 error_type: str, reason: str) -> str:
+    """What the console says about the ``failures``-th failure of a run and what comes next
+    (``last_epoch``: 0-based epoch of the latest checkpoint, None before the first)."""
+    limit = "unlimited" if max_failures < 0 else str(max_failures)
+    if 0 <= max_failures < failures:
+        action = "no restarts left (max_failures reached): the run fails"
+    elif last_epoch is None:
+        action = "restarting the workers from the beginning (no checkpoint yet)"
+    else:
+        action = (f"restoring the latest checkpoint (epoch {last_epoch + 1}) and "
+                  f"continuing from epoch {last_epoch + 2}")
+    return (f"worker failure {failures} of {limit} allowed (rank {ranks}: {error_type}: "
+            f"{reason}); {action}")
 
 
 def stage_resume_checkpoint(resume: str, storage_path: str, run_name: str) -> ray.train.Checkpoint:

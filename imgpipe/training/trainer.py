@@ -21,7 +21,6 @@ from ray.train import (
     RunConfig,
     ScalingConfig,
 )
-from ray.train.backend import BackendConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from imgpipe import storage
@@ -50,13 +49,14 @@ from imgpipe.data.rebalance import expected_epoch_counts, sampling_rates
 from imgpipe.data.transforms import Preprocess
 from imgpipe.errors import ImgpipeFailure, UserError
 from imgpipe.models.weights import load_model_weights, resolve_model_config, target_state_dict
-from imgpipe.runtime import plan_resources
+from imgpipe.runtime import plan_resources, train_worker_runtime_env
 from imgpipe.training.defaults import resolve_input_size
 from imgpipe.training.entry import train_loop_per_worker
 from imgpipe.training.progress import EpochProgress
 from imgpipe.training.recovery import RESUME_KEY, FailureNotice, stage_resume_checkpoint
 from imgpipe.training.scoring import score_checkpoint_remotely
 from imgpipe.training.steps import plan_epoch_steps
+from imgpipe.training.trial_run import fit_in_trial_actor
 
 
 def quiet_data_progress() -> None:
@@ -146,7 +146,7 @@ def prepare_inputs(cfg: TrainConfig,
     # a search's shared splits hold train alone: a refit decodes its own train+val
     decoded = None if cfg.refit else next((d for d in shared if d.preprocess == pre), None)
     if decoded is None:
-        decoded = build_decoded_splits(cfg, manifest, pre)
+        decoded = build_decoded_splits(cfg, manifest, pre, runtime_env=host_runtime_env(cfg))
     counts = fit_counts(cfg, manifest)
     rates = sampling_rates(counts, cfg.sampler.strategy)
     epoch_rows = float(expected_epoch_counts(counts, rates).sum())
@@ -187,13 +187,9 @@ def prepare_inputs(cfg: TrainConfig,
 
 def build_trainer(inputs: RunInputs, name: str, storage_path: str,
                   callbacks: list | None = None) -> DataParallelTrainer:
-    """A Ray Train trainer for one run (the train job, or one Tune trial).
-
-    Several workers get a ``TorchTrainer`` (its backend sets up the DDP process group: gloo, or
-    NCCL with ``use_gpu``). One worker needs no process group, and the torch backend's config
-    would make the Train controller import torch only to unpickle it (seconds of start-up per
-    run and per Tune trial on a laptop): it gets the ``DataParallelTrainer`` that
-    ``TorchTrainer`` extends, with the plain backend. The worker itself runs the same loop.
+    """A Ray Train ``TorchTrainer`` for a run of several workers (the train job, or one Tune
+    trial): its backend sets up the DDP process group (gloo, or NCCL with ``use_gpu``). A
+    one-worker run is hosted by Tune instead (:mod:`imgpipe.training.trial_run`).
 
     Worker and node failures are recovered by Ray Train itself (``FailureConfig``): it restarts
     the worker group, which restores the latest reported checkpoint (``cfg.max_failures`` times).
@@ -203,16 +199,13 @@ def build_trainer(inputs: RunInputs, name: str, storage_path: str,
     if cfg.resume:
         loop_config = {**loop_config,
                        RESUME_KEY: stage_resume_checkpoint(cfg.resume, storage_path, name)}
-    resources = {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu:
-        resources["GPU"] = cfg.gpus_per_worker
+    resources = worker_resources(cfg)
     common = dict(
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker=resources),
         datasets=inputs.datasets,
-        # One rank streams train from its own process (``LOCAL_STREAM``), without Ray Data's
-        # SplitCoordinator actor: one process start fewer per run and per trial.
+        # (a single rank streams train from its own process, ``LOCAL_STREAM``)
         dataset_config=DataConfig(datasets_to_split=[TRAIN] if TRAIN in inputs.datasets else []),
         run_config=RunConfig(
             name=name,
@@ -227,14 +220,35 @@ def build_trainer(inputs: RunInputs, name: str, storage_path: str,
             callbacks=[*(callbacks or []), FailureNotice(cfg.max_failures)],
         ),
     )
-    if cfg.num_workers == 1:
-        return DataParallelTrainer(train_loop_per_worker, backend_config=BackendConfig(),
-                                   **common)
     from ray.train.torch import TorchConfig, TorchTrainer  # imports torch
 
     return TorchTrainer(train_loop_per_worker,
                         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
                         **common)
+
+
+def hosted_by_tune(cfg: TrainConfig) -> bool:
+    """Whether the train job runs ``cfg`` in a one-trial Tune run's actor
+    (:mod:`imgpipe.training.trial_run`) rather than as a Ray Train run: one worker needs no
+    process group, and Ray Train's controller and helper actors cost more than the epochs of a
+    short run."""
+    return cfg.num_workers == 1
+
+
+def host_runtime_env(cfg: TrainConfig) -> dict:
+    """The runtime env of the processes that will stream ``cfg``'s train split (the trial actor
+    of a Tune-hosted run, or Ray Train's workers): decode and scoring tasks given it reuse their
+    warm processes (:func:`~imgpipe.runtime.train_worker_runtime_env`)."""
+    tune_hosted = hosted_by_tune(cfg)
+    return train_worker_runtime_env(tune_trial=tune_hosted, ray_train=not tune_hosted)
+
+
+def worker_resources(cfg: TrainConfig) -> dict[str, float]:
+    """What one training worker holds: its CPUs, and its GPU share with ``use_gpu``."""
+    resources = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    return resources
 
 
 def storage_for(cfg: TrainConfig) -> str:
@@ -270,19 +284,27 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
             print(f"refit: training on train+val ({sum(inputs.loop_config['train_counts'])} "
                   "images); nothing is held out, so the last epoch is kept and val scores are "
                   "in-sample", flush=True)
+    name = f"train-{int(time.time())}"
     try:
-        trainer = build_trainer(inputs, name=f"train-{int(time.time())}",
-                                storage_path=storage_for(cfg),
-                                callbacks=([EpochProgress(cfg.epochs, in_sample=cfg.refit)]
-                                           if cfg.progress else None))
-        result = trainer.fit()
+        if hosted_by_tune(cfg):
+            result = fit_in_trial_actor(cfg, inputs.datasets, inputs.loop_config, name=name,
+                                        storage_path=storage_for(cfg),
+                                        resources=worker_resources(cfg))
+        else:
+            trainer = build_trainer(inputs, name=name, storage_path=storage_for(cfg),
+                                    callbacks=([EpochProgress(cfg.epochs, in_sample=cfg.refit)]
+                                               if cfg.progress else None))
+            result = trainer.fit()
     finally:
         inputs.close()
     # (Ray's get_best_checkpoint raises, rather than returning None, when there is none)
-    if result.checkpoint is None:
-        why = (f"error: {result.error}" if result.error is not None else
+    if result.checkpoint is None or result.error is not None:
+        why = (f"error: {_first_line(result.error)}" if result.error is not None else
                "no epoch ran; a --resume checkpoint that already ran --epochs epochs?")
-        raise TrainingFailed(f"training produced no checkpoint ({why})")
+        raise TrainingFailed(f"training produced no checkpoint ({why})"
+                             if result.checkpoint is None else
+                             f"training failed after its restarts ({why}); its latest "
+                             f"checkpoint is at {result.checkpoint.path}")
     best = (result.checkpoint if cfg.refit
             else result.get_best_checkpoint(val_key(cfg.metric), METRIC_MODES[cfg.metric]))
     # Scored before publishing, so ``<out>`` never holds a best checkpoint that its
@@ -290,7 +312,7 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
     # directory need not be the driver's.
     try:
         scores = score_checkpoint_remotely(best, storage.absolute_location(cfg.data),
-                                           (TEST, VAL))
+                                           (TEST, VAL), runtime_env=host_runtime_env(cfg))
     except UserError as e:
         raise ScoringFailed(f"scoring the kept checkpoint failed: {e}. The trained checkpoint "
                             f"is at {best.path}; {out} was left as it was") from e
@@ -317,6 +339,11 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "test": test,
         "history": history,
     }
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    return lines[-1][:300] if lines else type(error).__name__
 
 
 def _count(n: int, noun: str) -> str:

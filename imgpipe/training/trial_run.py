@@ -1,0 +1,113 @@
+"""A one-worker train run hosted by a one-trial Ray Tune run: the loop trains in the trial actor.
+
+Ray Train runs even a one-worker run through a controller actor, a worker actor, a
+placement-group cleaner, a synchronization actor and a dataset manager: process starts that,
+with torch imported in the worker, were most of a short run's fixed cost on a 2-core laptop
+(``benchmarks/train_bench.py``). One worker needs no process group, so the train job hosts the
+loop in the actor of a one-trial Tune run instead (``training.session.TrialSession``, the host a
+one-worker search trial already uses). Tune gives the run what the train job took from Ray
+Train, in one process:
+
+* storage: checkpoints persisted under ``<storage_path>/<name>/run``;
+* the best checkpoints kept by the val metric (``CheckpointConfig``; a refit keeps its latest);
+* failure recovery: an actor that dies is restarted from the latest reported checkpoint,
+  ``max_failures`` times (``FailureConfig``), and the loop records the restore.
+
+A run of several workers stays a Ray Train run (DDP, ``trainer.build_trainer``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray import tune
+
+from imgpipe.constants import EPOCH, METRIC_MODES, val_key
+from imgpipe.training.progress import epoch_line
+from imgpipe.training.recovery import RESUME_KEY, failure_line, stage_resume_checkpoint
+
+# The one trial's folder under the run's experiment folder (Tune's default name holds the
+# trainable's name, an id and a timestamp).
+TRIAL_DIR = "run"
+
+
+def host_loop(config: dict[str, Any], loop_config: dict[str, Any],
+              datasets: dict[str, ray.data.Dataset]) -> None:
+    """The trial's function: the training loop in this actor (torch is imported here)."""
+    from imgpipe.training.loop import train_loop
+    from imgpipe.training.session import TrialSession
+
+    train_loop(loop_config, TrialSession(datasets))
+
+
+class RunProgress(tune.Callback):
+    """The train job's console for a run hosted by Tune: one line per epoch, and a line per
+    failure saying what happens next. Runs in the driver (Tune's controller)."""
+
+    def __init__(self, epochs: int, max_failures: int, *, progress: bool = True,
+                 in_sample: bool = False) -> None:
+        self.epochs, self.max_failures = epochs, max_failures
+        self.progress, self.mark_best = progress, not in_sample
+        self.failures = 0
+        self.last_epoch: int | None = None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if EPOCH in result:
+            self.last_epoch = int(result[EPOCH])
+            if self.progress:
+                print(epoch_line(result, self.epochs, self.mark_best), flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+        self._failed(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._failed(trial)
+
+    def _failed(self, trial) -> None:
+        self.failures += 1
+        error = _last_error_line(trial)
+        kind, _, reason = error.partition(": ")
+        print(failure_line(self.failures, self.max_failures, self.last_epoch, "0",
+                           kind or "Error", reason or error), flush=True)
+
+
+def _last_error_line(trial) -> str:
+    try:
+        with open(trial.error_file) as f:
+            lines = [x.strip() for x in f.read().splitlines() if x.strip()]
+    except (OSError, TypeError):
+        return "the trial actor died"
+    return lines[-1][:200] if lines else "the trial actor died"
+
+
+def fit_in_trial_actor(cfg, datasets: dict[str, ray.data.Dataset], loop_config: dict[str, Any],
+                       *, name: str, storage_path: str,
+                       resources: dict[str, float]) -> tune.Result:
+    """Run the loop for ``cfg`` (a one-worker ``TrainConfig``) in a one-trial Tune run.
+
+    Returns Tune's ``Result`` of the trial: ``checkpoint`` (the latest), ``get_best_checkpoint``,
+    ``error`` (set when it failed after its restarts).
+    """
+    if cfg.resume:
+        loop_config = {**loop_config,
+                       RESUME_KEY: stage_resume_checkpoint(cfg.resume, storage_path, name)}
+    trainable = tune.with_resources(
+        tune.with_parameters(host_loop, loop_config=loop_config, datasets=datasets), resources)
+    keep = (tune.CheckpointConfig(num_to_keep=1) if cfg.refit else tune.CheckpointConfig(
+        num_to_keep=2, checkpoint_score_attribute=val_key(cfg.metric),
+        checkpoint_score_order=METRIC_MODES[cfg.metric]))
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(num_samples=1, trial_dirname_creator=_trial_dir),
+        run_config=tune.RunConfig(
+            name=name, storage_path=storage_path, verbose=0, checkpoint_config=keep,
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[RunProgress(cfg.epochs, cfg.max_failures, progress=cfg.progress,
+                                   in_sample=cfg.refit)]),
+    )
+    return tuner.fit()[0]
+
+
+def _trial_dir(trial) -> str:
+    return TRIAL_DIR
