@@ -220,12 +220,14 @@ class TrainConfig(StrictModel):
         "are in-sample. For a configuration already chosen on val (the tune job's --refit)")
     resume: str | None = Field(None, description="checkpoint dir to resume from")
     max_failures: int = Field(
-        3, ge=-1, description="worker/node failures Ray Train recovers from by restoring the "
-        "latest checkpoint (-1: unlimited, 0: fail on the first)")
+        3, ge=-1, description="worker/node failures recovered from by restoring the latest "
+        "checkpoint (Ray Train's restart; with one worker, Tune's retry of the run's trial "
+        "actor) (-1: unlimited, 0: fail on the first)")
     cache_decoded: bool = Field(True, description="decode once per run (object store)")
     shuffle_buffer: int = Field(256, ge=0)
     deterministic: bool = Field(False, description="preserve Ray Data order (slower)")
-    storage_path: str | None = Field(None, description="Ray Train storage (local or s3:// gs://)")
+    storage_path: str | None = Field(
+        None, description="where the run's checkpoints are kept (local or s3:// gs://)")
     progress: bool = Field(True, description="one progress line per epoch on the console")
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
