@@ -18,6 +18,7 @@ from imgpipe.models.weights import check_weights
 from imgpipe.preflight import check_train_config
 from imgpipe.runtime import init_ray
 from imgpipe.training.trainer import run_training
+from imgpipe.training.trial_run import RunInterrupted
 
 # Short names kept from before the flags were generated (``--help`` lists all of them).
 SHORTCUTS = {
@@ -48,7 +49,11 @@ def _main(argv: list[str] | None) -> int:
     check_train_config(cfg)  # weight/sampler vectors against the data, before Ray starts
     check_weights(cfg.model.weights)  # file/cache present: the weights error before Ray starts
     init_ray(job["address"])
-    results = run_training(cfg)
+    try:
+        results = run_training(cfg)
+    except RunInterrupted as e:
+        print(f"\n{e}", file=sys.stderr)
+        return 130
     print("\nTest split, " + ("last epoch (refit on train+val):" if cfg.refit
                                else f"best checkpoint (by val {cfg.metric}):"))
     print(per_class_table(results["class_names"], results["train_counts"], results["test"]))

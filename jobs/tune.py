@@ -18,6 +18,7 @@ from imgpipe.logs import configure_console
 from imgpipe.models.weights import check_weights
 from imgpipe.preflight import check_tune_config
 from imgpipe.runtime import init_ray
+from imgpipe.training.trial_run import RunInterrupted
 from imgpipe.tuning.job import check_data_source, run_tune_job
 from imgpipe.tuning.tuner import SearchInterrupted
 
@@ -52,6 +53,10 @@ def _main(argv: list[str] | None) -> int:
         results = run_tune_job(tcfg)
     except SearchInterrupted as e:
         print(f"\n{e}", file=sys.stderr)
+        return 130
+    except RunInterrupted as e:  # the refit, after the search ended
+        print(f"\nrefit {e.epochs_line}; the search's trials are kept: the same command with "
+              f"--resume --name {tcfg.name} reuses them and runs the refit again", file=sys.stderr)
         return 130
     print(f"\nwall time {results['wall_time_s']:.1f} s; results in {results['results_file']}, "
           f"bundle in {results['bundle']}")

@@ -115,6 +115,30 @@ def test_sigkilled_trial_actor_of_a_one_worker_run_is_restored(ray_session, tiny
     assert not list((out / "ray_results").glob("train-*/checkpoint_manager_snapshot.json"))
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+def test_ctrl_c_stops_a_one_worker_run_without_publishing_it(ray_session, tiny_digits, tmp_path):
+    """Tune ends a trial it stops on SIGINT as if it had finished; the job must not score and
+    publish it: it exits 130 and names the checkpoint --resume continues from."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "jobs/train.py", "--data", tiny_digits, "--epochs", "30",
+         "--num-workers", "1", "--image-size", "16", "--batch-size", "32", "--out", str(out),
+         "--min-steps-per-epoch", "10", "--address", ray_session.get_runtime_context().gcs_address],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while _tune_registered(out / "ray_results") < 1 and proc.poll() is None:
+        assert time.monotonic() < deadline, "no epoch was reported"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
+    assert "training interrupted after epoch" in stderr and "of 30; continue it with --resume" in stderr
+    resume = stderr.rsplit("--resume ", 1)[1].split()[0]
+    assert (Path(resume) / "meta.json").is_file()
+    assert not (out / "results.json").exists() and not (out / "best").exists()
+
+
 def test_resume_dir_is_staged_into_run_storage(tmp_path):
     """A driver-only checkpoint folder is copied into the run storage; workers get a Checkpoint."""
     import torch

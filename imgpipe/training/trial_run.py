@@ -23,7 +23,9 @@ from typing import Any
 import ray
 from ray import tune
 
+from imgpipe.config import TrainConfig
 from imgpipe.constants import EPOCH, METRIC_MODES, val_key
+from imgpipe.errors import ImgpipeError
 from imgpipe.training.progress import epoch_line
 from imgpipe.training.recovery import RESUME_KEY, failure_line, stage_resume_checkpoint
 
@@ -81,13 +83,28 @@ def _last_error_line(trial) -> str:
     return lines[-1][:200] if lines else "the trial actor died"
 
 
-def fit_in_trial_actor(cfg, datasets: dict[str, ray.data.Dataset], loop_config: dict[str, Any],
+class RunInterrupted(ImgpipeError):
+    """The run was stopped (Ctrl-C) before it ended; the message names the checkpoint that
+    ``--resume`` continues from. ``epochs_line``: how far it got, e.g. "interrupted after
+    epoch 2 of 30"."""
+
+    def __init__(self, epochs_line: str, checkpoint: str | None) -> None:
+        self.epochs_line, self.checkpoint = epochs_line, checkpoint
+        resume = f"; continue it with --resume {checkpoint}" if checkpoint else ""
+        super().__init__(f"training {epochs_line}{resume}")
+
+
+def fit_in_trial_actor(cfg: TrainConfig, datasets: dict[str, ray.data.Dataset], loop_config: dict[str, Any],
                        *, name: str, storage_path: str,
                        resources: dict[str, float]) -> tune.Result:
     """Run the loop for ``cfg`` (a one-worker ``TrainConfig``) in a one-trial Tune run.
 
     Returns Tune's ``Result`` of the trial: ``checkpoint`` (the latest), ``get_best_checkpoint``,
     ``error`` (set when it failed after its restarts).
+
+    Raises:
+        RunInterrupted: Tune stopped the trial on Ctrl-C (it returns, rather than raising, what
+            the trial had reported); the run must not be scored and published as finished.
     """
     if cfg.resume:
         loop_config = {**loop_config,
@@ -106,7 +123,22 @@ def fit_in_trial_actor(cfg, datasets: dict[str, ray.data.Dataset], loop_config: 
             callbacks=[RunProgress(cfg.epochs, cfg.max_failures, progress=cfg.progress,
                                    in_sample=cfg.refit)]),
     )
-    return tuner.fit()[0]
+    result = tuner.fit()[0]
+    metrics = result.metrics or {}
+    # (no report at all is the caller's "no checkpoint" case: e.g. a --resume checkpoint that
+    # already ran every epoch)
+    if result.error is None and EPOCH in metrics and not _finished(metrics, cfg):
+        raise RunInterrupted(f"interrupted after epoch {int(metrics[EPOCH]) + 1} of {cfg.epochs}",
+                             result.checkpoint.path if result.checkpoint is not None else None)
+    return result
+
+
+def _finished(metrics: dict[str, Any], cfg: TrainConfig) -> bool:
+    """Whether the last report is the loop's last: the final epoch, or early stopping. Tune
+    ends a trial it stopped on Ctrl-C as TERMINATED, like one that returned."""
+    if int(metrics[EPOCH]) >= cfg.epochs - 1:
+        return True
+    return cfg.patience is not None and int(metrics.get("bad_epochs", 0)) >= cfg.patience
 
 
 def _trial_dir(trial) -> str:
