@@ -28,9 +28,11 @@ META_FILE = "meta.json"
 
 def save_checkpoint(directory: str | Path, model: torch.nn.Module | Mapping[str, torch.Tensor],
                     meta: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> Path:
+                    scaler: torch.amp.GradScaler | None = None,
+                    extra_state: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint of an already unwrapped ``model`` (or its state dict, e.g. with LoRA
-    merged) into ``directory``."""
+    merged) into ``directory``; ``extra_state`` joins the optimizer's in ``train_state.pt``
+    (tensors, numbers: what ``weights_only`` loading accepts)."""
     import torch
     from safetensors.torch import save_file
 
@@ -44,6 +46,7 @@ def save_checkpoint(directory: str | Path, model: torch.nn.Module | Mapping[str,
         train_state = {"optimizer": optimizer.state_dict()}
         if scaler is not None:
             train_state["scaler"] = scaler.state_dict()
+        train_state.update(extra_state or {})
         torch.save(train_state, directory / STATE_FILE)
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return directory

@@ -107,6 +107,10 @@ class OptimConfig(StrictModel):
     layer_decay: float | None = Field(
         None, gt=0, le=1, description="layer-wise lr decay: stage s of S gets lr * d^(S - s)")
     grad_clip: float | None = Field(5.0, gt=0)
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the weights "
+        "(decay per optimizer step, with timm's warm-up); val scores, checkpoints and bundles "
+        "use the average")
 
 
 class SamplerConfig(StrictModel):

@@ -35,11 +35,15 @@ from imgpipe.losses import create_loss
 from imgpipe.metrics import classification_metrics, confusion_matrix
 from imgpipe.models import create_model, load_init_checkpoint, unwrap_model
 from imgpipe.models.finetune import apply_finetune, export_state_dict
+from imgpipe.training.ema import WeightEma
 from imgpipe.training.mixing import create_batch_mixer
 from imgpipe.training.optim import create_optimizer, lr_factor, set_lr
 from imgpipe.training.recovery import RESUME_KEY
 from imgpipe.training.session import TrainSession, TrialSession
 from imgpipe.training.steps import exact_batches
+
+# train_state.pt keys of a checkpoint whose weights are the average (``optim.ema_decay``)
+RAW_WEIGHTS, EMA_UPDATES = "raw_weights", "ema_updates"
 
 
 def local_train_stream(local: dict[str, Any], epoch: int) -> ray.data.Dataset:
@@ -77,13 +81,14 @@ def _broadcast(obj: Any) -> Any:
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig,
                     pre: Preprocess, epoch: int, steps: int, device,
-                    mixer=None) -> tuple[float, int]:
+                    mixer=None, ema: WeightEma | None = None) -> tuple[float, int]:
     """One epoch of ``steps`` optimizer steps (``loader`` yields exactly that many batches on
     every rank, see ``steps.exact_batches``); returns (mean loss over all ranks, rows seen by
     all). The lr follows warm-up + cosine over optimizer steps (``epoch + i / steps``).
 
     ``mixer`` (``training.mixing.create_batch_mixer``) turns the batch into MixUp/CutMix
-    images with soft targets; the loss takes either form.
+    images with soft targets; the loss takes either form. ``ema`` (``training.ema``) is
+    updated after every optimizer step.
     """
     model.train()
     loss_sum, rows = 0.0, 0
@@ -105,6 +110,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg: TrainConfig,
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:
+            ema.update(model)
         loss_sum += float(loss.detach()) * len(y)
         rows += len(y)
     loss_sum, rows = _all_sum([loss_sum, float(rows)], device)
@@ -151,13 +158,17 @@ def create_train_model(cfg: TrainConfig, num_classes: int, pre: Preprocess,
         load_init_checkpoint(model, ray.get(init_weights))
     if resume is not None:
         with resume.as_directory() as d:
-            model.load_state_dict(load_weights(d))
+            # with weight averaging the checkpoint's weights are the average; training goes on
+            # from the raw ones
+            state = load_train_state(d) or {}
+            model.load_state_dict(state.get(RAW_WEIGHTS) or load_weights(d))
     return apply_finetune(model, cfg.model.finetune, cfg.model.lora_rank, cfg.model.lora_alpha)
 
 
-def _restore(resume, restored: bool, optimizer, scaler
+def _restore(resume, restored: bool, optimizer, scaler, ema: WeightEma | None
              ) -> tuple[int, float | None, int, list, list]:
-    """Optimizer/scaler state and counters of the checkpoint the weights came from.
+    """Optimizer/scaler state, the weight average and counters of the checkpoint the weights
+    came from.
 
     Returns (start epoch, best score, bad epochs, history, restarts); ``restarts`` gains an
     entry per restore.
@@ -170,6 +181,8 @@ def _restore(resume, restored: bool, optimizer, scaler
             optimizer.load_state_dict(state["optimizer"])
             if "scaler" in state:
                 scaler.load_state_dict(state["scaler"])
+            if ema is not None and EMA_UPDATES in state:  # else the average starts afresh
+                ema.state, ema.updates = load_weights(d), int(state[EMA_UPDATES])
         meta = load_meta(d)
     start = int(meta[EPOCH]) + 1
     restarts = list(meta.get("restarts", []))
@@ -206,7 +219,16 @@ def train_loop(config: dict[str, Any], session: TrainSession | TrialSession) -> 
                                ray.get(pool) if pool is not None else None)
     optimizer = create_optimizer(cfg.optim, model)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp)
-    start, best, bad_epochs, history, restarts = _restore(resume, restored, optimizer, scaler)
+    # rank 0 alone evaluates and checkpoints, so it alone keeps the average
+    ema = WeightEma(cfg.optim.ema_decay) if cfg.optim.ema_decay and rank == 0 else None
+    start, best, bad_epochs, history, restarts = _restore(resume, restored, optimizer, scaler,
+                                                          ema)
+    if ema is not None:
+        ema.to(device)
+        # the plain architecture the average is evaluated in (no DDP, adapters or freezing)
+        ema_model = create_model(cfg.model.name, len(class_names), in_channels=pre.channels,
+                                 cifar_stem=cfg.model.cifar_stem,
+                                 image_size=pre.image_size).to(device)
     config = {**config, "restarts": restarts}
 
     steps = int(config["epoch_steps"])
@@ -233,10 +255,11 @@ def train_loop(config: dict[str, Any], session: TrainSession | TrialSession) -> 
         loader = exact_batches(stream, steps, cfg.batch_size,
                                seed=(cfg.seed * 1_000_003 + epoch) * 97 + rank)
         train_loss, rows = train_one_epoch(model, loader, loss_fn, optimizer, scaler, cfg, pre,
-                                           epoch, steps, device, mixer)
+                                           epoch, steps, device, mixer, ema)
         metrics: dict[str, Any] | None = None
         if rank == 0:
-            val = evaluate(unwrap_model(model), val_shard.iter_torch_batches(
+            scored = ema.load_into(ema_model) if ema is not None else unwrap_model(model)
+            val = evaluate(scored, val_shard.iter_torch_batches(
                 batch_size=256, dtypes={PIXELS: torch.uint8, LABEL: torch.int64}),
                 pre, len(class_names), device)
             metrics = {val_key(k) if k != VAL_LOSS else k: v for k, v in val.items()}
@@ -251,14 +274,14 @@ def train_loop(config: dict[str, Any], session: TrainSession | TrialSession) -> 
         bad_epochs = 0 if improved else bad_epochs + 1
         metrics.update({"best": best, "is_best": improved, "bad_epochs": bad_epochs})
         history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
-        _report(session, metrics, history, model, optimizer, scaler, config)
+        _report(session, metrics, history, model, optimizer, scaler, config, ema)
         if cfg.patience is not None and bad_epochs >= cfg.patience:
             break
 
 
 def _report(session: TrainSession | TrialSession, metrics: dict[str, Any],
             history: list[dict[str, Any]], model, optimizer, scaler,
-            config: dict[str, Any]) -> None:
+            config: dict[str, Any], ema: WeightEma | None = None) -> None:
     if session.rank != 0:
         session.report(metrics)  # every rank reports the same number of times
         return
@@ -266,5 +289,9 @@ def _report(session: TrainSession | TrialSession, metrics: dict[str, Any],
         meta = {**{k: config[k] for k in ("train", "class_names", "train_counts", "preprocess",
                                           "restarts")},
                 **metrics, "history": history}
-        save_checkpoint(tmp, export_state_dict(model), meta, optimizer, scaler)
+        if ema is None:
+            save_checkpoint(tmp, export_state_dict(model), meta, optimizer, scaler)
+        else:  # the average is the checkpoint's model; the raw weights continue a resume
+            save_checkpoint(tmp, ema.state, meta, optimizer, scaler, extra_state={
+                RAW_WEIGHTS: export_state_dict(model), EMA_UPDATES: ema.updates})
         session.report(metrics, checkpoint_dir=tmp)
