@@ -133,7 +133,8 @@ def test_ctrl_c_stops_a_one_worker_run_without_publishing_it(ray_session, tiny_d
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
-    assert "training interrupted after epoch" in stderr and "of 30; continue it with --resume" in stderr
+    assert "training interrupted after epoch" in stderr
+    assert "of 30; continue it with --resume" in stderr
     resume = stderr.rsplit("--resume ", 1)[1].split()[0]
     assert (Path(resume) / "meta.json").is_file()
     assert not (out / "results.json").exists() and not (out / "best").exists()

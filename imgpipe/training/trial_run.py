@@ -94,8 +94,8 @@ class RunInterrupted(ImgpipeError):
         super().__init__(f"training {epochs_line}{resume}")
 
 
-def fit_in_trial_actor(cfg: TrainConfig, datasets: dict[str, ray.data.Dataset], loop_config: dict[str, Any],
-                       *, name: str, storage_path: str,
+def fit_in_trial_actor(cfg: TrainConfig, datasets: dict[str, ray.data.Dataset],
+                       loop_config: dict[str, Any], *, name: str, storage_path: str,
                        resources: dict[str, float]) -> tune.Result:
     """Run the loop for ``cfg`` (a one-worker ``TrainConfig``) in a one-trial Tune run.
 
