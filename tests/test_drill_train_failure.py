@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,18 +22,25 @@ from helpers import ray_actor_pids, registered_checkpoints
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _kill_a_worker_after(ray_results: Path, checkpoints: int, killed: dict,
-                         timeout_s: float = 900) -> None:
-    """Once Train has registered ``checkpoints`` checkpoints, SIGKILL one live Train worker."""
+def _kill_when(ready: Callable[[], bool], actor: str, min_live: int, killed: dict,
+               timeout_s: float = 900) -> None:
+    """Once ``ready()`` and at least ``min_live`` ``actor`` processes are up, SIGKILL the
+    newest; its pid goes into ``killed``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if any(registered_checkpoints(run) >= checkpoints for run in ray_results.glob("*")):
-            pids = ray_actor_pids("RayTrainWorker")
-            if len(pids) >= 2:
+        if ready():
+            pids = ray_actor_pids(actor)
+            if len(pids) >= min_live:
                 os.kill(pids[-1], signal.SIGKILL)
                 killed["pid"] = pids[-1]
                 return
         time.sleep(0.05)
+
+
+def _kill_a_worker_after(ray_results: Path, checkpoints: int, killed: dict) -> None:
+    """Once Train has registered ``checkpoints`` checkpoints, SIGKILL one live Train worker."""
+    _kill_when(lambda: any(registered_checkpoints(run) >= checkpoints
+                           for run in ray_results.glob("*")), "RayTrainWorker", 2, killed)
 
 
 @pytest.mark.slow
@@ -72,18 +80,11 @@ def _tune_registered(ray_results: Path) -> int:
                 for f in ray_results.glob("train-*/run/result.json")), default=0)
 
 
-def _kill_the_trial_actor_after(ray_results: Path, killed: dict, timeout_s: float = 900) -> None:
+def _kill_the_trial_actor_after(ray_results: Path, killed: dict) -> None:
     """SIGKILL the trial actor once a checkpoint is registered and epochs remain (an actor
     that reported its last epoch has finished the run)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if 1 <= _tune_registered(ray_results) < ONE_WORKER_EPOCHS - 1:
-            pids = ray_actor_pids("ImplicitFunc")
-            if pids:
-                os.kill(pids[-1], signal.SIGKILL)
-                killed["pid"] = pids[-1]
-                return
-        time.sleep(0.05)
+    _kill_when(lambda: 1 <= _tune_registered(ray_results) < ONE_WORKER_EPOCHS - 1,
+               "ImplicitFunc", 1, killed)
 
 
 @pytest.mark.slow

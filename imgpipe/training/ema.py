@@ -9,7 +9,9 @@ not hold on to the random initial weights).
 The average is kept of the *exported* state dict (``finetune.export_state_dict``: the plain
 architecture, LoRA deltas merged), so it loads into ``create_model`` like any checkpoint and is
 the same for a frozen, adapted or DDP-wrapped model. Buffers are averaged too (BatchNorm running
-statistics, as timm does); integer buffers (``num_batches_tracked``) are copied.
+statistics, as timm does); integer buffers (``num_batches_tracked``) are copied. torch's
+``swa_utils.AveragedModel`` averages a module instead (for a LoRA model, one with adapters,
+which ``create_model`` cannot load) and its EMA function has no warm-up.
 """
 
 from __future__ import annotations

@@ -147,13 +147,18 @@ def _resume_checkpoint(config: dict[str, Any], session: TrainSession | TrialSess
     return (ckpt if restored else config.get(RESUME_KEY)), restored
 
 
+def plain_model(cfg: TrainConfig, num_classes: int, pre: Preprocess) -> torch.nn.Module:
+    """The run's architecture, freshly initialised, without fine-tuning adapters."""
+    return create_model(cfg.model.name, num_classes, in_channels=pre.channels,
+                        cifar_stem=cfg.model.cifar_stem, image_size=pre.image_size)
+
+
 def create_train_model(cfg: TrainConfig, num_classes: int, pre: Preprocess,
                        init_weights: Any, resume) -> torch.nn.Module:
     """Build the model: starting weights (an object ref from the driver), then the resumed
     checkpoint's weights (checkpoints hold the plain architecture, LoRA merged), then the
     fine-tuning mode (freezing, adapters)."""
-    model = create_model(cfg.model.name, num_classes, in_channels=pre.channels,
-                         cifar_stem=cfg.model.cifar_stem, image_size=pre.image_size)
+    model = plain_model(cfg, num_classes, pre)
     if init_weights is not None:
         load_init_checkpoint(model, ray.get(init_weights))
     if resume is not None:
@@ -226,9 +231,7 @@ def train_loop(config: dict[str, Any], session: TrainSession | TrialSession) -> 
     if ema is not None:
         ema.to(device)
         # the plain architecture the average is evaluated in (no DDP, adapters or freezing)
-        ema_model = create_model(cfg.model.name, len(class_names), in_channels=pre.channels,
-                                 cifar_stem=cfg.model.cifar_stem,
-                                 image_size=pre.image_size).to(device)
+        ema_model = plain_model(cfg, len(class_names), pre).to(device)
     config = {**config, "restarts": restarts}
 
     steps = int(config["epoch_steps"])

@@ -16,7 +16,8 @@ from ray.train import UserCallback
 
 from imgpipe import storage
 from imgpipe.checkpoint import META_FILE, load_meta
-from imgpipe.constants import EPOCH
+from imgpipe.config import TrainConfig
+from imgpipe.constants import EPOCH, METRIC_MODES, val_key
 from imgpipe.errors import CheckpointError
 
 RESUME_KEY = "resume_checkpoint"
@@ -62,6 +63,16 @@ def failure_line(failures: int, max_failures: int, last_epoch: int | None, ranks
                   f"continuing from epoch {last_epoch + 2}")
     return (f"worker failure {failures} of {limit} allowed (rank {ranks}: {error_type}: "
             f"{reason}); {action}")
+
+
+def kept_checkpoints(cfg: TrainConfig) -> dict[str, Any]:
+    """``CheckpointConfig`` arguments (Ray Train's and Tune's take the same) for what a run
+    keeps: the two best by the val metric, which the run is scored by; a refit holds nothing
+    out to score by, so it keeps its latest."""
+    if cfg.refit:
+        return {"num_to_keep": 1}
+    return {"num_to_keep": 2, "checkpoint_score_attribute": val_key(cfg.metric),
+            "checkpoint_score_order": METRIC_MODES[cfg.metric]}
 
 
 def stage_resume_checkpoint(resume: str, storage_path: str, run_name: str) -> ray.train.Checkpoint:

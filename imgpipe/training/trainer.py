@@ -53,10 +53,15 @@ from imgpipe.runtime import plan_resources, train_worker_runtime_env
 from imgpipe.training.defaults import resolve_input_size
 from imgpipe.training.entry import train_loop_per_worker
 from imgpipe.training.progress import EpochProgress
-from imgpipe.training.recovery import RESUME_KEY, FailureNotice, stage_resume_checkpoint
+from imgpipe.training.recovery import (
+    RESUME_KEY,
+    FailureNotice,
+    kept_checkpoints,
+    stage_resume_checkpoint,
+)
 from imgpipe.training.scoring import score_checkpoint_remotely
 from imgpipe.training.steps import plan_epoch_steps
-from imgpipe.training.trial_run import fit_in_trial_actor
+from imgpipe.training.trial_run import fit_in_trial_actor, last_line
 
 
 def quiet_data_progress() -> None:
@@ -210,10 +215,7 @@ def build_trainer(inputs: RunInputs, name: str, storage_path: str,
         run_config=RunConfig(
             name=name,
             storage_path=storage_path,
-            # A refit holds nothing out to score by: it keeps its latest checkpoint.
-            checkpoint_config=CheckpointConfig(num_to_keep=1) if cfg.refit else CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute=val_key(cfg.metric),
-                checkpoint_score_order=METRIC_MODES[cfg.metric]),
+            checkpoint_config=CheckpointConfig(**kept_checkpoints(cfg)),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # Train logs every report at INFO (the whole metrics dict, per rank).
             logging_config=LoggingConfig(log_level="WARNING"),
@@ -299,7 +301,8 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         inputs.close()
     # (Ray's get_best_checkpoint raises, rather than returning None, when there is none)
     if result.checkpoint is None or result.error is not None:
-        why = (f"error: {_first_line(result.error)}" if result.error is not None else
+        why = (f"error: {last_line(str(result.error), 300) or type(result.error).__name__}"
+               if result.error is not None else
                "no epoch ran; a --resume checkpoint that already ran --epochs epochs?")
         raise TrainingFailed(f"training produced no checkpoint ({why})"
                              if result.checkpoint is None else
@@ -339,11 +342,6 @@ def run_training(cfg: TrainConfig) -> dict[str, Any]:
         "test": test,
         "history": history,
     }
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
-    return lines[-1][:300] if lines else type(error).__name__
 
 
 def _count(n: int, noun: str) -> str:

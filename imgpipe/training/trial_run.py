@@ -24,10 +24,15 @@ import ray
 from ray import tune
 
 from imgpipe.config import TrainConfig
-from imgpipe.constants import EPOCH, METRIC_MODES, val_key
+from imgpipe.constants import EPOCH
 from imgpipe.errors import ImgpipeError
 from imgpipe.training.progress import epoch_line
-from imgpipe.training.recovery import RESUME_KEY, failure_line, stage_resume_checkpoint
+from imgpipe.training.recovery import (
+    RESUME_KEY,
+    failure_line,
+    kept_checkpoints,
+    stage_resume_checkpoint,
+)
 
 # The one trial's folder under the run's experiment folder (Tune's default name holds the
 # trainable's name, an id and a timestamp).
@@ -51,14 +56,10 @@ class RunProgress(tune.Callback):
                  in_sample: bool = False) -> None:
         self.epochs, self.max_failures = epochs, max_failures
         self.progress, self.mark_best = progress, not in_sample
-        self.failures = 0
-        self.last_epoch: int | None = None
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        if EPOCH in result:
-            self.last_epoch = int(result[EPOCH])
-            if self.progress:
-                print(epoch_line(result, self.epochs, self.mark_best), flush=True)
+        if self.progress and EPOCH in result:
+            print(epoch_line(result, self.epochs, self.mark_best), flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
         self._failed(trial)
@@ -67,20 +68,30 @@ class RunProgress(tune.Callback):
         self._failed(trial)
 
     def _failed(self, trial) -> None:
-        self.failures += 1
-        error = _last_error_line(trial)
+        # Tune has counted this failure (``run_metadata.num_failures``) before the callback;
+        # every report carries a checkpoint, so the last result's epoch is the latest one's.
+        error = trial_error_line(trial, "the trial actor died")
         kind, _, reason = error.partition(": ")
-        print(failure_line(self.failures, self.max_failures, self.last_epoch, "0",
+        last = (trial.last_result or {}).get(EPOCH)
+        print(failure_line(trial.num_failures, self.max_failures,
+                           None if last is None else int(last), "0",
                            kind or "Error", reason or error), flush=True)
 
 
-def _last_error_line(trial) -> str:
+def last_line(text: str, limit: int = 200) -> str:
+    """The last non-blank line of ``text`` (an error's text: its last line names it), cut to
+    ``limit`` characters; ``""`` for blank text."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    return lines[-1][:limit] if lines else ""
+
+
+def trial_error_line(trial, default: str = "error") -> str:
+    """The last line of a failed Tune trial's error file, or ``default`` without one."""
     try:
         with open(trial.error_file) as f:
-            lines = [x.strip() for x in f.read().splitlines() if x.strip()]
+            return last_line(f.read()) or default
     except (OSError, TypeError):
-        return "the trial actor died"
-    return lines[-1][:200] if lines else "the trial actor died"
+        return default
 
 
 class RunInterrupted(ImgpipeError):
@@ -111,14 +122,12 @@ def fit_in_trial_actor(cfg: TrainConfig, datasets: dict[str, ray.data.Dataset],
                        RESUME_KEY: stage_resume_checkpoint(cfg.resume, storage_path, name)}
     trainable = tune.with_resources(
         tune.with_parameters(host_loop, loop_config=loop_config, datasets=datasets), resources)
-    keep = (tune.CheckpointConfig(num_to_keep=1) if cfg.refit else tune.CheckpointConfig(
-        num_to_keep=2, checkpoint_score_attribute=val_key(cfg.metric),
-        checkpoint_score_order=METRIC_MODES[cfg.metric]))
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(num_samples=1, trial_dirname_creator=_trial_dir),
         run_config=tune.RunConfig(
-            name=name, storage_path=storage_path, verbose=0, checkpoint_config=keep,
+            name=name, storage_path=storage_path, verbose=0,
+            checkpoint_config=tune.CheckpointConfig(**kept_checkpoints(cfg)),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             callbacks=[RunProgress(cfg.epochs, cfg.max_failures, progress=cfg.progress,
                                    in_sample=cfg.refit)]),

@@ -32,6 +32,7 @@ from imgpipe.models.weights import load_model_weights, resolve_model_config
 from imgpipe.runtime import DRIVER_CPU, ResourcePlan, plan_resources, train_worker_runtime_env
 from imgpipe.training.defaults import resolve_input_size
 from imgpipe.training.trainer import DecodedSplits, build_decoded_splits
+from imgpipe.training.trial_run import trial_error_line
 from imgpipe.tuning.space import candidate_overrides, define_space
 from imgpipe.tuning.trial import run_trial, trains_in_trial_actor
 from imgpipe.tuning.warm_start import warm_start_points
@@ -76,17 +77,8 @@ class TrialLine(tune.Callback):
               f"(finished trials are kept): {trial.error_file}", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info) -> None:
-        print(f"trial {trial.trial_id} failed ({_first_line(trial)}); Tune retries it from "
-              "its latest checkpoint", flush=True)
-
-
-def _first_line(trial) -> str:
-    try:
-        with open(trial.error_file) as f:
-            lines = [x.strip() for x in f.read().splitlines() if x.strip()]
-    except (OSError, TypeError):
-        return "error"
-    return lines[-1][:200] if lines else "error"
+        print(f"trial {trial.trial_id} failed ({trial_error_line(trial)}); Tune retries it "
+              "from its latest checkpoint", flush=True)
 
 
 def build_scheduler(tcfg: TuneJobConfig):
