@@ -142,6 +142,11 @@ def quiet_raylet_notes() -> None:
 # and the advice (report less often) does not apply to one report per epoch.
 TUNE_SLOW_NOTE = "which may be a performance bottleneck"
 TUNE_SLOW_LOGGERS = ("ray.tune.utils.util", "ray.tune.execution.tune_controller")
+# After Ctrl-C, Tune's advice is Python ("Resume experiment with: Tuner.restore(...)", or
+# "Resume training with" for a one-worker train run), which a user of the jobs cannot act on;
+# the jobs print the command line that continues the run (--resume) instead.
+TUNE_INTERRUPTED_NOTE = "has been interrupted, but the most recent state was saved"
+TUNE_INTERRUPTED_LOGGER = "ray.tune.tune"
 
 
 def configure_console(verbose: bool = False) -> None:
@@ -149,7 +154,8 @@ def configure_console(verbose: bool = False) -> None:
     Forwarded worker lines lose Ray's colour codes when stdout is not a terminal.
 
     Also, in this process: the raylet's worker-count notes (:data:`RAYLET_NOTES`), Tune's
-    timing hints (:data:`TUNE_SLOW_NOTE`), Tune's experiment banner ("Configuration for
+    timing hints (:data:`TUNE_SLOW_NOTE`), Tune's Python resume advice after Ctrl-C
+    (:data:`TUNE_INTERRUPTED_NOTE`), Tune's experiment banner ("Configuration for
     experiment", "View detailed results here", the TensorBoard hint) and Optuna's "A new study
     created" are left out, since the jobs print their own per-trial lines and summary.
     """
@@ -183,11 +189,11 @@ def configure_console(verbose: bool = False) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     _quiet_driver_data_console()
     quiet_raylet_notes()
-    for name in TUNE_SLOW_LOGGERS:
+    for name, note in [*((n, TUNE_SLOW_NOTE) for n in TUNE_SLOW_LOGGERS),
+                       (TUNE_INTERRUPTED_LOGGER, TUNE_INTERRUPTED_NOTE)]:
         logger = logging.getLogger(name)
-        if not any(isinstance(f, DropMessage) and f.text == TUNE_SLOW_NOTE
-                   for f in logger.filters):
-            logger.addFilter(DropMessage(TUNE_SLOW_NOTE, anywhere=True))
+        if not any(isinstance(f, DropMessage) and f.text == note for f in logger.filters):
+            logger.addFilter(DropMessage(note, anywhere=True))
 
 
 def _quiet_driver_data_console() -> None:

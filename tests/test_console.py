@@ -135,6 +135,26 @@ for name in TUNE_SLOW_LOGGERS:
     assert loud.stderr.count("performance bottleneck") == 2
 
 
+def test_tunes_python_resume_advice_stays_off_the_driver_console():
+    """After Ctrl-C the jobs print their own --resume command; Tune's Tuner.restore advice
+    (its exact wording in ray/tune/tune.py) would contradict it."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    code = """
+import logging
+from imgpipe.logs import TUNE_INTERRUPTED_LOGGER, configure_console
+configure_console(verbose={verbose})
+log = logging.getLogger(TUNE_INTERRUPTED_LOGGER)
+log.warning("Experiment has been interrupted, but the most recent state was saved.\\n"
+            "Resume experiment with: Tuner.restore(path='/x', trainable=...)")
+log.warning("Trials did not complete: [t]")
+"""
+    quiet = _run(code.format(verbose=False), env)
+    assert "Tuner.restore" not in quiet.stderr
+    assert "Trials did not complete" in quiet.stderr  # the logger's other warnings stay
+    loud = _run(code.format(verbose=True), env)
+    assert "Tuner.restore" in loud.stderr
+
+
 FORWARDED = """
 import ray
 from imgpipe.logs import configure_console

@@ -136,6 +136,7 @@ def test_ctrl_c_stops_a_one_worker_run_without_publishing_it(ray_session, tiny_d
     assert proc.returncode == 130, stdout[-2000:] + stderr[-2000:]
     assert "training interrupted after epoch" in stderr
     assert "of 30; continue it with --resume" in stderr
+    assert "Tuner.restore" not in stdout + stderr  # Tune's Python advice, not for a CLI user
     resume = stderr.rsplit("--resume ", 1)[1].split()[0]
     assert (Path(resume) / "meta.json").is_file()
     assert not (out / "results.json").exists() and not (out / "best").exists()
